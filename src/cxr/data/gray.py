@@ -1,0 +1,150 @@
+"""The grayscale stage: decode each image once, convert to 8-bit gray, resize, stream into arrays."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import multiprocessing as mp
+import os
+import re
+from collections.abc import Iterable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from cxr.data.sources import SPLIT_ALIASES
+from cxr.data.store import META_FIELDS
+from cxr.errors import CxrError
+from cxr.io import atomic_path, read_csv, write_csv, write_json
+from cxr.params import GrayParams
+
+log = logging.getLogger(__name__)
+
+# Kaggle names: person1_bacteria_1.jpeg, IM-0115-0001.jpeg, NORMAL2-IM-0927-0001.jpeg (Roboflow keeps the stem).
+_PATIENT = re.compile(r"^(person\d+)_|^((?:NORMAL\d*-)?IM-\d+)-", re.IGNORECASE)
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+def patient_id(name: str) -> str:
+    m = _PATIENT.match(Path(name).name)
+    return (m.group(1) or m.group(2)) if m else ""
+
+
+def to_gray(img: Image.Image, size: int, fit: str = "stretch") -> np.ndarray:
+    """Any PIL mode to an 8-bit (size, size) gray array."""
+    if img.format == "JPEG":
+        img.draft("L", (size, size))  # let libjpeg decode gray at 1/2..1/8 scale: far less work
+    if img.mode in _HIGH_DEPTH_MODES:
+        a = np.asarray(img, dtype=np.float32)
+        lo, hi = float(a.min()), float(a.max())  # window to the used range: 12-bit data in 16 bits is common
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        img = Image.fromarray(np.rint(a).astype(np.uint8))
+    elif img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)  # transparent = black
+    if img.mode != "L":
+        img = img.convert("L")
+    resample = Image.Resampling.LANCZOS
+    if fit == "pad":
+        img = ImageOps.pad(img, (size, size), resample, color=0)
+    elif fit == "crop":
+        img = ImageOps.fit(img, (size, size), resample)
+    elif img.size != (size, size):
+        img = img.resize((size, size), resample)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _decode(item: tuple[str, Any], size: int, fit: str) -> tuple[np.ndarray, int, int, str, str]:
+    """item is (name, source): a file path, encoded bytes, or a uint8 array. Returns the gray
+    image, original width, height, mode and the sha256 of the source bytes."""
+    name, src = item
+    try:
+        if isinstance(src, np.ndarray):
+            digest = hashlib.sha256(np.ascontiguousarray(src).tobytes()).hexdigest()
+            img = Image.fromarray(src)
+        else:
+            data = Path(src).read_bytes() if isinstance(src, str) else src
+            digest = hashlib.sha256(data).hexdigest()
+            img = Image.open(io.BytesIO(data))
+        w, h, mode = img.width, img.height, img.mode
+        return to_gray(img, size, fit), w, h, mode, digest
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise CxrError(f"cannot decode image {name}: {e}; remove or replace the file") from None
+
+
+def _items_local(raw: Path, info: dict[str, Any]) -> dict[str, list[tuple[int, tuple[str, Any]]]]:
+    """Per split: (label, (name, source)) for every image of a local source."""
+    out: dict[str, list[tuple[int, tuple[str, Any]]]] = {}
+    if info["source"] == "imagefolder":
+        root = Path(info["path"])
+        for r in read_csv(raw / "manifest.csv"):
+            out.setdefault(r["split"], []).append((int(r["label"]), (r["path"], str(root / r["path"]))))
+    else:
+        with np.load(info["path"]) as z:
+            for split in info["counts"]:
+                images, labels = z[f"{split}_images"], z[f"{split}_labels"].reshape(-1)
+                if images.ndim == 4 and images.shape[-1] == 1:
+                    images = images[..., 0]
+                out[split] = [(int(y), (f"{split}/{i}", images[i])) for i, y in enumerate(labels)]
+    return out
+
+
+def _items_hub(raw: Path) -> Iterator[tuple[str, list[tuple[int, tuple[str, Any]]]]]:
+    import datasets
+
+    dd = datasets.load_from_disk(str(raw / "hub"))
+    for name, ds in dd.items():
+        split = SPLIT_ALIASES.get(name.lower())
+        if split is None:
+            raise CxrError(f"hub split {name!r} is not train/validation/test; set data.hub_config")
+        ds = ds.cast_column("image", datasets.Image(decode=False))  # we decode the bytes ourselves, once
+        names = ds["image_file_path"] if "image_file_path" in ds.column_names else [None] * len(ds)
+        items = [(int(y), (n or im["path"] or f"{split}/{i}", im["bytes"]))
+                 for i, (y, im, n) in enumerate(zip(ds["labels"], ds["image"], names, strict=True))]
+        yield split, items
+
+
+def _convert_split(items: list[tuple[int, tuple[str, Any]]], split: str, out: Path, p: GrayParams,
+                   pool: Any) -> int:
+    n, size = len(items), p.image_size
+    images = np.lib.format.open_memmap(out / f"{split}_images.npy", mode="w+", dtype=np.uint8,
+                                       shape=(n, size, size))
+    work = partial(_decode, size=size, fit=p.fit)
+    sources = (item for _, item in items)
+    results: Iterable = pool.imap(work, sources, chunksize=16) if pool else map(work, sources)
+    meta = []
+    for i, (gray, w, h, mode, digest) in enumerate(tqdm(results, total=n, desc=f"grayscale {split}", unit="img")):
+        images[i] = gray
+        name = items[i][1][0]
+        meta.append(dict(zip(META_FIELDS, (name, split, patient_id(name), digest, w, h, mode), strict=True)))
+    images.flush()
+    del images
+    np.save(out / f"{split}_labels.npy", np.array([y for y, _ in items], dtype=np.int64))
+    write_csv(out / f"{split}_meta.csv", meta, META_FIELDS)
+    return n
+
+
+def grayscale(raw: Path, out: Path, p: GrayParams) -> dict[str, int]:
+    """Convert the download stage's output `raw` into `out`/{split}_{images,labels}.npy + _meta.csv."""
+    info = json.loads((raw / "source.json").read_text())
+    splits = _items_hub(raw) if info["source"] == "hub" else _items_local(raw, info).items()
+    workers = p.workers or os.cpu_count() or 1
+    counts: dict[str, int] = {}
+    with atomic_path(out, is_dir=True) as tmp:
+        # fork: workers inherit the loaded modules, so start-up costs milliseconds
+        with mp.get_context("fork").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+            for split, items in splits:
+                counts[split] = _convert_split(items, split, tmp, p, pool)
+        write_json(tmp / "info.json", {"source": info["source"], "image_size": p.image_size, "fit": p.fit,
+                                       "counts": counts})
+    log.info("grayscale %dpx: %s", p.image_size, counts)
+    return counts
+

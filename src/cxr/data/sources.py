@@ -1,0 +1,128 @@
+"""The download stage: fetch the Hugging Face dataset, or record a local source with content hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+from cxr import LABELS, SPLITS
+from cxr.errors import CxrError
+from cxr.io import atomic_path, write_csv, write_json
+from cxr.params import DataParams
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"}
+SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+OFFLINE_HINT = ("or use a local copy: dvc exp run -S data.source=imagefolder -S data.path=/abs/path/chest_xray "
+                "(Kaggle {train,val,test}/{NORMAL,PNEUMONIA} folders) or -S data.source=npz -S data.path=/abs/x.npz")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def scan_imagefolder(root: Path) -> list[dict[str, Any]]:
+    """One row per image of a Kaggle-style `{train,val,test}/{NORMAL,PNEUMONIA}/*` folder
+    (any split may be absent; split and class names are case-insensitive)."""
+    if not root.is_dir():
+        raise CxrError(f"data.path {root} is not a folder; point it at {{train,val,test}}/{{NORMAL,PNEUMONIA}}")
+    rows: list[dict[str, Any]] = []
+    for split_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        split = SPLIT_ALIASES.get(split_dir.name.lower())
+        if split is None:
+            log.warning("skipping %s: not a split folder (train, val or test)", split_dir)
+            continue
+        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+            if class_dir.name.upper() not in LABELS:
+                raise CxrError(f"{class_dir}: unknown class folder; expected {' or '.join(LABELS)} "
+                               "(any case); move it out of data.path")
+            label = LABELS.index(class_dir.name.upper())
+            for f in sorted(class_dir.iterdir()):
+                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."):
+                    rows.append({"path": f.relative_to(root).as_posix(), "split": split, "label": label,
+                                 "bytes": f.stat().st_size, "sha256": sha256_file(f)})
+    if not rows:
+        raise CxrError(f"no images under {root}; expected {{train,val,test}}/{{NORMAL,PNEUMONIA}}/*.jpeg")
+    return rows
+
+
+def check_npz(path: Path) -> dict[str, int]:
+    """Check a MedMNIST-style npz and return the image count of each split it has."""
+    if not path.is_file():
+        raise CxrError(f"data.path {path} is not a file; point it at a MedMNIST .npz")
+    try:
+        with np.load(path) as z:
+            keys = set(z.files)
+            counts = {}
+            for split in SPLITS:
+                if f"{split}_images" in keys:
+                    n, n_labels = z[f"{split}_images"].shape[0], z[f"{split}_labels"].shape[0]
+                    if n != n_labels:
+                        raise CxrError(f"{path}: {split}_images has {n} rows but {split}_labels {n_labels}")
+                    counts[split] = n
+    except (OSError, ValueError) as e:
+        raise CxrError(f"{path}: not a readable .npz ({e})") from e
+    except KeyError as e:
+        raise CxrError(f"{path}: has {e.args[0]}-less split; every <split>_images needs <split>_labels") from e
+    if not counts:
+        raise CxrError(f"{path}: no {{train,val,test}}_images arrays (it has {', '.join(sorted(keys))})")
+    return counts
+
+
+def check_hub_reachable(timeout: float = 5.0) -> None:
+    """Fail in seconds, not after the datasets library's retries, when the hub cannot be reached."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return  # the user asked for the local cache
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        raise CxrError(f"cannot reach the Hugging Face hub at {endpoint} ({e.__class__.__name__}: {e}); "
+                       f"check the network, {OFFLINE_HINT}") from e
+
+
+def download_hub(p: DataParams, out: Path) -> dict[str, int]:
+    check_hub_reachable()
+    import datasets  # heavy import, only for this source
+
+    try:
+        ds = datasets.load_dataset(p.hub_repo, name=p.hub_config, revision=p.hub_revision)
+    except ConnectionError as e:
+        raise CxrError(f"download of {p.hub_repo} failed ({e}); {OFFLINE_HINT}") from e
+    ds.save_to_disk(str(out / "hub"))
+    return {name: len(split) for name, split in ds.items()}
+
+
+def download(p: DataParams, out: Path) -> dict[str, Any]:
+    """Write `out`: source.json, plus hub/ (the dataset as it came) or manifest.csv (local files with
+    sha256, so that a changed file changes this output and re-runs the stages after it)."""
+    with atomic_path(out, is_dir=True) as tmp:
+        info: dict[str, Any] = {"source": p.source}
+        if p.source == "hub":
+            info.update(repo=p.hub_repo, config=p.hub_config, revision=p.hub_revision)
+            info["counts"] = download_hub(p, tmp)
+        elif p.source == "imagefolder":
+            root = Path(p.path).resolve()
+            rows = scan_imagefolder(root)
+            write_csv(tmp / "manifest.csv", rows)
+            info.update(path=str(root), counts={s: sum(r["split"] == s for r in rows) for s in SPLITS})
+        else:
+            path = Path(p.path).resolve()
+            info.update(path=str(path), counts=check_npz(path), sha256=sha256_file(path))
+        write_json(tmp / "source.json", info)
+    log.info("source %s: %s", p.source, info["counts"])
+    return info

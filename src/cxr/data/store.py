@@ -1,0 +1,45 @@
+"""The on-disk format between data stages: per split one contiguous uint8 array, labels and metadata."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxr import SPLITS
+from cxr.errors import CxrError
+from cxr.io import read_csv, write_csv
+
+META_FIELDS = ("name", "source_split", "patient_id", "sha256", "width", "height", "mode")
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # (N, H, W) uint8
+    labels: np.ndarray  # (N,) int64
+    meta: list[dict[str, Any]]  # one row per image, META_FIELDS
+
+    def take(self, idx: np.ndarray) -> Split:
+        return Split(np.ascontiguousarray(self.images[idx]), self.labels[idx], [self.meta[i] for i in idx])
+
+
+def splits_in(folder: str | Path) -> list[str]:
+    return [s for s in SPLITS if (Path(folder) / f"{s}_images.npy").exists()]
+
+
+def load_split(folder: str | Path, split: str, mmap: bool = False) -> Split:
+    folder = Path(folder)
+    path = folder / f"{split}_images.npy"
+    if not path.exists():
+        raise CxrError(f"{path} is missing; run `dvc repro` to rebuild the data stages")
+    images = np.load(path, mmap_mode="r" if mmap else None)
+    labels = np.load(folder / f"{split}_labels.npy")
+    return Split(images, labels.astype(np.int64), read_csv(folder / f"{split}_meta.csv"))
+
+
+def save_split(folder: Path, split: str, data: Split) -> None:
+    np.save(folder / f"{split}_images.npy", data.images)
+    np.save(folder / f"{split}_labels.npy", data.labels.astype(np.int64))
+    write_csv(folder / f"{split}_meta.csv", data.meta, META_FIELDS)

@@ -1,0 +1,1 @@
+"""Evaluation: metrics at a chosen threshold, curves and figures."""

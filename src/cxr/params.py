@@ -1,0 +1,178 @@
+"""Load params.yaml into frozen dataclasses, rejecting unknown keys, wrong types and bad choices."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from cxr.errors import CxrError
+
+
+class ParamsError(CxrError, ValueError):
+    """A params.yaml value is missing, unknown or of the wrong type; the message names the key."""
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: Literal["hub", "imagefolder", "npz"] = "hub"
+    path: str = "data/external"  # local source (imagefolder/npz); a DVC dependency of `download`
+    hub_repo: str = "keremberke/chest-xray-classification"
+    hub_config: str = "full"
+    hub_revision: str = "refs/convert/parquet"  # datasets 4+ refuses the repo's loader script
+
+
+@dataclass(frozen=True)
+class GrayParams:
+    image_size: int = 224
+    fit: Literal["stretch", "pad", "crop"] = "stretch"  # the hub and Kaggle 224 sets are stretched
+    workers: int = 0  # 0 = every core
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    val_fraction: float = 0.1  # carved from train where the source has no validation split
+    test_fraction: float = 0.15  # carved from train where the source has no test split
+    balance: Literal["none", "downsample"] = "none"
+    drop_duplicates: bool = False
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    arch: str = "tinyvgg"
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: Literal["sgd", "adam"] = "adam"
+    lr: float = 1.0e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    pos_weight: float | Literal["auto"] = 1.0  # "auto" = n_normal / n_pneumonia of the training split
+    patience: int = 3  # early stopping on validation loss; the best epoch's weights are kept
+    model: dict[str, Any] = field(default_factory=dict)  # arch settings, checked against the builder
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    threshold: Literal["f1", "youden"] | float = "f1"  # chosen on validation, applied to test
+
+
+@dataclass(frozen=True)
+class CompareParams:
+    metric: str = "auroc"
+
+
+@dataclass(frozen=True)
+class MlflowParams:
+    experiment: str = "chest-xray"
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 42
+    data: DataParams = DataParams()
+    gray: GrayParams = GrayParams()
+    split: SplitParams = SplitParams()
+    train: TrainParams = TrainParams()
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evaluate: EvaluateParams = EvaluateParams()
+    compare: CompareParams = CompareParams()
+    mlflow: MlflowParams = MlflowParams()
+
+    def variant(self, name: str) -> TrainParams:
+        """The `train` defaults overlaid with `models.<name>`; keys that are not train settings
+        are the arch's own settings (hidden_units, filters...)."""
+        if name not in self.models:
+            raise ParamsError(f"models.{name}: no such variant; known: {', '.join(self.models) or 'none'}")
+        names = {f.name for f in dataclasses.fields(TrainParams)} - {"model"}
+        over = self.models[name] or {}
+        if not isinstance(over, dict):
+            raise ParamsError(f"models.{name}: expected a mapping of settings, got {over!r}")
+        base = dataclasses.asdict(self.train)
+        base.update({k: v for k, v in over.items() if k in names})
+        base["model"] = {**self.train.model, **{k: v for k, v in over.items() if k not in names}}
+        return _build(TrainParams, base, f"models.{name}")
+
+
+def _check(value: Any, tp: Any, key: str) -> Any:
+    """Return value if it matches the annotation tp, else raise ParamsError naming key."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp) and type(value) is type(typing.get_args(tp)[0]):
+            return value
+        raise ParamsError(f"{key}: {value!r} is not one of {', '.join(map(repr, typing.get_args(tp)))}")
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            try:
+                return _check(value, arm, key)
+            except ParamsError:
+                pass
+        raise ParamsError(f"{key}: {value!r} is not a {_describe(tp)}")
+    if origin is dict or tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise ParamsError(f"{key}: expected a mapping, got {value!r}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        # PyYAML reads 1e-3 (no dot) as a string: say how to write it.
+        raise ParamsError(f"{key}: {value!r} is a string; write numbers like 1.0e-3 or 0.001")
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ParamsError(f"{key}: expected {tp.__name__}, got {value!r}")
+
+
+def _describe(tp: Any) -> str:
+    args = typing.get_args(tp)
+    return " or ".join(_describe(a) if typing.get_args(a) else getattr(a, "__name__", repr(a)) for a in args) \
+        if args else getattr(tp, "__name__", repr(tp))
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{prefix or 'params.yaml'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ParamsError(f"{_join(prefix, unknown[0])}: unknown key; allowed: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, _join(prefix, name))
+        else:
+            kwargs[name] = _check(value, tp, _join(prefix, name))
+    return cls(**kwargs)
+
+
+def parse(raw: dict[str, Any]) -> Params:
+    params = _build(Params, raw, "")
+    for name in params.models:
+        params.variant(name)  # validate every variant up front
+        if not name.replace("_", "").isalnum() or not name.islower():
+            raise ParamsError(f"models.{name}: variant keys must be snake_case (they name stages and runs)")
+    if params.gray.image_size < 8:
+        raise ParamsError(f"gray.image_size: {params.gray.image_size} is too small; use 8 or more")
+    for key in ("val_fraction", "test_fraction"):
+        if not 0 < getattr(params.split, key) < 0.5:
+            raise ParamsError(f"split.{key}: must be between 0 and 0.5")
+    return params
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: not found; run from the project root or pass --params")
+    with path.open() as f:
+        return parse(yaml.safe_load(f) or {})

@@ -1,0 +1,66 @@
+"""MLflow plumbing: the store under the project root, one run per variant, tags that link back to DVC."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+
+from cxr.errors import CxrError
+
+log = logging.getLogger(__name__)
+
+
+def project_root() -> Path:
+    # DVC sets DVC_ROOT for every stage it runs, also in `dvc exp run --temp/--queue` workspaces.
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root or project_root()) / 'mlruns' / 'mlflow.db'}"
+
+
+def setup(experiment: str, root: Path | None = None) -> str:
+    """Point MLflow at the store, create the experiment if needed, return its id. A SQLite store keeps
+    artifacts beside its database (a server decides for itself)."""
+    uri = tracking_uri(root)
+    location = None
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        location = (db.parent / "artifacts").resolve().as_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        exp = mlflow.get_experiment_by_name(experiment)
+        return exp.experiment_id if exp else mlflow.create_experiment(experiment, artifact_location=location)
+    except mlflow.exceptions.MlflowException as e:
+        raise CxrError(f"cannot use the MLflow store at {uri} ({str(e).splitlines()[0]}); check "
+                       "MLFLOW_TRACKING_URI or that the server is up (see README)") from e
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(flatten(v, f"{key}.") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def run_tags(variant: str, root: Path) -> dict[str, str]:
+    tags = {"variant": variant, "dvc_stage": os.environ.get("DVC_STAGE", ""),
+            "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "")}
+    try:
+        tags["mlflow.source.git.commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, text=True,
+                                                          capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    lock = root / "dvc.lock"
+    if lock.exists():  # the data hash: the split stage's output as DVC recorded it
+        outs = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get("split", {}).get("outs", [])
+        tags["data_md5"] = next((o.get("md5", "") for o in outs if o["path"] == "data/split"), "")
+    return {k: v for k, v in tags.items() if v}

@@ -1,0 +1,22 @@
+"""DVC stage `split`: train/val/test with balancing and a duplicate and leakage report (params `split`)."""
+
+import argparse
+from pathlib import Path
+
+from cxr import cli, params
+from cxr.data.split import split
+from cxr.io import write_json
+
+
+def main(args: argparse.Namespace) -> None:
+    p = params.load(args.params)
+    report = split(Path(args.gray), Path(args.out), p.split, p.seed)
+    write_json(args.report, report)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--gray", default="data/gray")
+    parser.add_argument("--out", default="data/split")
+    parser.add_argument("--report", default="reports/split.json")
+    cli.run(main, parser)

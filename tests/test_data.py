@@ -1,0 +1,178 @@
+"""download, grayscale and split on real X-rays, on images of every mode, and on bad input."""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_imagefolder, manifest, shared
+from cxr.data.gray import grayscale, patient_id, to_gray
+from cxr.data.sources import check_npz, download, scan_imagefolder
+from cxr.data.split import split
+from cxr.data.store import load_split
+from cxr.errors import CxrError
+from cxr.params import DataParams, GrayParams, SplitParams
+
+
+def prepare(tmp: Path, source: str, path: Path, size: int = 32, workers: int = 2) -> Path:
+    download(DataParams(source=source, path=str(path)), tmp / "raw")
+    grayscale(tmp / "raw", tmp / "gray", GrayParams(image_size=size, workers=workers))
+    return tmp / "gray"
+
+
+def test_imagefolder_scan_is_case_insensitive_and_hashes_match_the_manifest(small_folder):
+    rows = scan_imagefolder(small_folder)
+    by_name = {Path(r["path"]).name: r["sha256"] for r in manifest("chest_xray_224")}
+    assert {r["split"] for r in rows} == {"train", "test"}
+    assert {r["label"] for r in rows} == {0, 1}
+    assert all(by_name[Path(r["path"]).name] == r["sha256"] for r in rows)
+
+
+def test_imagefolder_errors(tmp_path):
+    (tmp_path / "train" / "COVID").mkdir(parents=True)
+    with pytest.raises(CxrError, match="unknown class folder; expected NORMAL or PNEUMONIA"):
+        scan_imagefolder(tmp_path)
+    with pytest.raises(CxrError, match="is not a folder"):
+        scan_imagefolder(tmp_path / "nope")
+    (tmp_path / "train" / "COVID").rmdir()
+    with pytest.raises(CxrError, match="no images under"):
+        download(DataParams(source="imagefolder", path=str(tmp_path)), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists() and not list(tmp_path.glob(".raw*"))
+
+
+def test_hub_unreachable_fails_fast_with_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a closed port: refused at once
+    t0 = time.perf_counter()
+    with pytest.raises(CxrError, match="cannot reach the Hugging Face hub.*data.source=imagefolder"):
+        download(DataParams(source="hub"), tmp_path / "raw")
+    assert time.perf_counter() - t0 < 10
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16", "1", "CMYK"])
+def test_every_mode_becomes_8bit_gray(mode):
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 256, (50, 70), dtype=np.uint8))
+    if mode == "I;16":
+        img = Image.fromarray((np.asarray(base).astype(np.uint16) * 16).astype(np.uint16))  # 12-bit data
+    else:
+        img = base.convert(mode)
+    out = to_gray(img, 24)
+    assert out.shape == (24, 24) and out.dtype == np.uint8
+    if mode in ("L", "RGB", "P", "I;16"):  # I;16: windowed to the used range, not divided by 65535
+        assert abs(int(out.mean()) - int(to_gray(base, 24).mean())) <= 3
+
+
+def test_transparent_pixels_become_black():
+    img = Image.new("RGBA", (10, 10), (255, 255, 255, 0))
+    assert to_gray(img, 10).max() == 0
+
+
+@pytest.mark.parametrize("fit", ["stretch", "pad", "crop"])
+def test_fit_modes_on_a_wide_real_image(fit):
+    row = max(manifest("chest_xray_fullres_sample"), key=lambda r: int(r["width"]) / int(r["height"]))
+    img = Image.open(shared("chest_xray_fullres_sample") / row["path"])
+    out = to_gray(img, 64, fit)
+    assert out.shape == (64, 64)
+    if fit == "pad":
+        assert out[0].max() == 0 and out[32].max() > 0  # letterbox bars on top, image in the middle
+
+
+def test_patient_ids_from_kaggle_names():
+    assert patient_id("person1_bacteria_1.jpeg") == "person1"
+    assert patient_id("train/PNEUMONIA/person1159_virus_1944_jpeg.rf.ab12.jpg") == "person1159"
+    assert patient_id("IM-0115-0001.jpeg") == "IM-0115"
+    assert patient_id("NORMAL2-IM-0927-0001-0002.jpeg") == "NORMAL2-IM-0927"
+    assert patient_id("12.png") == ""
+
+
+def test_fullres_sample_mixed_sizes_and_modes(tmp_path):
+    gray = prepare(tmp_path, "imagefolder", shared("chest_xray_fullres_sample"), size=64)
+    data = load_split(gray, "train")
+    assert data.images.shape == (220, 64, 64) and data.images.dtype == np.uint8
+    assert {m["mode"] for m in data.meta} == {"L", "RGB"}
+    assert int(min(int(m["width"]) for m in data.meta)) >= 399
+    assert np.bincount(data.labels).tolist() == [100, 120]
+    assert 30 < data.images.mean() < 220 and data.images.std() > 20  # real X-ray content, not blank
+
+
+def test_corrupt_image_names_the_file_and_leaves_no_output(tmp_path):
+    folder = make_imagefolder(tmp_path / "src", per_class=3, with_duplicates=False)
+    bad = folder / "train" / "normal" / "broken.jpeg"
+    good = next((folder / "train" / "normal").iterdir()).read_bytes()
+    bad.write_bytes(good[: len(good) // 3])  # a truncated real JPEG
+    download(DataParams(source="imagefolder", path=str(folder)), tmp_path / "raw")
+    with pytest.raises(CxrError, match=r"cannot decode image train/normal/broken.jpeg: .*remove or replace"):
+        grayscale(tmp_path / "raw", tmp_path / "gray", GrayParams(image_size=32, workers=2))
+    assert not (tmp_path / "gray").exists() and not list(tmp_path.glob(".gray*"))
+
+
+def test_npz_pneumoniamnist(tmp_path):
+    path = shared("pneumoniamnist") / "pneumoniamnist_28.npz"
+    assert check_npz(path) == {"train": 4708, "val": 524, "test": 624}
+    gray = prepare(tmp_path, "npz", path, size=28, workers=1)
+    with np.load(path) as z:
+        assert np.array_equal(load_split(gray, "val").images, z["val_images"])  # same size: untouched
+    np.savez(tmp_path / "bad.npz", x=np.zeros(3))
+    with pytest.raises(CxrError, match="no {train,val,test}_images arrays"):
+        check_npz(tmp_path / "bad.npz")
+
+
+def test_hub_format_from_a_dataset_built_here(tmp_path):
+    """The hub route after download: a DatasetDict in the parquet export's schema, saved to disk."""
+    import datasets
+
+    rows = [r for r in manifest("chest_xray_224") if r["split"] == "test"][::40]
+    features = datasets.Features({"image_file_path": datasets.Value("string"), "image": datasets.Image(),
+                                  "labels": datasets.ClassLabel(names=["NORMAL", "PNEUMONIA"])})
+    root = shared("chest_xray_224")
+
+    def build(part):
+        return datasets.Dataset.from_dict({
+            "image_file_path": [f"/x/{Path(r['path']).stem}_jpeg.rf.0.jpg" for r in part],
+            "image": [str(root / r["path"]) for r in part],
+            "labels": [int(r["label"] == "PNEUMONIA") for r in part]}, features=features)
+
+    raw = tmp_path / "raw"
+    datasets.DatasetDict({"train": build(rows[:8]), "validation": build(rows[8:12]),
+                          "test": build(rows[12:])}).save_to_disk(str(raw / "hub"))
+    (raw / "source.json").write_text(json.dumps({"source": "hub"}))
+    counts = grayscale(raw, tmp_path / "gray", GrayParams(image_size=32, workers=1))
+    assert counts == {"train": 8, "val": 4, "test": len(rows) - 12}
+    meta = load_split(tmp_path / "gray", "train").meta
+    by_name = {Path(r["path"]).stem: r for r in rows}
+    assert all(m["sha256"] == by_name[m["name"].split("/")[-1].split("_jpeg")[0]]["sha256"] for m in meta)
+    assert all(m["patient_id"] for m in meta)
+
+
+@pytest.fixture(scope="module")
+def gray224(tmp_path_factory):
+    """The whole real 224 px set (5840 images) at 32 px."""
+    return prepare(tmp_path_factory.mktemp("g224"), "imagefolder", shared("chest_xray_224"), size=32)
+
+
+def test_split_carves_val_by_patient_and_finds_the_real_duplicates(gray224, tmp_path):
+    report = split(gray224, tmp_path / "s", SplitParams(val_fraction=0.1), seed=1)
+    assert report["carved"] == ["val"]
+    dup = report["duplicates"]
+    assert sum(dup["within_split_extra_copies"].values()) + sum(dup["across_splits"].values()) == 32
+    assert "train-val" not in dup["patient_ids_across_splits"]  # grouped: no patient on both sides
+    train, val = load_split(tmp_path / "s", "train"), load_split(tmp_path / "s", "val")
+    assert len(val.labels) + len(train.labels) == 5216 and 0.08 < len(val.labels) / 5216 < 0.12
+    assert abs(val.labels.mean() - train.labels.mean()) < 0.03  # stratified
+    assert not {m["patient_id"] for m in train.meta} & {m["patient_id"] for m in val.meta}
+    again = split(gray224, tmp_path / "s2", SplitParams(val_fraction=0.1), seed=1)
+    assert again == report and np.array_equal(load_split(tmp_path / "s2", "val").images, val.images)
+
+
+def test_split_downsample_and_drop_duplicates(gray224, tmp_path):
+    report = split(gray224, tmp_path / "s", SplitParams(balance="downsample", drop_duplicates=True), seed=0)
+    assert sum(report["dropped_duplicates"].values()) == 32
+    counts = report["counts"]
+    assert counts["train"]["NORMAL"] == counts["train"]["PNEUMONIA"]
+    assert sum(counts["test"].values()) == 624 - report["dropped_duplicates"]["test"]
+    hashes = [m["sha256"] for s in ("train", "val", "test") for m in load_split(tmp_path / "s", s).meta]
+    assert len(hashes) == len(set(hashes))

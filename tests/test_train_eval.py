@@ -1,0 +1,107 @@
+"""Training and evaluation on real X-rays: repeatable, early stopping, MLflow logs, the logged model."""
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import ROOT, make_imagefolder
+from cxr import params
+from cxr.data.gray import grayscale
+from cxr.data.sources import download
+from cxr.data.split import split
+from cxr.data.store import load_split
+from cxr.evaluation.metrics import choose_threshold, scores
+from cxr.evaluation.variant import evaluate_variant
+from cxr.params import DataParams, GrayParams, SplitParams
+from cxr.training.loop import load_checkpoint
+from cxr.training.variant import train_variant
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tr")
+    folder = make_imagefolder(tmp / "src", per_class=150, with_duplicates=False)
+    download(DataParams(source="imagefolder", path=str(folder)), tmp / "raw")
+    grayscale(tmp / "raw", tmp / "gray", GrayParams(image_size=32, workers=2))
+    split(tmp / "gray", tmp / "split", SplitParams(val_fraction=0.2), seed=0)
+    return tmp / "split"
+
+
+def project_params(**train) -> params.Params:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"].update({"epochs": 4, "batch_size": 32, **train})
+    return params.parse(raw)
+
+
+def test_train_is_repeatable_and_logs_every_epoch(data, tmp_path):
+    p = project_params()
+    a = train_variant(p, "mlp", data, tmp_path / "m1", tmp_path / "r1")
+    b = train_variant(p, "mlp", data, tmp_path / "m2", tmp_path / "r2")
+    ha, hb = (tmp_path / "r1" / "history.csv").read_text(), (tmp_path / "r2" / "history.csv").read_text()
+    strip = lambda h: [line.split(",")[:6] for line in h.splitlines()]  # noqa: E731  (drop timings)
+    assert strip(ha) == strip(hb) and a["best_epoch"] == b["best_epoch"]
+    ma, mb = load_checkpoint(tmp_path / "m1" / "model.pt")[0], load_checkpoint(tmp_path / "m2" / "model.pt")[0]
+    assert all(torch.equal(x, y) for x, y in zip(ma.state_dict().values(), mb.state_dict().values(), strict=True))
+    run_id = json.loads((tmp_path / "m1" / "run.json").read_text())["run_id"]
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.run_name == "mlp" and run.data.tags["variant"] == "mlp"
+    assert run.data.params["train.lr"] == str(p.variant("mlp").lr)
+    assert run.data.params["train.model.hidden_units"] == "10"
+    steps = [m.step for m in client.get_metric_history(run_id, "val/loss")]
+    assert steps == list(range(1, a["epochs_run"] + 1))
+
+
+def test_early_stopping_keeps_the_best_epoch(data, tmp_path):
+    p = project_params(epochs=30, patience=2, lr=0.01)  # a high lr overfits 240 images quickly
+    summary = train_variant(p, "tinyvgg", data, tmp_path / "m", tmp_path / "r")
+    assert summary["epochs_run"] == summary["best_epoch"] + 2 < 30
+    model, ckpt = load_checkpoint(tmp_path / "m" / "model.pt")
+    val = load_split(data, "val")
+    x = torch.from_numpy(val.images[:, None].astype(np.float32) / 255)
+    logits = model(x).reshape(-1)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(val.labels).float())
+    assert loss.item() == pytest.approx(summary["best_val_loss"], rel=1e-4)
+
+
+def test_evaluate_writes_metrics_and_the_mlflow_model_predicts_the_same(data, tmp_path):
+    p = project_params()
+    train_variant(p, "tinyvgg", data, tmp_path / "m", tmp_path / "r")
+    metrics = evaluate_variant(p, "tinyvgg", data, tmp_path / "m", tmp_path / "r")
+    on_disk = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert on_disk["test"] == pytest.approx(metrics["test"])
+    for key in ("accuracy", "precision", "recall", "specificity", "f1", "auroc", "average_precision"):
+        assert 0 <= on_disk["test"][key] <= 1
+    assert on_disk["test"]["auroc"] > 0.8  # real signal from 240 images at 32 px
+    assert len(json.loads((tmp_path / "r" / "confusion.json").read_text())) == len(load_split(data, "test").labels)
+    run_id = json.loads((tmp_path / "m" / "run.json").read_text())["run_id"]
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.data.metrics["test/auroc"] == pytest.approx(metrics["test"]["auroc"])
+    arts = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert {"plots/confusion_matrix.png", "plots/roc.png", "plots/pr.png", "plots/history.png"} <= arts
+    [logged] = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id='{run_id}'")
+    loaded = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
+    test = load_split(data, "test")
+    x = torch.from_numpy(test.images[:7, None].astype(np.float32) / 255)  # batch size other than the example's
+    ours = load_checkpoint(tmp_path / "m" / "model.pt")[0](x)
+    assert torch.allclose(loaded(x), ours, atol=1e-5)
+
+
+def test_threshold_rules():
+    probs = torch.tensor([0.1, 0.3, 0.35, 0.6, 0.8, 0.9])
+    labels = torch.tensor([0, 0, 1, 0, 1, 1])
+    assert choose_threshold(probs, labels, 0.5) == 0.5
+    # F1 is best calling 0.35 and up positive: the threshold sits halfway to the next lower score.
+    assert choose_threshold(probs, labels, "f1") == pytest.approx(0.325)
+    assert scores(probs, labels, 0.325)["f1"] == pytest.approx(6 / 7)
+    t = choose_threshold(probs, labels, "youden")  # J = 2/3 at 0.8 and at 0.35; the first (higher) wins
+    assert t == pytest.approx(0.7)
+    s = scores(probs, labels, t)
+    assert s["recall"] + s["specificity"] - 1 == pytest.approx(2 / 3)
+    assert (s["tn"], s["fp"], s["fn"], s["tp"]) == (3, 0, 1, 2)
