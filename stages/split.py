@@ -1,4 +1,5 @@
-"""DVC stage `split`: train/val/test with balancing and a duplicate and leakage report (params `split`)."""
+"""DVC stage `split`: train/val/test with balancing and a duplicate and leakage report (params `split`,
+`data.labels`)."""
 
 import argparse
 from pathlib import Path
@@ -10,7 +11,7 @@ from cxr.io import write_json
 
 def main(args: argparse.Namespace) -> None:
     p = params.load(args.params)
-    report = split(Path(args.gray), Path(args.out), p.split, p.seed)
+    report = split(Path(args.gray), Path(args.out), p.split, p.seed, p.data.labels)
     write_json(args.report, report)
 
 

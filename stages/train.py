@@ -8,7 +8,8 @@ from cxr.training.variant import train_variant
 
 
 def main(args: argparse.Namespace) -> None:
-    train_variant(params.load(args.params), args.variant, Path(args.data), Path(args.model_dir), Path(args.reports))
+    train_variant(params.load(args.params), args.variant, Path(args.data), Path(args.model_dir), Path(args.reports),
+                  Path(args.checkpoints))
 
 
 if __name__ == "__main__":
@@ -17,4 +18,5 @@ if __name__ == "__main__":
     parser.add_argument("--data", default="data/split")
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--reports", required=True)
+    parser.add_argument("--checkpoints", required=True, help="resume state, kept outside DVC's outputs")
     cli.run(main, parser)

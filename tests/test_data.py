@@ -91,7 +91,7 @@ def test_patient_ids_from_kaggle_names():
 
 def test_fullres_sample_mixed_sizes_and_modes(tmp_path):
     gray = prepare(tmp_path, "imagefolder", shared("chest_xray_fullres_sample"), size=64)
-    data = load_split(gray, "train")
+    data = load_split(gray / "64", "train")
     assert data.images.shape == (220, 64, 64) and data.images.dtype == np.uint8
     assert {m["mode"] for m in data.meta} == {"L", "RGB"}
     assert int(min(int(m["width"]) for m in data.meta)) >= 399
@@ -115,7 +115,7 @@ def test_npz_pneumoniamnist(tmp_path):
     assert check_npz(path) == {"train": 4708, "val": 524, "test": 624}
     gray = prepare(tmp_path, "npz", path, size=28, workers=1)
     with np.load(path) as z:
-        assert np.array_equal(load_split(gray, "val").images, z["val_images"])  # same size: untouched
+        assert np.array_equal(load_split(gray / "28", "val").images, z["val_images"])  # same size: untouched
     np.savez(tmp_path / "bad.npz", x=np.zeros(3))
     with pytest.raises(CxrError, match="no {train,val,test}_images arrays"):
         check_npz(tmp_path / "bad.npz")
@@ -142,7 +142,7 @@ def test_hub_format_from_a_dataset_built_here(tmp_path):
     (raw / "source.json").write_text(json.dumps({"source": "hub"}))
     counts = grayscale(raw, tmp_path / "gray", GrayParams(image_size=32, workers=1))
     assert counts == {"train": 8, "val": 4, "test": len(rows) - 12}
-    meta = load_split(tmp_path / "gray", "train").meta
+    meta = load_split(tmp_path / "gray" / "32", "train").meta
     by_name = {Path(r["path"]).stem: r for r in rows}
     assert all(m["sha256"] == by_name[m["name"].split("/")[-1].split("_jpeg")[0]]["sha256"] for m in meta)
     assert all(m["patient_id"] for m in meta)
@@ -160,12 +160,12 @@ def test_split_carves_val_by_patient_and_finds_the_real_duplicates(gray224, tmp_
     dup = report["duplicates"]
     assert sum(dup["within_split_extra_copies"].values()) + sum(dup["across_splits"].values()) == 32
     assert "train-val" not in dup["patient_ids_across_splits"]  # grouped: no patient on both sides
-    train, val = load_split(tmp_path / "s", "train"), load_split(tmp_path / "s", "val")
+    train, val = load_split(tmp_path / "s" / "32", "train"), load_split(tmp_path / "s" / "32", "val")
     assert len(val.labels) + len(train.labels) == 5216 and 0.08 < len(val.labels) / 5216 < 0.12
     assert abs(val.labels.mean() - train.labels.mean()) < 0.03  # stratified
     assert not {m["patient_id"] for m in train.meta} & {m["patient_id"] for m in val.meta}
     again = split(gray224, tmp_path / "s2", SplitParams(val_fraction=0.1), seed=1)
-    assert again == report and np.array_equal(load_split(tmp_path / "s2", "val").images, val.images)
+    assert again == report and np.array_equal(load_split(tmp_path / "s2" / "32", "val").images, val.images)
 
 
 def test_split_downsample_and_drop_duplicates(gray224, tmp_path):
@@ -174,5 +174,5 @@ def test_split_downsample_and_drop_duplicates(gray224, tmp_path):
     counts = report["counts"]
     assert counts["train"]["NORMAL"] == counts["train"]["PNEUMONIA"]
     assert sum(counts["test"].values()) == 624 - report["dropped_duplicates"]["test"]
-    hashes = [m["sha256"] for s in ("train", "val", "test") for m in load_split(tmp_path / "s", s).meta]
+    hashes = [m["sha256"] for s in ("train", "val", "test") for m in load_split(tmp_path / "s" / "32", s).meta]
     assert len(hashes) == len(set(hashes))

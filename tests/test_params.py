@@ -15,10 +15,12 @@ def raw() -> dict:
 
 def test_repo_params_load_and_every_variant_builds():
     p = params.load(ROOT / "params.yaml")
-    assert {"linear", "mlp", "tinyvgg"} <= set(p.models)
+    assert {"linear", "mlp", "tinyvgg", "b_cnn5", "c_resnet18_scratch", "d_vit_scratch"} <= set(p.models)
+    assert {n[0] for n in p.models if n[1] == "_"} == {"b", "c", "d"}  # every report's experiments
     for name in p.models:
         tp = p.variant(name)
-        build_model(tp.arch, image_size=32, **tp.model)
+        build_model(tp.arch, image_size=32 if tp.arch != "vit_b_16" else 224, **{**tp.model, "pretrained": False}
+                    if "pretrained" in tp.model else tp.model)
 
 
 def test_variant_overlays_train_defaults():
@@ -49,7 +51,7 @@ def test_bad_values_name_the_key(path, value, message):
 def test_unknown_keys_are_rejected_with_the_allowed_ones():
     r = raw()
     r["train"]["epoch"] = 3
-    with pytest.raises(ParamsError, match=r"train.epoch: unknown key; allowed: arch, batch_size"):
+    with pytest.raises(ParamsError, match=r"train.epoch: unknown key; did you mean 'epochs'\? allowed: arch, aug_"):
         params.parse(r)
     r = raw()
     r["models"]["mlp"]["hiden_units"] = 3

@@ -35,13 +35,14 @@ def data(tmp_path_factory):
 def project_params(**train) -> params.Params:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["train"].update({"epochs": 4, "batch_size": 32, **train})
+    raw["gray"]["image_size"] = 32
     return params.parse(raw)
 
 
 def test_train_is_repeatable_and_logs_every_epoch(data, tmp_path):
     p = project_params()
-    a = train_variant(p, "mlp", data, tmp_path / "m1", tmp_path / "r1")
-    b = train_variant(p, "mlp", data, tmp_path / "m2", tmp_path / "r2")
+    a = train_variant(p, "mlp", data, tmp_path / "m1", tmp_path / "r1", tmp_path / "ck")
+    b = train_variant(p, "mlp", data, tmp_path / "m2", tmp_path / "r2", tmp_path / "ck")
     ha, hb = (tmp_path / "r1" / "history.csv").read_text(), (tmp_path / "r2" / "history.csv").read_text()
     strip = lambda h: [line.split(",")[:6] for line in h.splitlines()]  # noqa: E731  (drop timings)
     assert strip(ha) == strip(hb) and a["best_epoch"] == b["best_epoch"]
@@ -59,10 +60,10 @@ def test_train_is_repeatable_and_logs_every_epoch(data, tmp_path):
 
 def test_early_stopping_keeps_the_best_epoch(data, tmp_path):
     p = project_params(epochs=30, patience=2, lr=0.01)  # a high lr overfits 240 images quickly
-    summary = train_variant(p, "tinyvgg", data, tmp_path / "m", tmp_path / "r")
+    summary = train_variant(p, "tinyvgg", data, tmp_path / "m", tmp_path / "r", tmp_path / "ck")
     assert summary["epochs_run"] == summary["best_epoch"] + 2 < 30
     model, ckpt = load_checkpoint(tmp_path / "m" / "model.pt")
-    val = load_split(data, "val")
+    val = load_split(data / "32", "val")
     x = torch.from_numpy(val.images[:, None].astype(np.float32) / 255)
     logits = model(x).reshape(-1)
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(val.labels).float())
@@ -71,14 +72,14 @@ def test_early_stopping_keeps_the_best_epoch(data, tmp_path):
 
 def test_evaluate_writes_metrics_and_the_mlflow_model_predicts_the_same(data, tmp_path):
     p = project_params()
-    train_variant(p, "tinyvgg", data, tmp_path / "m", tmp_path / "r")
+    train_variant(p, "tinyvgg", data, tmp_path / "m", tmp_path / "r", tmp_path / "ck")
     metrics = evaluate_variant(p, "tinyvgg", data, tmp_path / "m", tmp_path / "r")
     on_disk = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert on_disk["test"] == pytest.approx(metrics["test"])
     for key in ("accuracy", "precision", "recall", "specificity", "f1", "auroc", "average_precision"):
         assert 0 <= on_disk["test"][key] <= 1
     assert on_disk["test"]["auroc"] > 0.8  # real signal from 240 images at 32 px
-    assert len(json.loads((tmp_path / "r" / "confusion.json").read_text())) == len(load_split(data, "test").labels)
+    assert len(json.loads((tmp_path / "r" / "confusion.json").read_text())) == len(load_split(data / "32", "test").labels)
     run_id = json.loads((tmp_path / "m" / "run.json").read_text())["run_id"]
     client = MlflowClient()
     run = client.get_run(run_id)
@@ -87,7 +88,7 @@ def test_evaluate_writes_metrics_and_the_mlflow_model_predicts_the_same(data, tm
     assert {"plots/confusion_matrix.png", "plots/roc.png", "plots/pr.png", "plots/history.png"} <= arts
     [logged] = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id='{run_id}'")
     loaded = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
-    test = load_split(data, "test")
+    test = load_split(data / "32", "test")
     x = torch.from_numpy(test.images[:7, None].astype(np.float32) / 255)  # batch size other than the example's
     ours = load_checkpoint(tmp_path / "m" / "model.pt")[0](x)
     assert torch.allclose(loaded(x), ours, atol=1e-5)

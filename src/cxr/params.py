@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,13 +26,19 @@ class DataParams:
     hub_repo: str = "keremberke/chest-xray-classification"
     hub_config: str = "full"
     hub_revision: str = "refs/convert/parquet"  # datasets 4+ refuses the repo's loader script
+    labels: Literal["binary", "three_class"] = "binary"  # three_class: bacteria/virus from Kaggle file names
 
 
 @dataclass(frozen=True)
 class GrayParams:
-    image_size: int = 224
+    image_size: int = 224  # the size variants train at unless they set their own image_size
+    extra_sizes: list[int] = field(default_factory=list)  # more sizes for variants, made in the same pass
     fit: Literal["stretch", "pad", "crop"] = "stretch"  # the hub and Kaggle 224 sets are stretched
     workers: int = 0  # 0 = every core
+
+    @property
+    def sizes(self) -> list[int]:
+        return sorted({self.image_size, *self.extra_sizes})
 
 
 @dataclass(frozen=True)
@@ -45,14 +52,27 @@ class SplitParams:
 @dataclass(frozen=True)
 class TrainParams:
     arch: str = "tinyvgg"
+    image_size: int = 0  # 0 = gray.image_size; otherwise one of gray.extra_sizes
     epochs: int = 10
     batch_size: int = 64
-    optimizer: Literal["sgd", "adam"] = "adam"
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
     lr: float = 1.0e-3
-    momentum: float = 0.9
+    momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
-    pos_weight: float | Literal["auto"] = 1.0  # "auto" = n_normal / n_pneumonia of the training split
+    scheduler: Literal["none", "cosine", "plateau", "onecycle"] = "none"
+    warmup_epochs: int = 0  # linear warm-up from lr/100 (none, cosine; onecycle uses it as its rise)
+    pos_weight: float | Literal["auto"] = 1.0  # binary: "auto" = n_normal / n_pneumonia of the training split
+    class_weights: Literal["none", "balanced"] = "none"  # balanced: n / (classes * n_class), as sklearn
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    augment: bool = False  # batched on the device: rotation, brightness, contrast, flip
+    aug_rotation: float = 10.0  # degrees, uniform in +-
+    aug_brightness: float = 0.1  # added, uniform in +-
+    aug_contrast: float = 0.1  # scale around the image mean, uniform in 1 +-
+    aug_hflip: bool = False  # off by default: a flip moves the heart to the right
+    freeze_epochs: int = 0  # train only the head for this many epochs; >= epochs keeps the base frozen
     patience: int = 3  # early stopping on validation loss; the best epoch's weights are kept
+    compile: bool = False  # torch.compile the model (CUDA; worth it for long runs)
     model: dict[str, Any] = field(default_factory=dict)  # arch settings, checked against the builder
 
 
@@ -83,6 +103,9 @@ class Params:
     compare: CompareParams = CompareParams()
     mlflow: MlflowParams = MlflowParams()
 
+    def image_size(self, variant: str) -> int:
+        return self.variant(variant).image_size or self.gray.image_size
+
     def variant(self, name: str) -> TrainParams:
         """The `train` defaults overlaid with `models.<name>`; keys that are not train settings
         are the arch's own settings (hidden_units, filters...)."""
@@ -112,6 +135,10 @@ def _check(value: Any, tp: Any, key: str) -> Any:
             except ParamsError:
                 pass
         raise ParamsError(f"{key}: {value!r} is not a {_describe(tp)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{key}: expected a list, got {value!r}")
+        return [_check(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if isinstance(value, dict):
             return value
@@ -145,7 +172,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ParamsError(f"{_join(prefix, unknown[0])}: unknown key; allowed: {', '.join(sorted(known))}")
+        near = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise ParamsError(f"{_join(prefix, unknown[0])}: unknown key; {hint}allowed: {', '.join(sorted(known))}")
     kwargs = {}
     for name, value in raw.items():
         tp = hints[name]
@@ -162,8 +191,21 @@ def parse(raw: dict[str, Any]) -> Params:
         params.variant(name)  # validate every variant up front
         if not name.replace("_", "").isalnum() or not name.islower():
             raise ParamsError(f"models.{name}: variant keys must be snake_case (they name stages and runs)")
-    if params.gray.image_size < 8:
-        raise ParamsError(f"gray.image_size: {params.gray.image_size} is too small; use 8 or more")
+    for size in params.gray.sizes:
+        if not isinstance(size, int) or size < 8:
+            raise ParamsError(f"gray: image size {size!r} is too small; use whole numbers of 8 or more")
+    for name in params.models:
+        tp = params.variant(name)
+        if tp.image_size and tp.image_size not in params.gray.sizes:
+            raise ParamsError(f"models.{name}.image_size: {tp.image_size} is not prepared; add it to "
+                              f"gray.extra_sizes (now {params.gray.extra_sizes})")
+        for key in ("epochs", "batch_size"):
+            if getattr(tp, key) < 1:
+                raise ParamsError(f"models.{name}.{key}: must be 1 or more")
+        if tp.lr <= 0:
+            raise ParamsError(f"models.{name}.lr: must be above 0")
+        if tp.warmup_epochs and tp.scheduler == "plateau":
+            raise ParamsError(f"models.{name}.warmup_epochs: not with scheduler plateau; use cosine or onecycle")
     for key in ("val_fraction", "test_fraction"):
         if not 0 < getattr(params.split, key) < 0.5:
             raise ParamsError(f"split.{key}: must be between 0 and 0.5")

@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from cxr.data.sources import SPLIT_ALIASES
-from cxr.data.store import META_FIELDS
+from cxr.data.store import META_FIELDS, save_labels_meta
 from cxr.errors import CxrError
 from cxr.io import atomic_path, read_csv, write_csv, write_json
 from cxr.params import GrayParams
@@ -38,10 +38,10 @@ def patient_id(name: str) -> str:
     return (m.group(1) or m.group(2)) if m else ""
 
 
-def to_gray(img: Image.Image, size: int, fit: str = "stretch") -> np.ndarray:
-    """Any PIL mode to an 8-bit (size, size) gray array."""
+def _to_l(img: Image.Image, draft: int) -> Image.Image:
+    """Any PIL mode to 8-bit gray, decoded at the smallest JPEG scale that still covers `draft` pixels."""
     if img.format == "JPEG":
-        img.draft("L", (size, size))  # let libjpeg decode gray at 1/2..1/8 scale: far less work
+        img.draft("L", (draft, draft))  # let libjpeg decode gray at 1/2..1/8 scale: far less work
     if img.mode in _HIGH_DEPTH_MODES:
         a = np.asarray(img, dtype=np.float32)
         lo, hi = float(a.min()), float(a.max())  # window to the used range: 12-bit data in 16 bits is common
@@ -50,8 +50,10 @@ def to_gray(img: Image.Image, size: int, fit: str = "stretch") -> np.ndarray:
     elif img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)  # transparent = black
-    if img.mode != "L":
-        img = img.convert("L")
+    return img if img.mode == "L" else img.convert("L")
+
+
+def _fit(img: Image.Image, size: int, fit: str) -> np.ndarray:
     resample = Image.Resampling.LANCZOS
     if fit == "pad":
         img = ImageOps.pad(img, (size, size), resample, color=0)
@@ -62,9 +64,14 @@ def to_gray(img: Image.Image, size: int, fit: str = "stretch") -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def _decode(item: tuple[str, Any], size: int, fit: str) -> tuple[np.ndarray, int, int, str, str]:
-    """item is (name, source): a file path, encoded bytes, or a uint8 array. Returns the gray
-    image, original width, height, mode and the sha256 of the source bytes."""
+def to_gray(img: Image.Image, size: int, fit: str = "stretch") -> np.ndarray:
+    """Any PIL mode to an 8-bit (size, size) gray array."""
+    return _fit(_to_l(img, size), size, fit)
+
+
+def _decode(item: tuple[str, Any], sizes: list[int], fit: str) -> tuple[list[np.ndarray], int, int, str, str]:
+    """item is (name, source): a file path, encoded bytes, or a uint8 array. Returns the gray image at each
+    size (one decode for all), original width, height, mode and the sha256 of the source bytes."""
     name, src = item
     try:
         if isinstance(src, np.ndarray):
@@ -75,7 +82,8 @@ def _decode(item: tuple[str, Any], size: int, fit: str) -> tuple[np.ndarray, int
             digest = hashlib.sha256(data).hexdigest()
             img = Image.open(io.BytesIO(data))
         w, h, mode = img.width, img.height, img.mode
-        return to_gray(img, size, fit), w, h, mode, digest
+        gray = _to_l(img, max(sizes))
+        return [_fit(gray, s, fit) for s in sizes], w, h, mode, digest
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise CxrError(f"cannot decode image {name}: {e}; remove or replace the file") from None
 
@@ -114,37 +122,41 @@ def _items_hub(raw: Path) -> Iterator[tuple[str, list[tuple[int, tuple[str, Any]
 
 def _convert_split(items: list[tuple[int, tuple[str, Any]]], split: str, out: Path, p: GrayParams,
                    pool: Any) -> int:
-    n, size = len(items), p.image_size
-    images = np.lib.format.open_memmap(out / f"{split}_images.npy", mode="w+", dtype=np.uint8,
-                                       shape=(n, size, size))
-    work = partial(_decode, size=size, fit=p.fit)
+    n, sizes = len(items), p.sizes
+    arrays = [np.lib.format.open_memmap(out / str(s) / f"{split}_images.npy", mode="w+", dtype=np.uint8,
+                                        shape=(n, s, s)) for s in sizes]
+    work = partial(_decode, sizes=sizes, fit=p.fit)
     sources = (item for _, item in items)
     results: Iterable = pool.imap(work, sources, chunksize=16) if pool else map(work, sources)
     meta = []
-    for i, (gray, w, h, mode, digest) in enumerate(tqdm(results, total=n, desc=f"grayscale {split}", unit="img")):
-        images[i] = gray
+    for i, (grays, w, h, mode, digest) in enumerate(tqdm(results, total=n, desc=f"grayscale {split}", unit="img")):
+        for array, gray in zip(arrays, grays, strict=True):
+            array[i] = gray
         name = items[i][1][0]
         meta.append(dict(zip(META_FIELDS, (name, split, patient_id(name), digest, w, h, mode), strict=True)))
-    images.flush()
-    del images
-    np.save(out / f"{split}_labels.npy", np.array([y for y, _ in items], dtype=np.int64))
-    write_csv(out / f"{split}_meta.csv", meta, META_FIELDS)
+    for array in arrays:
+        array.flush()
+    del arrays
+    for s in sizes:
+        save_labels_meta(out / str(s), split, np.array([y for y, _ in items], dtype=np.int64), meta)
     return n
 
 
 def grayscale(raw: Path, out: Path, p: GrayParams) -> dict[str, int]:
-    """Convert the download stage's output `raw` into `out`/{split}_{images,labels}.npy + _meta.csv."""
+    """Convert the download stage's output `raw` into `out`/<size>/{split}_{images,labels}.npy + _meta.csv."""
     info = json.loads((raw / "source.json").read_text())
     splits = _items_hub(raw) if info["source"] == "hub" else _items_local(raw, info).items()
     workers = p.workers or os.cpu_count() or 1
     counts: dict[str, int] = {}
     with atomic_path(out, is_dir=True) as tmp:
+        for size in p.sizes:
+            (tmp / str(size)).mkdir()
         # fork: workers inherit the loaded modules, so start-up costs milliseconds
         with mp.get_context("fork").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
             for split, items in splits:
                 counts[split] = _convert_split(items, split, tmp, p, pool)
-        write_json(tmp / "info.json", {"source": info["source"], "image_size": p.image_size, "fit": p.fit,
+        write_json(tmp / "info.json", {"source": info["source"], "sizes": p.sizes, "fit": p.fit,
                                        "counts": counts})
-    log.info("grayscale %dpx: %s", p.image_size, counts)
+    log.info("grayscale %s px: %s", p.sizes, counts)
     return counts
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -10,8 +11,8 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from cxr import LABELS, SPLITS
-from cxr.data.store import Split, load_split, save_split, splits_in
+from cxr import CLASSES, SPLITS
+from cxr.data.store import Split, load_split, save_split, sizes_in, splits_in
 from cxr.errors import CxrError
 from cxr.io import atomic_path
 from cxr.params import SplitParams
@@ -88,27 +89,62 @@ def drop_duplicates(splits: dict[str, Split]) -> dict[str, int]:
     return dropped
 
 
-def downsample(data: Split, seed: int) -> Split:
-    """Drop random images of the majority class until the classes are equal."""
-    counts = np.bincount(data.labels, minlength=len(LABELS))
+def downsample(data: Split, seed: int, n_classes: int = 2) -> Split:
+    """Drop random images of the larger classes until every class has as many as the smallest."""
+    counts = np.bincount(data.labels, minlength=n_classes)
     rng = np.random.default_rng(seed)
     keep = np.concatenate([rng.choice(np.flatnonzero(data.labels == c), counts.min(), replace=False)
-                           for c in range(len(LABELS))])
+                           for c in range(n_classes)])
     return data.take(np.sort(keep))
 
 
-def _counts(data: Split) -> dict[str, int]:
-    return {label: int((data.labels == i).sum()) for i, label in enumerate(LABELS)}
+def three_class(data: Split) -> Split:
+    """PNEUMONIA (1) becomes BACTERIA (1) or VIRUS (2) by the Kaggle file name (person1_bacteria_1.jpeg)."""
+    labels = data.labels.copy()
+    unknown = []
+    for i, m in enumerate(data.meta):
+        if labels[i] == 1:
+            name = Path(m["name"]).name.lower()
+            if "virus" in name:
+                labels[i] = 2
+            elif "bacteria" not in name:
+                unknown.append(m["name"])
+    if unknown:
+        raise CxrError(f"data.labels three_class: {len(unknown)} PNEUMONIA images have neither 'bacteria' nor "
+                       f"'virus' in their file names (e.g. {unknown[0]}), so this source cannot give 3 classes; "
+                       "use Kaggle's file names or data.labels: binary")
+    return Split(data.images, labels, data.meta)
 
 
-def split(gray: Path, out: Path, p: SplitParams, seed: int) -> dict[str, Any]:
-    """Write `out`/{train,val,test}_* from the grayscale arrays; return the report."""
+def _counts(data: Split, names: tuple[str, ...]) -> dict[str, int]:
+    return {label: int((data.labels == i).sum()) for i, label in enumerate(names)}
+
+
+def split(gray: Path, out: Path, p: SplitParams, seed: int, labels: str = "binary") -> dict[str, Any]:
+    """Write `out`/<size>/{train,val,test}_* from the grayscale arrays of each size, with the same images
+    in each; return the report."""
+    sizes = sizes_in(gray)
+    if not sizes:
+        raise CxrError(f"{gray} holds no image sizes; run `dvc repro grayscale`")
+    with atomic_path(out, is_dir=True) as tmp:
+        for size in sizes:
+            (tmp / str(size)).mkdir()
+            report = _split_size(gray / str(size), tmp / str(size), p, seed, labels)
+    log.info("split counts %s; duplicates %s", report["counts"], report["duplicates"]["across_splits"])
+    return report
+
+
+def _split_size(gray: Path, out: Path, p: SplitParams, seed: int, labels: str) -> dict[str, Any]:
     present = splits_in(gray)
     if "train" not in present:
         raise CxrError(f"the source has no train split (it has {', '.join(present) or 'none'}); "
                        "a source needs train/ images")
+    names = CLASSES[labels]
     splits = {s: load_split(gray, s) for s in present}
-    report: dict[str, Any] = {"source_counts": {s: _counts(d) for s, d in splits.items()}, "carved": []}
+    if labels == "three_class":
+        splits = {s: three_class(d) for s, d in splits.items()}
+    report: dict[str, Any] = {"classes": list(names), "source_counts": {s: _counts(d, names) for s, d in
+                                                                        splits.items()}, "carved": []}
     for name, fraction in (("test", p.test_fraction), ("val", p.val_fraction)):
         if name not in splits:
             kept, carved = carve(splits["train"], fraction, seed)
@@ -117,10 +153,9 @@ def split(gray: Path, out: Path, p: SplitParams, seed: int) -> dict[str, Any]:
     report["duplicates"] = duplicates(splits)
     report["dropped_duplicates"] = drop_duplicates(splits) if p.drop_duplicates else {}
     if p.balance == "downsample":
-        splits["train"] = downsample(splits["train"], seed)
-    report["counts"] = {s: _counts(splits[s]) for s in SPLITS}
-    with atomic_path(out, is_dir=True) as tmp:
-        for s in SPLITS:
-            save_split(tmp, s, splits[s])
-    log.info("split counts %s; duplicates %s", report["counts"], report["duplicates"]["across_splits"])
+        splits["train"] = downsample(splits["train"], seed, len(names))
+    report["counts"] = {s: _counts(splits[s], names) for s in SPLITS}
+    for s in SPLITS:
+        save_split(out, s, splits[s])
+    (out / "classes.json").write_text(json.dumps(list(names)))
     return report

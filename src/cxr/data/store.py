@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cxr import SPLITS
+from cxr import LABELS, SPLITS
 from cxr.errors import CxrError
 from cxr.io import read_csv, write_csv
 
@@ -41,5 +42,29 @@ def load_split(folder: str | Path, split: str, mmap: bool = False) -> Split:
 
 def save_split(folder: Path, split: str, data: Split) -> None:
     np.save(folder / f"{split}_images.npy", data.images)
-    np.save(folder / f"{split}_labels.npy", data.labels.astype(np.int64))
-    write_csv(folder / f"{split}_meta.csv", data.meta, META_FIELDS)
+    save_labels_meta(folder, split, data.labels, data.meta)
+
+
+def save_labels_meta(folder: Path, split: str, labels: np.ndarray, meta: list[dict[str, Any]]) -> None:
+    np.save(folder / f"{split}_labels.npy", labels.astype(np.int64))
+    write_csv(folder / f"{split}_meta.csv", meta, META_FIELDS)
+
+
+def sizes_in(folder: str | Path) -> list[int]:
+    """The image sizes prepared under folder (one subfolder each)."""
+    return sorted(int(p.name) for p in Path(folder).iterdir() if p.is_dir() and p.name.isdigit()) \
+        if Path(folder).is_dir() else []
+
+
+def size_dir(folder: str | Path, size: int) -> Path:
+    path = Path(folder) / str(size)
+    if not path.is_dir():
+        raise CxrError(f"{path} is missing: image size {size} was not prepared; add it to gray.extra_sizes "
+                       f"(prepared: {sizes_in(folder) or 'none'}) and run `dvc repro`")
+    return path
+
+
+def classes(folder: str | Path) -> list[str]:
+    """The class names of a split folder, index = label."""
+    path = Path(folder) / "classes.json"
+    return json.loads(path.read_text()) if path.exists() else list(LABELS)

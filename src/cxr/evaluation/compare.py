@@ -24,12 +24,16 @@ def leaderboard(p: Params, reports: Path) -> list[dict[str, Any]]:
         train = json.loads(train_path.read_text()) if train_path.exists() else {}
         rows.append({"variant": variant, "arch": p.variant(variant).arch,
                      **{k: round(m["test"][k], 4) for k in COLUMNS},
-                     "accuracy_at_0.5": round(m["test_threshold_0_5"]["accuracy"], 4),
-                     "threshold": round(m["threshold"], 4), "epochs": train.get("epochs_run"),
+                     "accuracy_at_0.5": _round(m.get("test_threshold_0_5", {}).get("accuracy")),
+                     "threshold": _round(m.get("threshold")), "epochs": train.get("epochs_run"),
                      "train_seconds": train.get("train_seconds")})
     if p.compare.metric not in COLUMNS:
         raise CxrError(f"compare.metric: {p.compare.metric!r} is not one of {', '.join(COLUMNS)}")
     return sorted(rows, key=lambda r: -r[p.compare.metric])
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
 
 
 def write_leaderboard(rows: list[dict[str, Any]], out: Path, metric: str) -> None:

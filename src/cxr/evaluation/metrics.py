@@ -41,8 +41,34 @@ def scores(probs: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict[
     }
 
 
+def multiclass_scores(probs: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict[str, float]:
+    """Argmax predictions: accuracy, macro averages (the headline figures), and each class's own."""
+    labels, k = labels.long(), len(names)
+    kw: dict[str, Any] = {"num_classes": k}
+    out = {"accuracy": C.multiclass_accuracy(probs, labels, average="micro", **kw).item()}
+    per_class = {"precision": C.multiclass_precision, "recall": C.multiclass_recall,
+                 "specificity": C.multiclass_specificity, "f1": C.multiclass_f1_score}
+    for metric, fn in per_class.items():
+        values = fn(probs, labels, average=None, **kw)
+        out[metric] = values.mean().item()
+        out |= {f"{metric}_{name}": v for name, v in zip(names, values.tolist(), strict=True)}
+    out["auroc"] = C.multiclass_auroc(probs, labels, average="macro", **kw).item()
+    out["average_precision"] = C.multiclass_average_precision(probs, labels, average="macro", **kw).item()
+    return out
+
+
+def confusion(probs: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> list[list[int]]:
+    """Rows actual, columns predicted."""
+    if probs.ndim == 1:
+        return C.binary_confusion_matrix(probs, labels.long(), threshold=threshold).tolist()
+    return C.multiclass_confusion_matrix(probs, labels.long(), num_classes=probs.shape[1]).tolist()
+
+
 def curves(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, list[dict[str, float]]]:
-    """ROC and PR curves as rows, thinned to at most ~200 points for plots."""
+    """ROC and PR curves as rows, thinned to at most ~200 points for plots. With more classes: the
+    micro average (every class's one-vs-rest decisions pooled)."""
+    if probs.ndim == 2:
+        probs, labels = probs.reshape(-1), torch.nn.functional.one_hot(labels.long(), probs.shape[1]).reshape(-1)
     fpr, tpr, _ = C.binary_roc(probs, labels.long())
     precision, recall, _ = C.binary_precision_recall_curve(probs, labels.long())
 

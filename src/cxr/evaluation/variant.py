@@ -12,37 +12,58 @@ import numpy as np
 import torch
 from mlflow.models import infer_signature
 
-from cxr import LABELS, tracking
-from cxr.data.store import load_split
-from cxr.evaluation.metrics import choose_threshold, curves, scores
+from cxr import tracking
+from cxr.data.store import load_split, size_dir
+from cxr.evaluation.metrics import choose_threshold, confusion, curves, multiclass_scores, scores
 from cxr.evaluation.plots import confusion_figure, curve_figure
 from cxr.io import write_json
 from cxr.params import Params
-from cxr.training.loop import load_checkpoint, predict_logits, to_device
+from cxr.training.loop import load_checkpoint, pick_device, predict_logits, probabilities, to_device
 
 log = logging.getLogger(__name__)
 
 
 def _probs(model: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
-    return predict_logits(model, to_device(images, torch.device("cpu"))).sigmoid()
+    device = pick_device()
+    return probabilities(predict_logits(model.to(device), to_device(images, device))).cpu()
+
+
+def _metrics(p_val: torch.Tensor, y_val: torch.Tensor, p_test: torch.Tensor, y_test: torch.Tensor,
+             names: list[str], rule: str | float) -> dict[str, Any]:
+    if len(names) > 2:  # argmax: no threshold to choose
+        return {"classes": names, "test": multiclass_scores(p_test, y_test, names),
+                "val": multiclass_scores(p_val, y_val, names)}
+    threshold = choose_threshold(p_val, y_val, rule)
+    return {"classes": names, "threshold": threshold, "threshold_rule": str(rule),
+            "test": scores(p_test, y_test, threshold), "test_threshold_0_5": scores(p_test, y_test, 0.5),
+            "val": scores(p_val, y_val, threshold)}
+
+
+def _per_class_curves(probs: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict[str, dict[str, list]]:
+    """label -> {"roc": rows, "pr": rows}: the one curve for binary, one-vs-rest per class and micro otherwise."""
+    if probs.ndim == 1:
+        return {"test": curves(probs, labels)}
+    out = {name: curves(probs[:, k], (labels == k).long()) for k, name in enumerate(names)}
+    return out | {"micro average": curves(probs, labels)}
 
 
 def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, report_dir: Path) -> dict[str, Any]:
     """Write report_dir/{metrics,confusion,roc,pr}.json and log the same to the variant's MLflow run."""
-    model, _ = load_checkpoint(model_dir / "model.pt")
+    model, ckpt = load_checkpoint(model_dir / "model.pt")
+    names = list(ckpt["classes"])
+    data = size_dir(data, ckpt["image_size"])
     val, test = load_split(data, "val"), load_split(data, "test")
     p_val, p_test = _probs(model, val.images), _probs(model, test.images)
+    model.cpu()
     y_val, y_test = torch.from_numpy(val.labels), torch.from_numpy(test.labels)
-    threshold = choose_threshold(p_val, y_val, p.evaluate.threshold)
-    metrics = {"threshold": threshold, "threshold_rule": str(p.evaluate.threshold),
-               "test": scores(p_test, y_test, threshold), "test_threshold_0_5": scores(p_test, y_test, 0.5),
-               "val": scores(p_val, y_val, threshold)}
-    predicted = (p_test > threshold).long().tolist()  # torchmetrics' rule
-    confusion = [{"actual": LABELS[a], "predicted": LABELS[b]} for a, b in zip(test.labels.tolist(), predicted,
-                                                                               strict=True)]
+    metrics = _metrics(p_val, y_val, p_test, y_test, names, p.evaluate.threshold)
+    threshold = metrics.get("threshold", 0.5)
+    predicted = (p_test > threshold).long() if p_test.ndim == 1 else p_test.argmax(1)  # torchmetrics' rules
+    rows = [{"actual": names[a], "predicted": names[b]} for a, b in zip(test.labels.tolist(), predicted.tolist(),
+                                                                        strict=True)]
     curve_rows = curves(p_test, y_test)
     write_json(report_dir / "metrics.json", metrics)
-    write_json(report_dir / "confusion.json", confusion)
+    write_json(report_dir / "confusion.json", rows)
     write_json(report_dir / "roc.json", curve_rows["roc"])
     write_json(report_dir / "pr.json", curve_rows["pr"])
 
@@ -55,18 +76,21 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
         info = mlflow.pytorch.log_model(model, name="model", input_example=example, signature=signature)
         # "val_best", not "val": training logs val/* per epoch, and this is one more point, at the kept weights.
         for split, key in (("test", "test"), ("test_threshold_0_5", "test_at_0.5"), ("val", "val_best")):
-            mlflow.log_metrics({f"{key}/{k}": v for k, v in metrics[split].items()}, model_id=info.model_id)
+            if split in metrics:
+                mlflow.log_metrics({f"{key}/{k}": v for k, v in metrics[split].items()}, model_id=info.model_id)
         mlflow.log_metric("threshold", threshold)
         mlflow.log_dict(metrics, "metrics.json")
-        mlflow.log_figure(confusion_figure(metrics["test"], f"{variant} test, t={threshold:.2f}"),
+        rule = f", t={threshold:.2f}" if "threshold" in metrics else ""
+        mlflow.log_figure(confusion_figure(confusion(p_test, y_test, threshold), names, f"{variant} test{rule}"),
                           "plots/confusion_matrix.png")
-        mlflow.log_figure(confusion_figure(metrics["test_threshold_0_5"], f"{variant} test, t=0.5"),
-                          "plots/confusion_matrix_t0.5.png")
-        mlflow.log_figure(curve_figure(curve_rows["roc"], "fpr", "tpr", f"{variant} ROC (test)", True),
-                          "plots/roc.png")
-        mlflow.log_figure(curve_figure(curve_rows["pr"], "recall", "precision", f"{variant} PR (test)"),
-                          "plots/pr.png")
+        if "threshold" in metrics:
+            mlflow.log_figure(confusion_figure(confusion(p_test, y_test), names, f"{variant} test, t=0.5"),
+                              "plots/confusion_matrix_t0.5.png")
+        per_class = _per_class_curves(p_test, y_test, names)
+        mlflow.log_figure(curve_figure({k: c["roc"] for k, c in per_class.items()}, "fpr", "tpr",
+                                       f"{variant} ROC (test)", True), "plots/roc.png")
+        mlflow.log_figure(curve_figure({k: c["pr"] for k, c in per_class.items()}, "recall", "precision",
+                                       f"{variant} PR (test)"), "plots/pr.png")
     t = metrics["test"]
-    log.info("%s test: acc %.3f f1 %.3f auroc %.3f (threshold %.3f); acc at 0.5: %.3f", variant, t["accuracy"],
-             t["f1"], t["auroc"], threshold, metrics["test_threshold_0_5"]["accuracy"])
+    log.info("%s test: acc %.3f f1 %.3f auroc %.3f", variant, t["accuracy"], t["f1"], t["auroc"])
     return metrics

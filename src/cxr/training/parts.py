@@ -1,0 +1,106 @@
+"""What a variant's settings choose: the loss, optimizer, LR schedule and the batched on-device augmentation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cxr.errors import CxrError
+from cxr.params import TrainParams
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def class_weights(tp: TrainParams, labels: np.ndarray, n_classes: int) -> torch.Tensor | None:
+    if tp.class_weights == "none":
+        return None
+    counts = np.bincount(labels, minlength=n_classes)
+    if (counts == 0).any():
+        raise CxrError(f"class_weights balanced: the training split lacks a class (counts {counts.tolist()})")
+    return torch.tensor(len(labels) / (n_classes * counts), dtype=torch.float32)
+
+
+def make_loss(tp: TrainParams, labels: np.ndarray, n_classes: int, device: torch.device) -> Loss:
+    """Binary: BCE on one logit with pos_weight; more classes: cross entropy. Both take class weights
+    (normalised by their sum, as cross entropy does) and label smoothing."""
+    weights = class_weights(tp, labels, n_classes)
+    weights = weights.to(device) if weights is not None else None
+    smooth = tp.label_smoothing
+    if n_classes > 2:
+        if tp.pos_weight != 1.0:
+            raise CxrError("pos_weight is for binary labels; with data.labels three_class use class_weights")
+        return lambda logits, y: F.cross_entropy(logits.float(), y, weight=weights, label_smoothing=smooth)
+    pos_weight = torch.tensor(_pos_weight(tp, labels), device=device)
+
+    def bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        target = y.float() * (1 - smooth) + smooth / 2
+        per = F.binary_cross_entropy_with_logits(logits.reshape(-1).float(), target, pos_weight=pos_weight,
+                                                 reduction="none")
+        if weights is None:
+            return per.mean()
+        w = weights[y]
+        return (per * w).sum() / w.sum()
+
+    return bce
+
+
+def _pos_weight(tp: TrainParams, labels: np.ndarray) -> float:
+    if tp.pos_weight != "auto":
+        return float(tp.pos_weight)
+    n_pos = int(labels.sum())
+    if n_pos == 0:
+        raise CxrError("the training split has no PNEUMONIA images; pos_weight=auto needs both classes")
+    return (len(labels) - n_pos) / n_pos
+
+
+def make_optimizer(tp: TrainParams, model: nn.Module) -> torch.optim.Optimizer:
+    params = list(model.parameters())  # frozen ones get no gradient, and optimizers skip those
+    if tp.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=tp.lr, momentum=tp.momentum, weight_decay=tp.weight_decay)
+    cls = torch.optim.AdamW if tp.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=tp.lr, weight_decay=tp.weight_decay)
+
+
+def make_scheduler(tp: TrainParams, opt: torch.optim.Optimizer, steps_per_epoch: int) -> tuple[object, str]:
+    """The scheduler and when to step it: "batch" (warm-up, cosine, one-cycle) or "epoch" (plateau, on val loss)."""
+    total, warm = tp.epochs * steps_per_epoch, tp.warmup_epochs * steps_per_epoch
+    if tp.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.2, patience=max(1, tp.patience // 2)), "epoch"
+    if tp.scheduler == "onecycle":
+        pct = warm / total if warm else 0.3
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tp.lr, total_steps=total, pct_start=pct), "batch"
+
+    def factor(step: int) -> float:
+        f = 0.01 + 0.99 * step / warm if step < warm else 1.0
+        if tp.scheduler == "cosine":
+            f *= 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        return f
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor), "batch"
+
+
+def augment(x: torch.Tensor, tp: TrainParams, gen: torch.Generator) -> torch.Tensor:
+    """Random rotation (and flip) by one affine resampling, then brightness/contrast jitter, for a whole
+    float batch (B, 1, H, W) in [0, 1] at once on its device."""
+    b = x.shape[0]
+
+    def uniform() -> torch.Tensor:  # in [-1, 1), one per image
+        return torch.rand(b, device=x.device, generator=gen) * 2 - 1
+
+    angle = uniform() * math.radians(tp.aug_rotation)
+    flip = torch.where(torch.rand(b, device=x.device, generator=gen) < 0.5, -1.0, 1.0) if tp.aug_hflip \
+        else torch.ones(b, device=x.device)
+    if tp.aug_rotation or tp.aug_hflip:
+        cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+        theta = torch.stack([torch.stack([cos * flip, -sin, zero], -1), torch.stack([sin * flip, cos, zero], -1)], 1)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    contrast = (1 + uniform() * tp.aug_contrast).view(b, 1, 1, 1)
+    brightness = (uniform() * tp.aug_brightness).view(b, 1, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return ((x - mean) * contrast + mean + brightness).clamp_(0, 1)
