@@ -176,3 +176,28 @@ def test_split_downsample_and_drop_duplicates(gray224, tmp_path):
     assert sum(counts["test"].values()) == 624 - report["dropped_duplicates"]["test"]
     hashes = [m["sha256"] for s in ("train", "val", "test") for m in load_split(tmp_path / "s" / "32", s).meta]
     assert len(hashes) == len(set(hashes))
+
+
+def test_extra_sizes_come_from_one_decode_and_split_alike(small_folder, tmp_path):
+    gray = tmp_path / "gray"
+    download(DataParams(source="imagefolder", path=str(small_folder)), tmp_path / "raw")
+    grayscale(tmp_path / "raw", gray, GrayParams(image_size=32, extra_sizes=[64], workers=2))
+    small, big = load_split(gray / "32", "train"), load_split(gray / "64", "train")
+    assert small.images.shape[1:] == (32, 32) and big.images.shape[1:] == (64, 64)
+    assert small.meta == big.meta and np.array_equal(small.labels, big.labels)
+    down = big.images.reshape(-1, 32, 2, 32, 2).mean(axis=(2, 4))
+    assert np.abs(down - small.images).mean() < 4  # the same pictures
+    split(gray, tmp_path / "s", SplitParams(), seed=0)
+    for s in ("train", "val", "test"):
+        assert load_split(tmp_path / "s" / "32", s).meta == load_split(tmp_path / "s" / "64", s).meta
+
+
+def test_three_class_needs_kaggle_file_names(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "x.npz", **{f"{s}_images": rng.integers(0, 255, (20, 28, 28), dtype=np.uint8)
+                                    for s in ("train", "val", "test")},
+             **{f"{s}_labels": np.arange(20) % 2 for s in ("train", "val", "test")})
+    gray = prepare(tmp_path, "npz", tmp_path / "x.npz", size=28, workers=1)
+    with pytest.raises(CxrError, match="10 PNEUMONIA images have neither 'bacteria' nor 'virus'.*cannot give 3"):
+        split(gray, tmp_path / "s", SplitParams(), seed=0, labels="three_class")
+    assert not (tmp_path / "s").exists()

@@ -1,6 +1,10 @@
 """Training and evaluation on real X-rays: repeatable, early stopping, MLflow logs, the logged model."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import mlflow
 import numpy as np
@@ -32,11 +36,15 @@ def data(tmp_path_factory):
     return tmp / "split"
 
 
-def project_params(**train) -> params.Params:
+def project_raw(**train) -> dict:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["train"].update({"epochs": 4, "batch_size": 32, **train})
     raw["gray"]["image_size"] = 32
-    return params.parse(raw)
+    return raw
+
+
+def project_params(**train) -> params.Params:
+    return params.parse(project_raw(**train))
 
 
 def test_train_is_repeatable_and_logs_every_epoch(data, tmp_path):
@@ -79,7 +87,8 @@ def test_evaluate_writes_metrics_and_the_mlflow_model_predicts_the_same(data, tm
     for key in ("accuracy", "precision", "recall", "specificity", "f1", "auroc", "average_precision"):
         assert 0 <= on_disk["test"][key] <= 1
     assert on_disk["test"]["auroc"] > 0.8  # real signal from 240 images at 32 px
-    assert len(json.loads((tmp_path / "r" / "confusion.json").read_text())) == len(load_split(data / "32", "test").labels)
+    test = load_split(data / "32", "test")
+    assert len(json.loads((tmp_path / "r" / "confusion.json").read_text())) == len(test.labels)
     run_id = json.loads((tmp_path / "m" / "run.json").read_text())["run_id"]
     client = MlflowClient()
     run = client.get_run(run_id)
@@ -88,7 +97,6 @@ def test_evaluate_writes_metrics_and_the_mlflow_model_predicts_the_same(data, tm
     assert {"plots/confusion_matrix.png", "plots/roc.png", "plots/pr.png", "plots/history.png"} <= arts
     [logged] = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id='{run_id}'")
     loaded = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
-    test = load_split(data / "32", "test")
     x = torch.from_numpy(test.images[:7, None].astype(np.float32) / 255)  # batch size other than the example's
     ours = load_checkpoint(tmp_path / "m" / "model.pt")[0](x)
     assert torch.allclose(loaded(x), ours, atol=1e-5)
@@ -106,3 +114,54 @@ def test_threshold_rules():
     s = scores(probs, labels, t)
     assert s["recall"] + s["specificity"] - 1 == pytest.approx(2 / 3)
     assert (s["tn"], s["fp"], s["fn"], s["tp"]) == (3, 0, 1, 2)
+
+
+def test_three_class_task_end_to_end(data, tmp_path):
+    report = split(data.parent / "gray", tmp_path / "s", SplitParams(val_fraction=0.2), seed=0, labels="three_class")
+    assert set(report["counts"]["train"]) == {"NORMAL", "BACTERIA", "VIRUS"}
+    assert all(n > 20 for n in report["counts"]["train"].values())
+    p = project_params(epochs=3)
+    train_variant(p, "tinyvgg", tmp_path / "s", tmp_path / "m", tmp_path / "r", tmp_path / "ck")
+    metrics = evaluate_variant(p, "tinyvgg", tmp_path / "s", tmp_path / "m", tmp_path / "r")
+    assert metrics["classes"] == ["NORMAL", "BACTERIA", "VIRUS"] and "threshold" not in metrics
+    test = metrics["test"]
+    assert {"accuracy", "f1", "auroc", "recall_VIRUS", "precision_BACTERIA", "f1_NORMAL"} <= set(test)
+    assert test["f1"] == pytest.approx(np.mean([test[f"f1_{c}"] for c in metrics["classes"]]))  # macro
+    assert test["auroc"] > 0.6  # learnt something in 3 epochs at 32 px
+    pairs = json.loads((tmp_path / "r" / "confusion.json").read_text())
+    assert {r["actual"] for r in pairs} == {"NORMAL", "BACTERIA", "VIRUS"}
+    run_id = json.loads((tmp_path / "m" / "run.json").read_text())["run_id"]
+    run = MlflowClient().get_run(run_id)
+    assert run.data.params["classes"] == "NORMAL,BACTERIA,VIRUS" and "test/f1_VIRUS" in run.data.metrics
+    model, ckpt = load_checkpoint(tmp_path / "m" / "model.pt")
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 3)
+
+
+def test_a_killed_training_stage_resumes_into_the_same_mlflow_run(data, tmp_path):
+    raw = project_raw(epochs=25, patience=99)
+    raw["models"] = {"cnn": {"arch": "cnn5", "filters": [8, 16, 16], "augment": True}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+
+    def stage(out: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(ROOT / "stages" / "train.py"), "cnn", "--data", str(data),
+                                 "--model-dir", f"{out}/m", "--reports", f"{out}/r", "--checkpoints", f"{out}/ck",
+                                 "--params", "params.yaml"], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+
+    proc = stage("a")
+    while not (tmp_path / "a" / "ck" / "state.pt").exists():
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "a" / "m").exists()  # nothing that looks complete
+    again = stage("a")
+    _, log = again.communicate()
+    assert again.returncode == 0 and "cnn: resuming after epoch" in log, log[-2000:]
+    assert not (tmp_path / "a" / "ck").exists()  # done: the state is gone
+    whole = stage("b")
+    assert whole.wait() == 0
+    a, b = load_checkpoint(tmp_path / "a" / "m" / "model.pt")[0], load_checkpoint(tmp_path / "b" / "m" / "model.pt")[0]
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    run_id = json.loads((tmp_path / "a" / "m" / "run.json").read_text())["run_id"]
+    steps = [m.step for m in MlflowClient().get_metric_history(run_id, "val/loss")]
+    assert sorted(set(steps)) == list(range(1, 26))  # one run holds every epoch, before and after the kill

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from cxr.data.sources import SPLIT_ALIASES
 from cxr.data.store import META_FIELDS, save_labels_meta
 from cxr.errors import CxrError
-from cxr.io import atomic_path, read_csv, write_csv, write_json
+from cxr.io import atomic_path, read_csv, write_json
 from cxr.params import GrayParams
 
 log = logging.getLogger(__name__)

@@ -131,7 +131,8 @@ def fit(train: Split, val: Split, tp: TrainParams, seed: int, n_classes: int = 2
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        history, best, best_state, since_best = state["history"], state["best"], state["best_state"], state["since_best"]
+        history, best, best_state = state["history"], state["best"], state["best_state"]
+        since_best = state["since_best"]
         shuffle.set_state(state["shuffle_rng"])
         aug_gen.set_state(state["aug_rng"])
         torch.set_rng_state(state["torch_rng"])

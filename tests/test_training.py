@@ -1,0 +1,128 @@
+"""The training settings: augmentation, schedules, losses, freezing, and resuming from a saved state."""
+
+import copy
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cxr.data.store import Split
+from cxr.errors import CxrError
+from cxr.params import TrainParams
+from cxr.training.loop import fit
+from cxr.training.parts import augment, make_loss, make_scheduler
+
+
+def batch(seed=0, n=6, size=16):
+    return torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_augment_off_is_identity_and_flip_only_flips():
+    x = batch()
+    none = TrainParams(aug_rotation=0.0, aug_brightness=0.0, aug_contrast=0.0, aug_hflip=False)
+    assert torch.allclose(augment(x, none, torch.Generator().manual_seed(0)), x, atol=1e-6)
+    flip = TrainParams(aug_rotation=0.0, aug_brightness=0.0, aug_contrast=0.0, aug_hflip=True)
+    out = augment(x, flip, torch.Generator().manual_seed(0))
+    same = [torch.allclose(o, i, atol=1e-5) for o, i in zip(out, x, strict=True)]
+    flipped = [torch.allclose(o, i.flip(-1), atol=1e-5) for o, i in zip(out, x, strict=True)]
+    assert all(a or b for a, b in zip(same, flipped, strict=True)) and any(flipped) and any(same)
+
+
+def test_augment_is_seeded_per_image_and_stays_in_range():
+    x, tp = batch(n=32), TrainParams(aug_rotation=25.0, aug_brightness=0.2, aug_contrast=0.2, aug_hflip=True)
+    a = augment(x, tp, torch.Generator().manual_seed(3))
+    assert torch.equal(a, augment(x, tp, torch.Generator().manual_seed(3)))
+    assert not torch.equal(a, augment(x, tp, torch.Generator().manual_seed(4)))
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    assert len({round(float((o - i).abs().mean()), 4) for o, i in zip(a, x, strict=True)}) == 32  # each its own
+
+
+def lrs(tp: TrainParams, steps_per_epoch=10, plateau_losses=None):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=tp.lr)
+    sched, every = make_scheduler(tp, opt, steps_per_epoch)
+    out = []
+    for epoch in range(tp.epochs):
+        for _ in range(steps_per_epoch):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            if every == "batch":
+                sched.step()
+        if every == "epoch":
+            sched.step(plateau_losses[epoch])
+    return out
+
+
+def test_schedules():
+    warm = lrs(TrainParams(lr=0.1, epochs=5, scheduler="cosine", warmup_epochs=1))
+    assert warm[0] == pytest.approx(0.001) and warm[:10] == sorted(warm[:10])  # warm-up rises from lr/100
+    assert max(warm) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 10 / 50)), rel=1e-6)
+    assert warm[10:] == sorted(warm[10:], reverse=True) and warm[-1] < 0.001  # cosine decays to ~0
+    assert lrs(TrainParams(lr=0.1, epochs=3)) == [0.1] * 30
+    one = lrs(TrainParams(lr=0.1, epochs=5, scheduler="onecycle"))
+    assert max(one) == pytest.approx(0.1) and one[0] < 0.01 and one[-1] < 1e-4
+    plateau = lrs(TrainParams(lr=0.1, epochs=6, scheduler="plateau", patience=2), 1, [1, 1, 1, 1, 1, 1])
+    assert plateau[0] == 0.1 and plateau[-1] < 0.1
+
+
+def test_binary_loss_equals_two_class_cross_entropy_with_weights_or_smoothing():
+    labels = np.array([0] * 10 + [1] * 30)
+    logits, y = torch.randn(40, 1, generator=torch.Generator().manual_seed(0)), torch.from_numpy(labels)
+    two = torch.cat([torch.zeros_like(logits), logits], 1)  # softmax([0, z]) = sigmoid(z)
+    cpu = torch.device("cpu")
+    weighted = make_loss(TrainParams(class_weights="balanced"), labels, 2, cpu)(logits, y)
+    assert weighted.item() == pytest.approx(F.cross_entropy(two, y, weight=torch.tensor([40 / 20, 40 / 60])).item(),
+                                            rel=1e-5)
+    smoothed = make_loss(TrainParams(label_smoothing=0.1), labels, 2, cpu)(logits, y)
+    assert smoothed.item() == pytest.approx(F.cross_entropy(two, y, label_smoothing=0.1).item(), rel=1e-5)
+    with pytest.raises(CxrError, match="pos_weight is for binary labels"):
+        make_loss(TrainParams(pos_weight=2.0), np.array([0, 1, 2]), 3, torch.device("cpu"))
+
+
+def tiny_split(n, seed, size=32, classes=2):
+    """Images whose brightness tells the class: learnable in a few epochs."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    images = np.clip(rng.normal(80 + 40 * labels[:, None, None], 30, (n, size, size)), 0, 255).astype(np.uint8)
+    return Split(images, labels.astype(np.int64), [{} for _ in range(n)])
+
+
+def test_freeze_trains_only_the_head_then_everything():
+    states = []
+    tp = TrainParams(arch="resnet18", epochs=3, freeze_epochs=1, batch_size=16, patience=9)
+    model, _ = fit(tiny_split(48, 0), tiny_split(16, 1), tp, seed=0, save_state=lambda s: states.append(
+        copy.deepcopy(s["model"])))
+    torch.manual_seed(0)
+    init = fit(tiny_split(48, 0), tiny_split(16, 1), TrainParams(arch="resnet18", epochs=1, lr=0.0,
+                                                                  batch_size=16), seed=0)[0].state_dict()
+    assert torch.equal(states[0]["net.conv1.weight"], init["net.conv1.weight"])  # epoch 1: base frozen
+    assert not torch.equal(states[0]["net.fc.weight"], init["net.fc.weight"])  # ...the head learns
+    assert not torch.equal(states[1]["net.conv1.weight"], states[0]["net.conv1.weight"])  # epoch 2: all learn
+    with pytest.raises(CxrError, match="has no pretrained base to freeze"):
+        fit(tiny_split(8, 0), tiny_split(8, 1), TrainParams(arch="tinyvgg", freeze_epochs=1), seed=0)
+
+
+def test_resume_from_a_saved_state_ends_identically_on_cpu():
+    tp = TrainParams(arch="cnn5", epochs=4, batch_size=16, patience=9, augment=True, scheduler="cosine",
+                     warmup_epochs=1, model={"filters": [8, 8, 16]})
+    train, val = tiny_split(64, 0, classes=3), tiny_split(24, 1, classes=3)
+    whole, history = fit(train, val, tp, seed=5, n_classes=3)
+    saved = []
+
+    def stop_after_two(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt  # as a Ctrl-C right after epoch 2
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(train, val, tp, seed=5, n_classes=3, on_epoch=stop_after_two, save_state=saved.append)
+    buf = io.BytesIO()
+    torch.save(saved[-1], buf)  # the state must survive the file round trip, with weights_only loading
+    state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    assert state["epoch"] == 2
+    resumed, history2 = fit(train, val, tp, seed=5, n_classes=3, state=state)
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in h]  # noqa: E731
+    assert strip(history2) == strip(history)
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(),
+                                                   strict=True))
