@@ -187,15 +187,13 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 def parse(raw: dict[str, Any]) -> Params:
     params = _build(Params, raw, "")
-    for name in params.models:
-        params.variant(name)  # validate every variant up front
-        if not name.replace("_", "").isalnum() or not name.islower():
-            raise ParamsError(f"models.{name}: variant keys must be snake_case (they name stages and runs)")
-    for size in params.gray.sizes:
-        if not isinstance(size, int) or size < 8:
+    for size in params.gray.sizes:  # ints already: _check saw to that
+        if size < 8:
             raise ParamsError(f"gray: image size {size!r} is too small; use whole numbers of 8 or more")
     for name in params.models:
-        tp = params.variant(name)
+        tp = params.variant(name)  # validates every variant up front
+        if not name.replace("_", "").isalnum() or not name.islower():
+            raise ParamsError(f"models.{name}: variant keys must be snake_case (they name stages and runs)")
         if tp.image_size and tp.image_size not in params.gray.sizes:
             raise ParamsError(f"models.{name}.image_size: {tp.image_size} is not prepared; add it to "
                               f"gray.extra_sizes (now {params.gray.extra_sizes})")

@@ -137,8 +137,9 @@ def _convert_split(items: list[tuple[int, tuple[str, Any]]], split: str, out: Pa
     for array in arrays:
         array.flush()
     del arrays
+    labels = np.array([y for y, _ in items], dtype=np.int64)
     for s in sizes:
-        save_labels_meta(out / str(s), split, np.array([y for y, _ in items], dtype=np.int64), meta)
+        save_labels_meta(out / str(s), split, labels, meta)
     return n
 
 

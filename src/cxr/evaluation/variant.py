@@ -39,12 +39,14 @@ def _metrics(p_val: torch.Tensor, y_val: torch.Tensor, p_test: torch.Tensor, y_t
             "val": scores(p_val, y_val, threshold)}
 
 
-def _per_class_curves(probs: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict[str, dict[str, list]]:
-    """label -> {"roc": rows, "pr": rows}: the one curve for binary, one-vs-rest per class and micro otherwise."""
+def _per_class_curves(probs: torch.Tensor, labels: torch.Tensor, names: list[str],
+                      overall: dict[str, list]) -> dict[str, dict[str, list]]:
+    """label -> {"roc": rows, "pr": rows}: `overall` (the curves of curves()) alone for binary; one-vs-rest
+    per class and `overall` as the micro average otherwise."""
     if probs.ndim == 1:
-        return {"test": curves(probs, labels)}
+        return {"test": overall}
     out = {name: curves(probs[:, k], (labels == k).long()) for k, name in enumerate(names)}
-    return out | {"micro average": curves(probs, labels)}
+    return out | {"micro average": overall}
 
 
 def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, report_dir: Path) -> dict[str, Any]:
@@ -86,7 +88,7 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
         if "threshold" in metrics:
             mlflow.log_figure(confusion_figure(confusion(p_test, y_test), names, f"{variant} test, t=0.5"),
                               "plots/confusion_matrix_t0.5.png")
-        per_class = _per_class_curves(p_test, y_test, names)
+        per_class = _per_class_curves(p_test, y_test, names, curve_rows)
         mlflow.log_figure(curve_figure({k: c["roc"] for k, c in per_class.items()}, "fpr", "tpr",
                                        f"{variant} ROC (test)", True), "plots/roc.png")
         mlflow.log_figure(curve_figure({k: c["pr"] for k, c in per_class.items()}, "recall", "precision",
