@@ -126,21 +126,31 @@ def split(gray: Path, out: Path, p: SplitParams, seed: int, labels: str = "binar
     sizes = sizes_in(gray)
     if not sizes:
         raise CxrError(f"{gray} holds no image sizes; run `dvc repro grayscale`")
+    report, chosen = _select(gray / str(sizes[0]), p, seed, labels)
     with atomic_path(out, is_dir=True) as tmp:
         for size in sizes:
-            (tmp / str(size)).mkdir()
-            report = _split_size(gray / str(size), tmp / str(size), p, seed, labels)
+            folder = tmp / str(size)
+            folder.mkdir()
+            for name, (source, rows) in chosen.items():
+                images = np.load(gray / str(size) / f"{source}_images.npy", mmap_mode="r")
+                save_split(folder, name, Split(np.ascontiguousarray(images[rows.images]), rows.labels, rows.meta))
+            (folder / "classes.json").write_text(json.dumps(report["classes"]))
     log.info("split counts %s; duplicates %s", report["counts"], report["duplicates"]["across_splits"])
     return report
 
 
-def _split_size(gray: Path, out: Path, p: SplitParams, seed: int, labels: str) -> dict[str, Any]:
+def _select(gray: Path, p: SplitParams, seed: int, labels: str) -> tuple[dict[str, Any], dict[str, tuple[str, Split]]]:
+    """The report, and per output split its source split and a Split whose `images` are row numbers in it.
+    Every step reads labels and metadata only, so one selection serves every image size."""
     present = splits_in(gray)
     if "train" not in present:
         raise CxrError(f"the source has no train split (it has {', '.join(present) or 'none'}); "
                        "a source needs train/ images")
     names = CLASSES[labels]
-    splits = {s: load_split(gray, s) for s in present}
+    splits = {}
+    for s in present:
+        data = load_split(gray, s, mmap=True)
+        splits[s] = Split(np.arange(len(data.labels)), data.labels, data.meta)
     if labels == "three_class":
         splits = {s: three_class(d) for s, d in splits.items()}
     report: dict[str, Any] = {"classes": list(names), "source_counts": {s: _counts(d, names) for s, d in
@@ -155,7 +165,4 @@ def _split_size(gray: Path, out: Path, p: SplitParams, seed: int, labels: str) -
     if p.balance == "downsample":
         splits["train"] = downsample(splits["train"], seed, len(names))
     report["counts"] = {s: _counts(splits[s], names) for s in SPLITS}
-    for s in SPLITS:
-        save_split(out, s, splits[s])
-    (out / "classes.json").write_text(json.dumps(list(names)))
-    return report
+    return report, {s: (s if s in present else "train", splits[s]) for s in SPLITS}
