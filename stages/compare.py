@@ -1,19 +1,22 @@
-"""DVC stage `compare`: the leaderboard of every variant (params `compare`)."""
+"""DVC stage `compare`: leaderboard and comparison figures of every variant, logged to MLflow too
+(params `compare`, `promote.metric`)."""
 
 import argparse
 from pathlib import Path
 
 from cxr import cli, params
-from cxr.evaluation.compare import leaderboard, write_leaderboard
+from cxr.evaluation.compare import leaderboard, log_comparison, write_comparison
 
 
 def main(args: argparse.Namespace) -> None:
     p = params.load(args.params)
-    write_leaderboard(leaderboard(p, Path(args.reports)), Path(args.out), p.compare.metric)
+    rows = leaderboard(p, Path(args.reports))
+    figs = write_comparison(rows, Path(args.reports), Path(args.out), p.compare.metric)
+    log_comparison(p, rows, figs)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reports", default="reports")
-    parser.add_argument("--out", default="leaderboard.md")
+    parser.add_argument("--out", default="comparison")
     cli.run(main, parser)

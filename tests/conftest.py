@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+from collections.abc import Iterator
+from typing import Any
 
+import mlflow
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CXR_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -30,6 +39,18 @@ def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlruns') / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
     return uri
+
+
+@contextlib.contextmanager
+def tracking_at(uri: str) -> Iterator[None]:
+    """MLflow's tracking URI set to `uri` for a block; set_tracking_uri also sets MLFLOW_TRACKING_URI, which
+    would otherwise send every later test to this store (or to a server that has since stopped)."""
+    before = os.environ["MLFLOW_TRACKING_URI"]
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
 
 
 def make_imagefolder(dest: Path, per_class: int, splits: tuple[str, ...] = ("train", "test"),
@@ -56,3 +77,40 @@ def make_imagefolder(dest: Path, per_class: int, splits: tuple[str, ...] = ("tra
 @pytest.fixture(scope="session")
 def small_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_imagefolder(tmp_path_factory.mktemp("xray224"), per_class=80)
+
+
+def sh(repo: Path, *cmd: str, ok: bool = True) -> str:
+    """Run a command in `repo` with this environment's tools (`python`, `dvc`, `cxr`) first on PATH and the
+    project's own MLflow store (mlruns/ in `repo`); assert its exit status; return its output."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    res = subprocess.run(cmd, cwd=repo, env=env, text=True, capture_output=True)
+    assert (res.returncode == 0) == ok, f"{' '.join(cmd)} gave {res.returncode}:\n{res.stdout[-3000:]}\n" \
+                                        f"{res.stderr[-3000:]}"
+    return res.stdout + res.stderr
+
+
+def ran(log: str) -> set[str]:
+    """The DVC stages a `dvc repro` / `dvc exp run` log says it ran."""
+    return set(re.findall(r"Running stage '([^']+)'", log))
+
+
+def make_project(repo: Path, models: dict[str, Any], **sections: dict[str, Any]) -> Path:
+    """A git + DVC repo holding the project's pipeline and params.yaml with `models` and the given sections
+    merged in (as lightning-hydra-template's tests reuse the production config, shrunk)."""
+    repo.mkdir(parents=True)
+    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "stages", "src", "data/external/README.md"):
+        src, dst = ROOT / name, repo / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+         if src.is_dir() else shutil.copy(src, dst))
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["models"] = models
+    for name, values in sections.items():
+        raw[name] = {**raw[name], **values}
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    for cmd in (("git", "init", "-q"), ("git", "config", "user.email", "t@localhost"), ("git", "config", "user.name",
+                "t"), ("dvc", "init", "-q"), ("dvc", "config", "core.analytics", "false"), ("git", "add", "-A"),
+                ("git", "commit", "-qm", "pipeline")):
+        sh(repo, *cmd)
+    return repo

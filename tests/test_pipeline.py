@@ -1,86 +1,165 @@
-"""`dvc exp run` / `dvc repro` of the real pipeline in a temporary git repo, on a small real subset."""
+"""`dvc exp run` / `dvc repro` of the real pipeline in a temporary git repo, on a small real subset; then
+DVC's plots and experiment table, and the MLflow runs seen through a real `mlflow server`'s REST API."""
 
 import json
-import os
-import re
-import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, make_imagefolder
+from conftest import ROOT, make_imagefolder, make_project, ran, sh, tracking_at
 
-# The project's pipeline and params, shrunk to the variants that train in seconds on a CPU (as
-# lightning-hydra-template's tests reuse the production config).
-VARIANTS = ("linear", "mlp", "tinyvgg", "d_cnn_baseline")
-
-
-def sh(repo: Path, *cmd: str) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # use the default store
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `python` in dvc.yaml = ours
-    res = subprocess.run(cmd, cwd=repo, env=env, text=True, capture_output=True)
-    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-    return res.stdout + res.stderr
-
-
-def ran(log: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", log))
+VARIANTS = ("linear", "mlp", "tinyvgg", "d_cnn_baseline")  # the ones that train in seconds on a CPU
+EPOCHS = 2
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("pipe") / "repo"
-    repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "stages", "src", "data/external/README.md"):
-        src, dst = ROOT / name, repo / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-         if src.is_dir() else shutil.copy(src, dst))
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["models"] = {k: raw["models"][k] for k in VARIANTS}
-    raw["gray"]["extra_sizes"] = []
-    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    dvc = (Path(sys.executable).parent / "dvc").as_posix()
-    sh(repo, "git", "init", "-q")
-    sh(repo, "git", "config", "user.email", "t@localhost")
-    sh(repo, "git", "config", "user.name", "t")
-    sh(repo, dvc, "init", "-q")
-    sh(repo, dvc, "config", "core.analytics", "false")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "pipeline")
-    return repo, dvc
-
-
-def test_pipeline_runs_then_is_a_noop_then_reruns_one_variant(repo, tmp_path_factory):
-    repo, dvc = repo
+    repo = make_project(tmp_path_factory.mktemp("pipe") / "repo", {k: raw["models"][k] for k in VARIANTS},
+                        gray={"extra_sizes": []})
     folder = make_imagefolder(tmp_path_factory.mktemp("src"), per_class=60)
-    log = sh(repo, dvc, "exp", "run", "-S", "data.source=imagefolder", "-S", f"data.path={folder}",
-             "-S", "gray.image_size=32", "-S", "train.epochs=2")
+    log = sh(repo, "dvc", "exp", "run", "-S", "data.source=imagefolder", "-S", f"data.path={folder}",
+             "-S", "gray.image_size=32", "-S", f"train.epochs={EPOCHS}")
+    return repo, log
+
+
+def test_pipeline_runs_then_is_a_noop_then_reruns_one_variant(repo):
+    repo, log = repo
     expected = {"download", "grayscale", "split", "compare"} | {f"{s}@{v}" for s in ("train", "evaluate")
                                                                  for v in VARIANTS}
     assert ran(log) == expected
     for v in VARIANTS:
         test = json.loads((repo / "reports" / v / "metrics.json").read_text())["test"]
         assert {"accuracy", "precision", "recall", "specificity", "f1", "auroc"} <= set(test)
-    board = (repo / "leaderboard.md").read_text()
+    board = (repo / "comparison" / "leaderboard.md").read_text()
     assert all(f"| {v} |" in board for v in VARIANTS)
+    rows = json.loads((repo / "comparison" / "leaderboard.json").read_text())
+    assert [r["auroc"] for r in rows] == sorted((r["auroc"] for r in rows), reverse=True)
     split_report = json.loads((repo / "reports" / "split.json").read_text())
     assert split_report["carved"] == ["val"] and split_report["duplicates"]["within_split_extra_copies"]["train"] > 0
 
-    noop = sh(repo, dvc, "repro")
+    noop = sh(repo, "dvc", "repro")
     assert ran(noop) == set() and "Data and pipelines are up to date" in noop
 
-    one = sh(repo, dvc, "exp", "run", "-S", "models.mlp.lr=0.002")
+    one = sh(repo, "dvc", "exp", "run", "-S", "models.mlp.lr=0.002")
     assert ran(one) == {"train@mlp", "evaluate@mlp", "compare"}
 
     client = MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("chest-xray")
     runs = client.search_runs([exp.experiment_id])
-    assert sorted(r.info.run_name for r in runs) == sorted([*VARIANTS, "mlp"])
-    assert all(r.data.tags.get("dvc_exp_name") and "test/auroc" in r.data.metrics for r in runs)
+    variant_runs = [r for r in runs if r.data.tags.get("cxr.kind") != "comparison"]
+    assert sorted(r.info.run_name for r in variant_runs) == sorted([*VARIANTS, "mlp"])
+    assert all(r.data.tags.get("dvc_exp_name") and "test/auroc" in r.data.metrics for r in variant_runs)
     assert len(client.search_logged_models([exp.experiment_id])) == len(VARIANTS) + 1
     assert not (repo / "checkpoints").exists() or not any((repo / "checkpoints").iterdir())
+    # One comparison run per pipeline run, parent of the variant runs that pipeline run trained.
+    compares = sorted((r for r in runs if r.data.tags.get("cxr.kind") == "comparison"),
+                      key=lambda r: r.info.start_time)
+    children = [sorted(r.info.run_name for r in variant_runs if r.data.tags.get("mlflow.parentRunId") == c.info.run_id)
+                for c in compares]
+    assert children == [sorted(VARIANTS), ["mlp"]]
+
+
+def test_dvc_plots_and_exp_show_list_every_variant(repo):
+    repo, _ = repo
+    plots = json.loads(sh(repo, "dvc", "plots", "show", "--json"))["data"]
+    for v in VARIANTS:
+        for name in ("history.csv", "confusion.json", "roc.json", "pr.json"):
+            [plot] = plots[f"reports/{v}/{name}"]
+            assert plot["type"] == "vega" and plot["content"]["data"]["values"]
+    for name in ("metrics", "roc", "history"):
+        [image] = plots[f"comparison/{name}.png"]
+        assert Path(image["url"]).read_bytes()[:4] == b"\x89PNG"
+    # `dvc plots diff` against the first experiment: both revisions' curves in one plot.
+    first = json.loads(sh(repo, "dvc", "exp", "show", "--json"))
+    exps = [e for row in first if row.get("experiments") for x in row["experiments"] for e in x["revs"]]
+    diff = json.loads(sh(repo, "dvc", "plots", "diff", exps[-1]["rev"], "--json", "--targets",
+                         "reports/mlp/roc.json"))["data"]
+    assert len(diff["reports/mlp/roc.json"][0]["revisions"]) == 2
+    # `dvc exp show`: the headline test scores of each variant are columns.
+    metrics = first[0]["data"]["metrics"]
+    for v in VARIANTS:
+        assert set(metrics[f"reports/{v}/metrics.json"]["data"]["test"]) == {
+            "accuracy", "precision", "recall", "specificity", "f1", "auroc", "average_precision"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    """A real `mlflow server` on 127.0.0.1 over the project's store."""
+    repo, _ = repo
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                             f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not answer on /health within 120 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _api(url: str, endpoint: str, body: dict | None = None, **query: str) -> dict:
+    req = urllib.request.Request(f"{url}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}",
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_every_variant_run_is_complete_through_the_rest_api(repo, server):
+    repo, _ = repo
+    exp = _api(server, "experiments/get-by-name", experiment_name="chest-xray")["experiment"]
+    runs = _api(server, "runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 100})["runs"]
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    data_md5 = next(o["md5"] for o in lock["split"]["outs"] if o["path"] == "data/split")
+    head = sh(repo, "git", "rev-parse", "HEAD").strip()
+    test_images = np.load(repo / "data" / "split" / "32" / "test_images.npy")[:3, None]
+    for v in VARIANTS:
+        run = max((r for r in runs if r["info"]["run_name"] == v), key=lambda r: r["info"]["start_time"])
+        run_id = run["info"]["run_id"]
+        params = {p["key"]: p["value"] for p in run["data"]["params"]}
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        assert params["train.arch"] == yaml.safe_load((repo / "params.yaml").read_text())["models"][v]["arch"]
+        assert tags["dvc_stage"] == f"train@{v}" and tags["dvc_stage_evaluate"] == f"evaluate@{v}"
+        assert tags["data_md5"] == data_md5 and tags["mlflow.source.git.commit"] == head
+        assert tags["dvc_exp_name"] and tags["mlflow.parentRunId"]
+        epochs = len((repo / "reports" / v / "history.csv").read_text().splitlines()) - 1
+        for key in ("train/loss", "val/loss", "val/auroc"):
+            history = _api(server, "metrics/get-history", run_id=run_id, metric_key=key)["metrics"]
+            assert sorted(m["step"] for m in history) == list(range(1, epochs + 1))
+        plots = {f["path"] for f in _api(server, "artifacts/list", run_id=run_id, path="plots")["files"]}
+        assert {"plots/confusion_matrix.png", "plots/roc.png", "plots/pr.png", "plots/history.png"} <= plots
+        model_id = json.loads((repo / "reports" / v / "evaluation.json").read_text())["mlflow"]["model_id"]
+        with tracking_at(server):  # the logged model is looked up through the server
+            model = mlflow.pytorch.load_model(f"models:/{model_id}")
+        out = model(torch.from_numpy(test_images.astype(np.float32) / 255))
+        assert out.shape == (3, 1) and torch.isfinite(out).all()
+    parent = _api(server, "runs/get", run_id=tags["mlflow.parentRunId"])["run"]
+    files = {f["path"] for f in _api(server, "artifacts/list", run_id=parent["info"]["run_id"], path="plots")["files"]}
+    assert {"plots/metrics.png", "plots/roc.png", "plots/history.png"} <= files

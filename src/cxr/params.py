@@ -81,14 +81,24 @@ class EvaluateParams:
     threshold: Literal["f1", "youden"] | float = "f1"  # chosen on validation, applied to test
 
 
+Metric = Literal["accuracy", "precision", "recall", "specificity", "f1", "auroc", "average_precision"]
+
+
 @dataclass(frozen=True)
 class CompareParams:
-    metric: str = "auroc"
+    metric: Metric = "auroc"
 
 
 @dataclass(frozen=True)
 class MlflowParams:
     experiment: str = "chest-xray"
+    registered_model: str = "chest-xray-classifier"
+
+
+@dataclass(frozen=True)
+class PromoteParams:
+    metric: Metric = "auroc"
+    min_delta: float = 0.0  # the candidate must beat the champion's test score by at least this much
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,7 @@ class Params:
     evaluate: EvaluateParams = EvaluateParams()
     compare: CompareParams = CompareParams()
     mlflow: MlflowParams = MlflowParams()
+    promote: PromoteParams = PromoteParams()
 
     def image_size(self, variant: str) -> int:
         return self.variant(variant).image_size or self.gray.image_size
@@ -207,6 +218,8 @@ def parse(raw: dict[str, Any]) -> Params:
     for key in ("val_fraction", "test_fraction"):
         if not 0 < getattr(params.split, key) < 0.5:
             raise ParamsError(f"split.{key}: must be between 0 and 0.5")
+    if not 0 <= params.promote.min_delta < 1:
+        raise ParamsError("promote.min_delta: must be between 0 and 1 (a difference of scores)")
     return params
 
 

@@ -1,4 +1,5 @@
-"""The compare stage: one leaderboard row per variant, sorted by a test metric."""
+"""The compare stage: the leaderboard of every variant (markdown, CSV, JSON), comparison figures, and an
+MLflow run that groups this pipeline run's variant runs as its children."""
 
 from __future__ import annotations
 
@@ -6,29 +7,38 @@ import json
 from pathlib import Path
 from typing import Any
 
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from cxr import tracking
 from cxr.errors import CxrError
-from cxr.io import atomic_path, write_csv
+from cxr.evaluation.plots import bars_figure, curve_figure, histories_figure
+from cxr.evaluation.variant import HEADLINE
+from cxr.io import atomic_path, read_csv, write_csv, write_json
 from cxr.params import Params
 
-COLUMNS = ("accuracy", "precision", "recall", "specificity", "f1", "auroc", "average_precision")
+Rows = list[dict[str, Any]]
 
 
-def leaderboard(p: Params, reports: Path) -> list[dict[str, Any]]:
+def _read(path: Path, variant: str) -> Any:
+    if not path.exists():
+        raise CxrError(f"{path} is missing; run `dvc repro` to train and evaluate {variant}")
+    return read_csv(path) if path.suffix == ".csv" else json.loads(path.read_text())
+
+
+def leaderboard(p: Params, reports: Path) -> Rows:
+    """One row per variant: headline test scores, the val score promotion selects on, and the MLflow ids."""
     rows = []
     for variant in p.models:
-        path = reports / variant / "metrics.json"
-        if not path.exists():
-            raise CxrError(f"{path} is missing; run `dvc repro` to train and evaluate {variant}")
-        m = json.loads(path.read_text())
-        train_path = reports / variant / "train.json"
-        train = json.loads(train_path.read_text()) if train_path.exists() else {}
-        rows.append({"variant": variant, "arch": p.variant(variant).arch,
-                     **{k: round(m["test"][k], 4) for k in COLUMNS},
-                     "accuracy_at_0.5": _round(m.get("test_threshold_0_5", {}).get("accuracy")),
-                     "threshold": _round(m.get("threshold")), "epochs": train.get("epochs_run"),
-                     "train_seconds": train.get("train_seconds")})
-    if p.compare.metric not in COLUMNS:
-        raise CxrError(f"compare.metric: {p.compare.metric!r} is not one of {', '.join(COLUMNS)}")
+        ev = _read(reports / variant / "evaluation.json", variant)
+        train = _read(reports / variant / "train.json", variant)
+        rows.append({"variant": variant, "arch": p.variant(variant).arch, "image_size": p.image_size(variant),
+                     **{k: round(ev["test"][k], 4) for k in HEADLINE},
+                     "accuracy_at_0.5": _round(ev.get("test_threshold_0_5", {}).get("accuracy")),
+                     f"val_{p.promote.metric}": round(ev["val"][p.promote.metric], 4),
+                     "threshold": _round(ev.get("threshold")), "epochs": train["epochs_run"],
+                     "train_seconds": train["train_seconds"], "run_id": ev["mlflow"]["run_id"],
+                     "model_id": ev["mlflow"]["model_id"]})
     return sorted(rows, key=lambda r: -r[p.compare.metric])
 
 
@@ -36,11 +46,53 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
-def write_leaderboard(rows: list[dict[str, Any]], out: Path, metric: str) -> None:
-    write_csv(out.with_suffix(".csv"), rows)
-    head = list(rows[0]) if rows else ["variant"]
+def markdown(rows: Rows, metric: str) -> str:
+    head = [k for k in (rows[0] if rows else {"variant": 0}) if k not in ("run_id", "model_id")]
     lines = [f"# Leaderboard (test split, sorted by {metric})", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     lines += ["| " + " | ".join("" if r[k] is None else str(r[k]) for k in head) + " |" for r in rows]
-    with atomic_path(out.with_suffix(".md")) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def figures(rows: Rows, reports: Path) -> dict[str, Any]:
+    """file name -> figure: headline scores side by side, ROC curves overlaid, training curves overlaid."""
+    roc = {r["variant"]: _read(reports / r["variant"] / "roc.json", r["variant"]) for r in rows}
+    hist = {r["variant"]: [{k: float(v) for k, v in row.items()} for row in
+                           _read(reports / r["variant"] / "history.csv", r["variant"])] for r in rows}
+    return {"metrics.png": bars_figure(rows, list(HEADLINE), "test scores per variant"),
+            "roc.png": curve_figure(roc, "fpr", "tpr", "ROC (test), all variants", True),
+            "history.png": histories_figure(hist, ("val_loss", "val_auroc", "train_loss"))}
+
+
+def write_comparison(rows: Rows, reports: Path, out: Path, metric: str) -> dict[str, Any]:
+    """Write out/{leaderboard.md,leaderboard.csv,leaderboard.json,*.png} in one atomic step."""
+    figs = figures(rows, reports)
+    with atomic_path(out, is_dir=True) as tmp:
+        (tmp / "leaderboard.md").write_text(markdown(rows, metric))
+        write_csv(tmp / "leaderboard.csv", rows)
+        write_json(tmp / "leaderboard.json", rows)
+        for name, fig in figs.items():
+            fig.savefig(tmp / name, dpi=110)
+    return figs
+
+
+def log_comparison(p: Params, rows: Rows, figs: dict[str, Any]) -> str:
+    """An MLflow run for this pipeline run: the leaderboard and figures; each variant run that has no parent
+    yet (trained since the last compare) becomes its child, so the UI nests one pipeline run's variants."""
+    root = tracking.project_root()
+    experiment_id = tracking.setup(p.mlflow.experiment, root)
+    with mlflow.start_run(experiment_id=experiment_id, run_name="compare",
+                          tags={**tracking.run_tags("compare", root), "cxr.kind": "comparison"}) as run:
+        mlflow.log_dict(rows, "leaderboard.json")
+        mlflow.log_text(markdown(rows, p.compare.metric), "leaderboard.md")
+        for name, fig in figs.items():
+            mlflow.log_figure(fig, f"plots/{name}")
+        if rows:
+            mlflow.log_metrics({f"best/{k}": rows[0][k] for k in HEADLINE})
+            mlflow.set_tag("best_variant", rows[0]["variant"])
+        client = MlflowClient()
+        for r in rows:
+            if "mlflow.parentRunId" not in client.get_run(r["run_id"]).data.tags:
+                client.set_tag(r["run_id"], "mlflow.parentRunId", run.info.run_id)
+                client.set_tag(r["run_id"], "pipeline_run", run.info.run_id)
+    return run.info.run_id

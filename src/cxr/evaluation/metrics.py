@@ -57,6 +57,11 @@ def multiclass_scores(probs: torch.Tensor, labels: torch.Tensor, names: list[str
     return out
 
 
+def task_scores(probs: torch.Tensor, labels: torch.Tensor, names: list[str], threshold: float) -> dict[str, float]:
+    """Binary scores at `threshold` for P(PNEUMONIA) probabilities, argmax scores for (N, K) ones."""
+    return scores(probs, labels, threshold) if probs.ndim == 1 else multiclass_scores(probs, labels, names)
+
+
 def confusion(probs: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> list[list[int]]:
     """Rows actual, columns predicted."""
     if probs.ndim == 1:

@@ -48,3 +48,27 @@ def history_figure(history: list[dict[str, Any]], title: str) -> Figure:
         ax.set(xlabel="epoch", ylabel=metric, title=f"{title}: {metric}")
         ax.legend()
     return fig
+
+
+def bars_figure(rows: list[dict[str, Any]], metrics: list[str], title: str) -> Figure:
+    """Grouped bars: one group per metric, one bar per row (variant), best first."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(metrics) + 0.25 * len(rows) * len(metrics)), 3.8),
+                           layout="constrained")
+    width = 0.8 / max(len(rows), 1)
+    for i, r in enumerate(rows):
+        ax.bar([m + (i - (len(rows) - 1) / 2) * width for m in range(len(metrics))],
+               [r[k] for k in metrics], width, label=r["variant"])
+    ax.set(xticks=range(len(metrics)), xticklabels=metrics, ylim=(0, 1.02), title=title)
+    ax.legend(fontsize=7, ncols=min(len(rows), 4), loc="lower left")
+    return fig
+
+
+def histories_figure(histories: dict[str, list[dict[str, float]]], keys: tuple[str, ...]) -> Figure:
+    """One panel per key (val_loss, ...), one line per variant over its epochs."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.5), layout="constrained", squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        for variant, rows in histories.items():
+            ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], marker=".", label=variant)
+        ax.set(xlabel="epoch", title=key)
+    axes[0][0].legend(fontsize=7)
+    return fig

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +19,14 @@ from cxr.data.store import load_split, size_dir
 from cxr.evaluation.metrics import choose_threshold, confusion, curves, multiclass_scores, scores
 from cxr.evaluation.plots import confusion_figure, curve_figure
 from cxr.io import write_json
-from cxr.params import Params
+from cxr.params import Metric, Params
 from cxr.training.loop import load_checkpoint, pick_device, predict_logits, probabilities, to_device
 
 log = logging.getLogger(__name__)
+HEADLINE = typing.get_args(Metric)  # the headline scores, in that order
 
 
-def _probs(model: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
+def probs_of(model: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
     device = pick_device()
     return probabilities(predict_logits(model.to(device), to_device(images, device))).cpu()
 
@@ -49,13 +52,36 @@ def _per_class_curves(probs: torch.Tensor, labels: torch.Tensor, names: list[str
     return out | {"micro average": overall}
 
 
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The figures `dvc metrics`/`dvc exp show` list as columns: the headline scores on test and val (the
+    rest, per class and at t=0.5, is in evaluation.json)."""
+    out: dict[str, Any] = {s: {k: metrics[s][k] for k in HEADLINE} for s in ("test", "val")}
+    return out | ({"threshold": metrics["threshold"]} if "threshold" in metrics else {})
+
+
+def _log_figures(variant: str, names: list[str], p_test: torch.Tensor, y_test: torch.Tensor, threshold: float,
+                 binary: bool, curve_rows: dict[str, list]) -> None:
+    rule = f", t={threshold:.2f}" if binary else ""
+    mlflow.log_figure(confusion_figure(confusion(p_test, y_test, threshold), names, f"{variant} test{rule}"),
+                      "plots/confusion_matrix.png")
+    if binary:
+        mlflow.log_figure(confusion_figure(confusion(p_test, y_test), names, f"{variant} test, t=0.5"),
+                          "plots/confusion_matrix_t0.5.png")
+    per_class = _per_class_curves(p_test, y_test, names, curve_rows)
+    mlflow.log_figure(curve_figure({k: c["roc"] for k, c in per_class.items()}, "fpr", "tpr",
+                                   f"{variant} ROC (test)", True), "plots/roc.png")
+    mlflow.log_figure(curve_figure({k: c["pr"] for k, c in per_class.items()}, "recall", "precision",
+                                   f"{variant} PR (test)"), "plots/pr.png")
+
+
 def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, report_dir: Path) -> dict[str, Any]:
-    """Write report_dir/{metrics,confusion,roc,pr}.json and log the same to the variant's MLflow run."""
+    """Log metrics, figures and the model to the variant's MLflow run, then write
+    report_dir/{metrics,evaluation,confusion,roc,pr}.json."""
     model, ckpt = load_checkpoint(model_dir / "model.pt")
     names = list(ckpt["classes"])
     data = size_dir(data, ckpt["image_size"])
     val, test = load_split(data, "val"), load_split(data, "test")
-    p_val, p_test = _probs(model, val.images), _probs(model, test.images)
+    p_val, p_test = probs_of(model, val.images), probs_of(model, test.images)
     model.cpu()
     y_val, y_test = torch.from_numpy(val.labels), torch.from_numpy(test.labels)
     metrics = _metrics(p_val, y_val, p_test, y_test, names, p.evaluate.threshold)
@@ -64,35 +90,33 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
     rows = [{"actual": names[a], "predicted": names[b]} for a, b in zip(test.labels.tolist(), predicted.tolist(),
                                                                         strict=True)]
     curve_rows = curves(p_test, y_test)
-    write_json(report_dir / "metrics.json", metrics)
-    write_json(report_dir / "confusion.json", rows)
-    write_json(report_dir / "roc.json", curve_rows["roc"])
-    write_json(report_dir / "pr.json", curve_rows["pr"])
 
     run_id = json.loads((model_dir / "run.json").read_text())["run_id"]
     tracking.setup(p.mlflow.experiment)
     with mlflow.start_run(run_id=run_id):
+        if os.environ.get("DVC_STAGE"):
+            mlflow.set_tag("dvc_stage_evaluate", os.environ["DVC_STAGE"])
         example = test.images[:2, None].astype(np.float32) / 255.0  # batch of 2: keeps the batch dim dynamic
         with torch.no_grad():
             signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
-        info = mlflow.pytorch.log_model(model, name="model", input_example=example, signature=signature)
+        # What `cxr predict` and promotion need to apply the model as evaluated here.
+        card = {"variant": variant, "image_size": ckpt["image_size"], "fit": p.gray.fit, "classes": names,
+                "threshold": threshold, "input": "float32 (N, 1, S, S) gray in [0, 1]; output: logits"}
+        info = mlflow.pytorch.log_model(model, name="model", input_example=example, signature=signature,
+                                        metadata=card)
         # "val_best", not "val": training logs val/* per epoch, and this is one more point, at the kept weights.
         for split, key in (("test", "test"), ("test_threshold_0_5", "test_at_0.5"), ("val", "val_best")):
             if split in metrics:
                 mlflow.log_metrics({f"{key}/{k}": v for k, v in metrics[split].items()}, model_id=info.model_id)
         mlflow.log_metric("threshold", threshold)
         mlflow.log_dict(metrics, "metrics.json")
-        rule = f", t={threshold:.2f}" if "threshold" in metrics else ""
-        mlflow.log_figure(confusion_figure(confusion(p_test, y_test, threshold), names, f"{variant} test{rule}"),
-                          "plots/confusion_matrix.png")
-        if "threshold" in metrics:
-            mlflow.log_figure(confusion_figure(confusion(p_test, y_test), names, f"{variant} test, t=0.5"),
-                              "plots/confusion_matrix_t0.5.png")
-        per_class = _per_class_curves(p_test, y_test, names, curve_rows)
-        mlflow.log_figure(curve_figure({k: c["roc"] for k, c in per_class.items()}, "fpr", "tpr",
-                                       f"{variant} ROC (test)", True), "plots/roc.png")
-        mlflow.log_figure(curve_figure({k: c["pr"] for k, c in per_class.items()}, "recall", "precision",
-                                       f"{variant} PR (test)"), "plots/pr.png")
+        _log_figures(variant, names, p_test, y_test, threshold, "threshold" in metrics, curve_rows)
+    metrics["mlflow"] = {"run_id": run_id, "model_id": info.model_id, "model_uri": info.model_uri}
+    write_json(report_dir / "evaluation.json", metrics)
+    write_json(report_dir / "metrics.json", headline(metrics))
+    write_json(report_dir / "confusion.json", rows)
+    write_json(report_dir / "roc.json", curve_rows["roc"])
+    write_json(report_dir / "pr.json", curve_rows["pr"])
     t = metrics["test"]
     log.info("%s test: acc %.3f f1 %.3f auroc %.3f", variant, t["accuracy"], t["f1"], t["auroc"])
     return metrics

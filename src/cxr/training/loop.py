@@ -3,6 +3,7 @@ CUDA, early stopping with the best weights kept, and a checkpoint each epoch to 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -60,7 +61,8 @@ def _batches(x: torch.Tensor, size: int, order: torch.Tensor | None = None) -> I
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """(N, logits) in float32."""
-    model.eval()
+    with contextlib.suppress(NotImplementedError):  # a pt2 program loaded from MLflow: exported in eval mode
+        model.eval()
     with autocast(x.device):
         return torch.cat([model(xb).float() for _, xb in _batches(x, batch_size)])
 

@@ -1,0 +1,73 @@
+"""The `cxr` command: predict with the champion, promote after `dvc repro`, retrain (both, as CI does)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from cxr import cli, params, tracking
+from cxr.errors import CxrError
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from cxr.predict import predict
+
+    p = params.load(args.params)
+    uri = args.model or f"models:/{p.mlflow.registered_model}@champion"
+    tracking.setup(p.mlflow.experiment)
+    rows, errors = predict(uri, [Path(x) for x in args.images])
+    for r in rows:
+        print(json.dumps(r) if args.json else f"{r['path']}\t{r['class']}\t{r['probability']:.4f}")
+    if errors:
+        raise CxrError("; ".join(errors) + ("" if len(errors) == 1 else f" ({len(errors)} images)"))
+
+
+def _promote(args: argparse.Namespace) -> None:
+    from cxr.registry import promote
+
+    record = promote(params.load(args.params), Path(args.reports), Path(args.data), Path(args.out))
+    print(f"{record['decision']}: {record['reason']}")
+
+
+def _retrain(args: argparse.Namespace) -> None:
+    from cxr.retrain import retrain
+
+    text = retrain(params.load(args.params), args.refresh_data, Path(args.reports), Path(args.data),
+                   Path(args.comparison), Path(args.out))
+    print(text)
+    target = args.summary or os.environ.get("GITHUB_STEP_SUMMARY")
+    if target:
+        with open(target, "a") as f:
+            f.write(text + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="cxr", description=__doc__)
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    pr = sub.add_parser("predict", help="class and probability per image, from the registered champion")
+    pr.add_argument("images", nargs="+", metavar="IMAGE")
+    pr.add_argument("--model", help="an MLflow model URI (default: models:/<mlflow.registered_model>@champion)")
+    pr.add_argument("--json", action="store_true", help="one JSON object per line")
+    pr.set_defaults(func=_predict)
+    for name, func, text in (("promote", _promote, "register the best variant (val); make it champion if it "
+                              "beats the current one on test"),
+                             ("retrain", _retrain, "dvc repro, then promote, then a markdown summary")):
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("--reports", default="reports")
+        sp.add_argument("--data", default="data/split")
+        sp.add_argument("--out", default="promotion.json", help="the decision as JSON")
+        sp.set_defaults(func=func)
+    for sp in (pr, sub.choices["promote"]):  # also after the command; retrain's `dvc repro` reads params.yaml
+        sp.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: params.yaml)")
+    rt = sub.choices["retrain"]
+    rt.add_argument("--comparison", default="comparison")
+    rt.add_argument("--refresh-data", action="store_true", help="re-run download even if its params are unchanged")
+    rt.add_argument("--summary", help="append the summary here (default: $GITHUB_STEP_SUMMARY when set)")
+    cli.run(lambda a: a.func(a), parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

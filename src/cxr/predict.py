@@ -1,0 +1,53 @@
+"""`cxr predict IMAGE...`: classify images with a registered model (by default the champion), preprocessed
+exactly as the pipeline prepared its training data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cxr.data.gray import to_gray
+from cxr.evaluation.variant import probs_of
+from cxr.registry import load
+
+
+def read(path: Path, size: int, fit: str) -> np.ndarray:
+    """One image as the grayscale stage would store it; OSError with the reason when it cannot."""
+    if not path.is_file():
+        raise OSError("no such file")
+    try:
+        with Image.open(path) as img:
+            return to_gray(img, size, fit)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise OSError(f"not an image that can be read ({e})") from e
+
+
+def predict(uri: str, paths: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Per readable image {path, class, probability} (the probability of the class given); and one
+    'path: reason' per image that could not be read."""
+    model, card = load(uri)
+    names, good, images, errors = card["classes"], [], [], []
+    for path in paths:
+        try:
+            images.append(read(path, card["image_size"], card["fit"]))
+            good.append(path)
+        except OSError as e:
+            errors.append(f"{path}: {e}")
+    if not images:
+        return [], errors
+    probs = probs_of(model, np.stack(images))
+    rows = []
+    for path, pr in zip(good, probs.tolist(), strict=True):
+        row: dict[str, Any] = {"path": str(path)}
+        if isinstance(pr, float):  # binary: P(PNEUMONIA) against the threshold chosen on validation
+            k = int(pr > card["threshold"])
+            row |= {"class": names[k], "probability": round(pr if k else 1 - pr, 4), "p_pneumonia": round(pr, 4),
+                    "threshold": round(card["threshold"], 4)}
+        else:
+            k = max(range(len(pr)), key=pr.__getitem__)
+            row |= {"class": names[k], "probability": round(pr[k], 4)}
+        rows.append(row)
+    return rows, errors
