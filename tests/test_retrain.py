@@ -52,12 +52,15 @@ def test_retrain_promotes_first_keeps_a_worse_model_promotes_a_better_one(projec
     assert better["candidate"]["test"] - better["previous_champion"]["test"] >= MIN_DELTA
     assert better["previous_champion"]["version"] == first["candidate"]["version"]
 
+    again = sh(repo, "cxr", "promote")  # nothing retrained: the champion is the candidate again
+    assert "kept: the candidate is already the champion" in again
+
     client = MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
     name = better["registered_model"]
     assert client.get_model_version_by_alias(name, "champion").version == better["candidate"]["version"]
     for record in (first, worse, better):
         version = client.get_model_version(name, record["candidate"]["version"])
-        assert version.tags["promotion.decision"] == record["decision"]
+        assert version.tags["promotion.decision"] == record["decision"]  # the re-selection left them alone
         assert version.tags["promotion.reason"] == record["reason"]
         run = client.get_run(record["candidate"]["run_id"])
         assert run.data.tags["promotion.decision"] == record["decision"]

@@ -128,9 +128,10 @@ def promote(p: Params, reports: Path, data: Path, out: Path) -> dict[str, Any]:
               "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     tags = {"promotion.decision": decision, "promotion.reason": reason, f"val_{metric}": f"{cand['val']:.4f}",
             f"test_{metric}": f"{cand['test']:.4f}"}
-    for key, value in tags.items():
-        client.set_model_version_tag(name, cand["version"], key, value)
-        client.set_tag(cand["run_id"], key, value)
+    if before is not None or champ is None:  # a champion re-selected keeps the tags of its promotion
+        for key, value in tags.items():
+            client.set_model_version_tag(name, cand["version"], key, value)
+            client.set_tag(cand["run_id"], key, value)
     write_json(out, record)
     log.info("%s %s version %s (%s): %s", decision, name, cand["version"], cand["variant"], reason)
     return record
