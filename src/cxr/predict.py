@@ -17,7 +17,7 @@ from cxr.registry import load
 def read(path: Path, size: int, fit: str) -> np.ndarray:
     """One image as the grayscale stage would store it; OSError with the reason when it cannot."""
     if not path.is_file():
-        raise OSError("no such file")
+        raise OSError("no such file" if not path.exists() else "not a file")
     try:
         with Image.open(path) as img:
             return to_gray(img, size, fit)

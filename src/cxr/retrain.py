@@ -41,7 +41,7 @@ def summary(record: dict[str, Any], comparison: Path) -> str:
     lines += ["", f"`{record['registered_model']}@champion` is version {record['champion_version']}.", ""]
     board = comparison / "leaderboard.md"
     if board.exists():
-        lines += ["#" + board.read_text().lstrip("#"), ""]
+        lines += ["##" + board.read_text().removeprefix("#"), ""]  # a section of the summary
     return "\n".join(lines + metrics_diff())
 
 
