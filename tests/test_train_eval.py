@@ -13,12 +13,13 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, make_imagefolder
+from conftest import ROOT, make_imagefolder, tracking_at
 from cxr import params
 from cxr.data.gray import grayscale
 from cxr.data.sources import download
 from cxr.data.split import split
 from cxr.data.store import load_split
+from cxr.errors import CxrError
 from cxr.evaluation.metrics import choose_threshold, scores
 from cxr.evaluation.variant import evaluate_variant
 from cxr.params import DataParams, GrayParams, SplitParams
@@ -166,3 +167,12 @@ def test_a_killed_training_stage_resumes_into_the_same_mlflow_run(data, tmp_path
     run_id = json.loads((tmp_path / "a" / "m" / "run.json").read_text())["run_id"]
     steps = [m.step for m in MlflowClient().get_metric_history(run_id, "val/loss")]
     assert sorted(set(steps)) == list(range(1, 26))  # one run holds every epoch, before and after the kill
+
+
+def test_an_unreachable_mlflow_server_fails_fast_before_training(data, tmp_path):
+    t0 = time.perf_counter()
+    with tracking_at("http://127.0.0.1:9"), pytest.raises(CxrError, match="MLflow server at http://127.0.0.1:9 "
+                                                                         "does not answer"):
+        train_variant(project_params(), "tinyvgg", data, tmp_path / "m", tmp_path / "r", tmp_path / "ck")
+    assert time.perf_counter() - t0 < 15  # MLflow's own retries would take minutes
+    assert not any(tmp_path.iterdir())  # no model, report or checkpoint

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +37,26 @@ def setup(experiment: str, root: Path | None = None) -> str:
         db.parent.mkdir(parents=True, exist_ok=True)
         location = (db.parent / "artifacts").resolve().as_uri()
     mlflow.set_tracking_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
     try:
         exp = mlflow.get_experiment_by_name(experiment)
         return exp.experiment_id if exp else mlflow.create_experiment(experiment, artifact_location=location)
     except mlflow.exceptions.MlflowException as e:
         raise CxrError(f"cannot use the MLflow store at {uri} ({str(e).splitlines()[0]}); check "
                        "MLFLOW_TRACKING_URI or that the server is up (see README)") from e
+
+
+def _check_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not after MLflow's minutes of retries, when the tracking server does not answer."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        pass  # it answered: a proxy or auth in front of it may refuse /health, and MLflow will say more
+    except (OSError, ValueError) as e:
+        raise CxrError(f"the MLflow server at {uri} does not answer ({getattr(e, 'reason', e)}); start it, or "
+                       "unset MLFLOW_TRACKING_URI to use the local store mlruns/") from e
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
