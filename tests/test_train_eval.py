@@ -176,3 +176,12 @@ def test_an_unreachable_mlflow_server_fails_fast_before_training(data, tmp_path)
         train_variant(project_params(), "tinyvgg", data, tmp_path / "m", tmp_path / "r", tmp_path / "ck")
     assert time.perf_counter() - t0 < 15  # MLflow's own retries would take minutes
     assert not any(tmp_path.iterdir())  # no model, report or checkpoint
+
+
+def test_a_non_finite_loss_stops_training_naming_the_variant_and_epoch(data, tmp_path):
+    raw = project_raw()
+    raw["models"]["linear"].update(optimizer="sgd", lr=1.0e30)  # the weights overflow within the first epoch
+    p = params.parse(raw)
+    with pytest.raises(CxrError, match=r"^linear: training diverged \(loss (nan|inf)\) in epoch 1; lower its lr"):
+        train_variant(p, "linear", data, tmp_path / "m", tmp_path / "r", tmp_path / "ck")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "r").exists()
