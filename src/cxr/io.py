@@ -11,6 +11,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from cxr.errors import CxrError
+
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
@@ -54,3 +56,10 @@ def write_csv(path: str | Path, rows: Sequence[dict[str, Any]], fields: Sequence
 def read_csv(path: str | Path) -> list[dict[str, str]]:
     with Path(path).open(newline="") as f:
         return list(csv.DictReader(f))
+
+
+def read_report(path: Path, variant: str) -> Any:
+    """A variant's report file (JSON or CSV); missing means the pipeline has not produced it yet."""
+    if not path.exists():
+        raise CxrError(f"{path} is missing; run `dvc repro` to train and evaluate {variant}")
+    return read_csv(path) if path.suffix == ".csv" else json.loads(path.read_text())

@@ -4,7 +4,6 @@ it beats the current champion on the same test data by `promote.min_delta`."""
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from cxr.data.store import classes, load_split
 from cxr.errors import CxrError
 from cxr.evaluation.metrics import task_scores
 from cxr.evaluation.variant import probs_of
-from cxr.io import write_json
+from cxr.io import read_report, write_json
 from cxr.params import Params
 
 log = logging.getLogger(__name__)
@@ -31,10 +30,7 @@ def candidate(p: Params, reports: Path) -> dict[str, Any]:
     """The variant with the best `promote.metric` on validation (never test), from its evaluation report."""
     best: dict[str, Any] | None = None
     for variant in p.models:
-        path = reports / variant / "evaluation.json"
-        if not path.exists():
-            raise CxrError(f"{path} is missing; run `dvc repro` before promoting")
-        ev = json.loads(path.read_text())
+        ev = read_report(reports / variant / "evaluation.json", variant)
         if best is None or ev["val"][p.promote.metric] > best["val"]:
             best = {"variant": variant, "val": ev["val"][p.promote.metric], **ev["mlflow"]}
     if best is None:

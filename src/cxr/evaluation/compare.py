@@ -3,7 +3,6 @@ MLflow run that groups this pipeline run's variant runs as its children."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,27 +10,20 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from cxr import tracking
-from cxr.errors import CxrError
 from cxr.evaluation.plots import bars_figure, curve_figure, histories_figure
 from cxr.evaluation.variant import HEADLINE
-from cxr.io import atomic_path, read_csv, write_csv, write_json
+from cxr.io import atomic_path, read_report, write_csv, write_json
 from cxr.params import Params
 
 Rows = list[dict[str, Any]]
-
-
-def _read(path: Path, variant: str) -> Any:
-    if not path.exists():
-        raise CxrError(f"{path} is missing; run `dvc repro` to train and evaluate {variant}")
-    return read_csv(path) if path.suffix == ".csv" else json.loads(path.read_text())
 
 
 def leaderboard(p: Params, reports: Path) -> Rows:
     """One row per variant: headline test scores, the val score promotion selects on, and the MLflow ids."""
     rows = []
     for variant in p.models:
-        ev = _read(reports / variant / "evaluation.json", variant)
-        train = _read(reports / variant / "train.json", variant)
+        ev = read_report(reports / variant / "evaluation.json", variant)
+        train = read_report(reports / variant / "train.json", variant)
         rows.append({"variant": variant, "arch": p.variant(variant).arch, "image_size": p.image_size(variant),
                      **{k: round(ev["test"][k], 4) for k in HEADLINE},
                      "accuracy_at_0.5": _round(ev.get("test_threshold_0_5", {}).get("accuracy")),
@@ -56,9 +48,9 @@ def markdown(rows: Rows, metric: str) -> str:
 
 def figures(rows: Rows, reports: Path) -> dict[str, Any]:
     """file name -> figure: headline scores side by side, ROC curves overlaid, training curves overlaid."""
-    roc = {r["variant"]: _read(reports / r["variant"] / "roc.json", r["variant"]) for r in rows}
+    roc = {r["variant"]: read_report(reports / r["variant"] / "roc.json", r["variant"]) for r in rows}
     hist = {r["variant"]: [{k: float(v) for k, v in row.items()} for row in
-                           _read(reports / r["variant"] / "history.csv", r["variant"])] for r in rows}
+                           read_report(reports / r["variant"] / "history.csv", r["variant"])] for r in rows}
     return {"metrics.png": bars_figure(rows, list(HEADLINE), "test scores per variant"),
             "roc.png": curve_figure(roc, "fpr", "tpr", "ROC (test), all variants", True),
             "history.png": histories_figure(hist, ("val_loss", "val_auroc", "train_loss"))}
