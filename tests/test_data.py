@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_imagefolder, manifest, shared
+from conftest import manifest, shared
 from cxr.data.gray import grayscale, patient_id, to_gray
 from cxr.data.sources import check_npz, download, scan_imagefolder
 from cxr.data.split import split
@@ -62,7 +62,7 @@ def test_every_mode_becomes_8bit_gray(mode):
         img = base.convert(mode)
     out = to_gray(img, 24)
     assert out.shape == (24, 24) and out.dtype == np.uint8
-    if mode in ("L", "RGB", "P", "I;16"):  # I;16: windowed to the used range, not divided by 65535
+    if mode in ("L", "RGB", "P", "I;16"):  # I;16: scaled by its 12-bit depth, not by 65535
         assert abs(int(out.mean()) - int(to_gray(base, 24).mean())) <= 3
 
 
@@ -99,17 +99,6 @@ def test_fullres_sample_mixed_sizes_and_modes(tmp_path):
     assert 30 < data.images.mean() < 220 and data.images.std() > 20  # real X-ray content, not blank
 
 
-def test_corrupt_image_names_the_file_and_leaves_no_output(tmp_path):
-    folder = make_imagefolder(tmp_path / "src", per_class=3, with_duplicates=False)
-    bad = folder / "train" / "normal" / "broken.jpeg"
-    good = next((folder / "train" / "normal").iterdir()).read_bytes()
-    bad.write_bytes(good[: len(good) // 3])  # a truncated real JPEG
-    download(DataParams(source="imagefolder", path=str(folder)), tmp_path / "raw")
-    with pytest.raises(CxrError, match=r"cannot decode image train/normal/broken.jpeg: .*remove or replace"):
-        grayscale(tmp_path / "raw", tmp_path / "gray", GrayParams(image_size=32, workers=2))
-    assert not (tmp_path / "gray").exists() and not list(tmp_path.glob(".gray*"))
-
-
 def test_npz_pneumoniamnist(tmp_path):
     path = shared("pneumoniamnist") / "pneumoniamnist_28.npz"
     assert check_npz(path) == {"train": 4708, "val": 524, "test": 624}
@@ -140,7 +129,7 @@ def test_hub_format_from_a_dataset_built_here(tmp_path):
     datasets.DatasetDict({"train": build(rows[:8]), "validation": build(rows[8:12]),
                           "test": build(rows[12:])}).save_to_disk(str(raw / "hub"))
     (raw / "source.json").write_text(json.dumps({"source": "hub"}))
-    counts = grayscale(raw, tmp_path / "gray", GrayParams(image_size=32, workers=1))
+    counts = grayscale(raw, tmp_path / "gray", GrayParams(image_size=32, workers=1))["counts"]
     assert counts == {"train": 8, "val": 4, "test": len(rows) - 12}
     meta = load_split(tmp_path / "gray" / "32", "train").meta
     by_name = {Path(r["path"]).stem: r for r in rows}

@@ -19,6 +19,9 @@ class ParamsError(CxrError, ValueError):
     """A params.yaml value is missing, unknown or of the wrong type; the message names the key."""
 
 
+OnBadImage = Literal["error", "skip"]
+
+
 @dataclass(frozen=True)
 class DataParams:
     source: Literal["hub", "imagefolder", "npz"] = "hub"
@@ -27,6 +30,7 @@ class DataParams:
     hub_config: str = "full"
     hub_revision: str = "refs/convert/parquet"  # datasets 4+ refuses the repo's loader script
     labels: Literal["binary", "three_class"] = "binary"  # three_class: bacteria/virus from Kaggle file names
+    on_bad_image: OnBadImage = "error"  # skip: leave out images that cannot be decoded, listed with the reason
 
 
 @dataclass(frozen=True)

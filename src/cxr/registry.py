@@ -59,13 +59,15 @@ def test_score(uri: str, data: Path, p: Params) -> tuple[float | None, str]:
     model, card = load(uri)
     folder = data / str(card["image_size"])
     if not (folder / "test_labels.npy").exists():
-        return None, f"its image size {card['image_size']} is not prepared (add it to gray.extra_sizes)"
+        return None, f"its image size {card['image_size']} is not prepared (add it to gray.extra_sizes, re-run)"
     if card["fit"] != p.gray.fit or card["classes"] != classes(folder):
         return None, f"it was trained on other preprocessing ({card['fit']}, {'/'.join(card['classes'])})"
     test = load_split(folder, "test")
     probs = probs_of(model, test.images)
-    return task_scores(probs, torch.from_numpy(test.labels), card["classes"], card["threshold"])[
-        p.promote.metric], ""
+    score = task_scores(probs, torch.from_numpy(test.labels), card["classes"], card["threshold"])[p.promote.metric]
+    if score is None:
+        return None, f"the test split has one class, so {p.promote.metric} is undefined; set promote.metric: recall"
+    return score, ""
 
 
 def _register(client: MlflowClient, name: str, cand: dict[str, Any]) -> str:
@@ -96,7 +98,7 @@ def promote(p: Params, reports: Path, data: Path, out: Path) -> dict[str, Any]:
     cand["version"] = _register(client, name, cand)
     cand["test"], why_not = test_score(f"models:/{name}/{cand['version']}", data, p)
     if cand["test"] is None:
-        raise CxrError(f"cannot score the candidate {cand['variant']}: {why_not}; re-run `dvc repro`")
+        raise CxrError(f"cannot score the candidate {cand['variant']}: {why_not}")
     champ = _champion(client, name)
     before: dict[str, Any] | None = None
     if champ is None:

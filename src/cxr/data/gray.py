@@ -10,20 +10,21 @@ import logging
 import multiprocessing as mp
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from cxr.data.sources import SPLIT_ALIASES
 from cxr.data.store import META_FIELDS, save_labels_meta
 from cxr.errors import CxrError
 from cxr.io import atomic_path, read_csv, write_json
-from cxr.params import GrayParams
+from cxr.params import GrayParams, OnBadImage
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 _PATIENT = re.compile(r"^(person\d+)_|^((?:NORMAL\d*-)?IM-\d+)-", re.IGNORECASE)
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+MIN_SIDE = 8  # px: smaller is no radiograph (PneumoniaMNIST's 28 px images are the smallest real ones)
 
 
 def patient_id(name: str) -> str:
@@ -42,10 +44,16 @@ def _to_l(img: Image.Image, draft: int) -> Image.Image:
     """Any PIL mode to 8-bit gray, decoded at the smallest JPEG scale that still covers `draft` pixels."""
     if img.format == "JPEG":
         img.draft("L", (draft, draft))  # let libjpeg decode gray at 1/2..1/8 scale: far less work
+    if img.getexif().get(0x0112, 1) != 1:  # EXIF Orientation: phones and some PACS exports rotate this way
+        img = ImageOps.exif_transpose(img)
     if img.mode in _HIGH_DEPTH_MODES:
         a = np.asarray(img, dtype=np.float32)
-        lo, hi = float(a.min()), float(a.max())  # window to the used range: 12-bit data in 16 bits is common
-        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        lo, hi = float(a.min()), float(a.max())
+        if img.mode == "F" or lo < 0:  # no natural range: window to the one used
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        else:  # scale by the bit depth the data fills (12-bit detectors stored in 16 bits are common)
+            depth = next((d for d in (8, 10, 12, 14, 16) if hi < 2**d), 32)
+            a *= 255.0 / (2**depth - 1)
         img = Image.fromarray(np.rint(a).astype(np.uint8))
     elif img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
@@ -69,23 +77,35 @@ def to_gray(img: Image.Image, size: int, fit: str = "stretch") -> np.ndarray:
     return _fit(_to_l(img, size), size, fit)
 
 
-def _decode(item: tuple[str, Any], sizes: list[int], fit: str) -> tuple[list[np.ndarray], int, int, str, str]:
+def _decode(item: tuple[str, Any], sizes: list[int], fit: str) -> tuple[list[np.ndarray], int, int, str, str] | str:
     """item is (name, source): a file path, encoded bytes, or a uint8 array. Returns the gray image at each
-    size (one decode for all), original width, height, mode and the sha256 of the source bytes."""
-    name, src = item
+    size (one decode for all), original width, height, mode and the sha256 of the source bytes; or, for an
+    image that cannot be used, the reason, so that the parent decides whether to stop or to skip it."""
+    _, src = item
     try:
-        if isinstance(src, np.ndarray):
-            digest = hashlib.sha256(np.ascontiguousarray(src).tobytes()).hexdigest()
-            img = Image.fromarray(src)
-        else:
-            data = Path(src).read_bytes() if isinstance(src, str) else src
-            digest = hashlib.sha256(data).hexdigest()
-            img = Image.open(io.BytesIO(data))
-        w, h, mode = img.width, img.height, img.mode
-        gray = _to_l(img, max(sizes))
-        return [_fit(gray, s, fit) for s in sizes], w, h, mode, digest
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise CxrError(f"cannot decode image {name}: {e}; remove or replace the file") from None
+        with warnings.catch_warnings():
+            # Pillow only warns between its pixel limit and twice that; both are a bomb to a chest X-ray.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if isinstance(src, np.ndarray):
+                digest = hashlib.sha256(np.ascontiguousarray(src).tobytes()).hexdigest()
+                img = Image.fromarray(src)
+            else:
+                data = Path(src).read_bytes() if isinstance(src, str) else src
+                if not data:
+                    return "empty file (0 bytes)"
+                digest = hashlib.sha256(data).hexdigest()
+                img = Image.open(io.BytesIO(data))
+            w, h, mode = img.width, img.height, img.mode
+            if min(w, h) < MIN_SIDE:
+                return f"{w}x{h} px is too small for an X-ray (under {MIN_SIDE} px a side)"
+            gray = _to_l(img, max(sizes))
+            return [_fit(gray, s, fit) for s in sizes], w, h, mode, digest
+    except UnidentifiedImageError:
+        return "not an image Pillow can read (unknown format)"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return f"decompression bomb: {str(e).split(',')[0]}"
+    except (OSError, SyntaxError, ValueError) as e:
+        return f"corrupt or truncated ({' '.join(str(e).split())})"
 
 
 def _items_local(raw: Path, info: dict[str, Any]) -> dict[str, list[tuple[int, tuple[str, Any]]]]:
@@ -121,43 +141,66 @@ def _items_hub(raw: Path) -> Iterator[tuple[str, list[tuple[int, tuple[str, Any]
 
 
 def _convert_split(items: list[tuple[int, tuple[str, Any]]], split: str, out: Path, p: GrayParams,
-                   pool: Any) -> int:
+                   on_bad: OnBadImage, pool: Any, skipped: list[dict[str, str]]) -> int:
     n, sizes = len(items), p.sizes
-    arrays = [np.lib.format.open_memmap(out / str(s) / f"{split}_images.npy", mode="w+", dtype=np.uint8,
-                                        shape=(n, s, s)) for s in sizes]
+    paths = [out / str(s) / f"{split}_images.npy" for s in sizes]
+    arrays = [np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, s, s))
+              for path, s in zip(paths, sizes, strict=True)]
     work = partial(_decode, sizes=sizes, fit=p.fit)
     sources = (item for _, item in items)
     results: Iterable = pool.imap(work, sources, chunksize=16) if pool else map(work, sources)
-    meta = []
-    for i, (grays, w, h, mode, digest) in enumerate(tqdm(results, total=n, desc=f"grayscale {split}", unit="img")):
+    meta, labels = [], []
+    for i, result in enumerate(tqdm(results, total=n, desc=f"grayscale {split}", unit="img")):
+        label, (name, _) = items[i]
+        if isinstance(result, str):
+            if on_bad == "error":
+                raise CxrError(f"bad image {name}: {result}; remove or replace it, or set data.on_bad_image: skip")
+            skipped.append({"split": split, "name": name, "reason": result})
+            continue
+        grays, w, h, mode, digest = result
         for array, gray in zip(arrays, grays, strict=True):
-            array[i] = gray
-        name = items[i][1][0]
+            array[len(meta)] = gray
         meta.append(dict(zip(META_FIELDS, (name, split, patient_id(name), digest, w, h, mode), strict=True)))
-    for array in arrays:
-        array.flush()
-    del arrays
-    labels = np.array([y for y, _ in items], dtype=np.int64)
+        labels.append(label)
+    if not meta:
+        raise CxrError(f"every image of split {split} is bad ({skipped[-1]['reason']}, ...); check data.path")
+    if len(meta) < n:  # skipped images: rewrite without the unused rows (rare, so a copy is fine)
+        kept = [np.array(array[:len(meta)]) for array in arrays]
+        del arrays  # unmap before the files are rewritten
+        for path, array in zip(paths, kept, strict=True):
+            np.save(path, array)
+    else:
+        for array in arrays:
+            array.flush()
+        del arrays
     for s in sizes:
-        save_labels_meta(out / str(s), split, labels, meta)
-    return n
+        save_labels_meta(out / str(s), split, np.array(labels, dtype=np.int64), meta)
+    return len(meta)
 
 
-def grayscale(raw: Path, out: Path, p: GrayParams) -> dict[str, int]:
-    """Convert the download stage's output `raw` into `out`/<size>/{split}_{images,labels}.npy + _meta.csv."""
+def grayscale(raw: Path, out: Path, p: GrayParams, on_bad: OnBadImage = "error",
+              report: Path | None = None) -> dict[str, Any]:
+    """Convert the download stage's output `raw` into `out`/<size>/{split}_{images,labels}.npy + _meta.csv;
+    return (and write to `report`) the counts and the images skipped, with reasons."""
     info = json.loads((raw / "source.json").read_text())
     splits = _items_hub(raw) if info["source"] == "hub" else _items_local(raw, info).items()
     workers = p.workers or os.cpu_count() or 1
     counts: dict[str, int] = {}
+    skipped: list[dict[str, str]] = []
     with atomic_path(out, is_dir=True) as tmp:
         for size in p.sizes:
             (tmp / str(size)).mkdir()
         # fork: workers inherit the loaded modules, so start-up costs milliseconds
         with mp.get_context("fork").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
             for split, items in splits:
-                counts[split] = _convert_split(items, split, tmp, p, pool)
-        write_json(tmp / "info.json", {"source": info["source"], "sizes": p.sizes, "fit": p.fit,
-                                       "counts": counts})
+                counts[split] = _convert_split(items, split, tmp, p, on_bad, pool, skipped)
+        summary = {"source": info["source"], "sizes": p.sizes, "fit": p.fit, "counts": counts,
+                   "skipped": len(skipped), "skipped_images": skipped}
+        write_json(tmp / "info.json", summary)
+        if report:
+            write_json(report, summary)
+    for s in skipped:
+        log.warning("skipped %s (%s): %s", s["name"], s["split"], s["reason"])
     log.info("grayscale %s px: %s", p.sizes, counts)
-    return counts
+    return summary
 

@@ -49,10 +49,13 @@ def scan_imagefolder(root: Path) -> list[dict[str, Any]]:
                 raise CxrError(f"{class_dir}: unknown class folder; expected {' or '.join(LABELS)} "
                                "(any case); move it out of data.path")
             label = LABELS.index(class_dir.name.upper())
-            for f in sorted(class_dir.iterdir()):
-                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."):
-                    rows.append({"path": f.relative_to(root).as_posix(), "split": split, "label": label,
-                                 "bytes": f.stat().st_size, "sha256": sha256_file(f)})
+            files = [f for f in sorted(class_dir.iterdir())
+                     if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")]
+            if not files:  # most likely a copy that failed; silently training without the class would be worse
+                raise CxrError(f"{class_dir}: empty class folder (no {'/'.join(sorted(IMAGE_SUFFIXES))} files); "
+                               "fill it or remove it")
+            rows += [{"path": f.relative_to(root).as_posix(), "split": split, "label": label,
+                      "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files]
     if not rows:
         raise CxrError(f"no images under {root}; expected {{train,val,test}}/{{NORMAL,PNEUMONIA}}/*.jpeg")
     return rows
@@ -68,17 +71,30 @@ def check_npz(path: Path) -> dict[str, int]:
             counts = {}
             for split in SPLITS:
                 if f"{split}_images" in keys:
-                    n, n_labels = z[f"{split}_images"].shape[0], z[f"{split}_labels"].shape[0]
-                    if n != n_labels:
-                        raise CxrError(f"{path}: {split}_images has {n} rows but {split}_labels {n_labels}")
-                    counts[split] = n
+                    if f"{split}_labels" not in keys:
+                        raise CxrError(f"{path}: has {split}_images but no {split}_labels; save both")
+                    counts[split] = _check_arrays(path, split, z[f"{split}_images"], z[f"{split}_labels"])
     except (OSError, ValueError) as e:
         raise CxrError(f"{path}: not a readable .npz ({e})") from e
-    except KeyError as e:
-        raise CxrError(f"{path}: has {e.args[0]}-less split; every <split>_images needs <split>_labels") from e
     if not counts:
         raise CxrError(f"{path}: no {{train,val,test}}_images arrays (it has {', '.join(sorted(keys))})")
     return counts
+
+
+def _check_arrays(path: Path, split: str, images: np.ndarray, labels: np.ndarray) -> int:
+    """MedMNIST's layout: uint8 (N, H, W) or (N, H, W, 1|3) images, N labels of 0 or 1."""
+    where = f"{path}: {split}_images"
+    if images.dtype != np.uint8:
+        raise CxrError(f"{where} are {images.dtype}, not uint8; save them as 8-bit (0-255) as MedMNIST does")
+    if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3))):
+        raise CxrError(f"{where} has shape {images.shape}; expected (N, H, W) or (N, H, W, 1|3)")
+    n = images.shape[0]
+    if labels.shape not in ((n,), (n, 1)):
+        raise CxrError(f"{where} has {n} images but {split}_labels has shape {labels.shape}; expected ({n}, 1)")
+    odd = sorted(set(np.unique(labels).tolist()) - {0, 1})
+    if odd:
+        raise CxrError(f"{path}: {split}_labels holds {odd}; expected 0 (NORMAL) or 1 (PNEUMONIA)")
+    return n
 
 
 def check_hub_reachable(timeout: float = 5.0) -> None:
@@ -103,6 +119,10 @@ def download_hub(p: DataParams, out: Path) -> dict[str, int]:
         ds = datasets.load_dataset(p.hub_repo, name=p.hub_config, revision=p.hub_revision)
     except ConnectionError as e:
         raise CxrError(f"download of {p.hub_repo} failed ({e}); {OFFLINE_HINT}") from e
+    except FileNotFoundError as e:  # datasets' DatasetNotFoundError, or a config/revision it cannot find
+        raise CxrError(f"data.hub_repo {p.hub_repo!r} (config {p.hub_config!r}, revision {p.hub_revision!r}) is not "
+                       f"on the hub, or is private or gated ({' '.join(str(e).split())[:160]}); check the id, or "
+                       "log in with `hf auth login`") from e
     ds.save_to_disk(str(out / "hub"))
     return {name: len(split) for name, split in ds.items()}
 

@@ -29,7 +29,7 @@ def carve(data: Split, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarr
     """Indices (kept, carved) with about `fraction` carved out, stratified by label, grouped by patient."""
     n_splits = max(2, round(1 / fraction))
     if np.bincount(data.labels, minlength=2).min() < n_splits:
-        raise CxrError(f"too few images of a class ({np.bincount(data.labels).tolist()}) to carve a "
+        raise CxrError(f"too few images of a class ({np.bincount(data.labels, minlength=2).tolist()}) to carve a "
                        f"{fraction:.0%} split; add images or lower split.val_fraction / split.test_fraction")
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     kept, carved = next(folds.split(np.zeros(len(data.labels)), data.labels, _groups(data)))
@@ -120,6 +120,20 @@ def _counts(data: Split, names: tuple[str, ...]) -> dict[str, int]:
     return {label: int((data.labels == i).sum()) for i, label in enumerate(names)}
 
 
+def _check_classes(counts: dict[str, dict[str, int]]) -> None:
+    """Train and val need every class (fitting, early stopping, the threshold and promotion use them);
+    a test split of one class is allowed: its scores that need both classes come out as null."""
+    for name in ("train", "val"):
+        missing = [c for c, n in counts[name].items() if n == 0]
+        if missing:
+            raise CxrError(f"the {name} split has no {' or '.join(missing)} images ({counts[name]}); training and "
+                           f"model selection need every class: add them to the source's {name}/ folder, or remove "
+                           f"that folder so that {name} is carved from train")
+    missing = [c for c, n in counts["test"].items() if n == 0]
+    if missing:
+        log.warning("the test split has no %s images: AUROC and average precision will be null", "/".join(missing))
+
+
 def split(gray: Path, out: Path, p: SplitParams, seed: int, labels: str = "binary") -> dict[str, Any]:
     """Write `out`/<size>/{train,val,test}_* from the grayscale arrays of each size, with the same images
     in each; return the report."""
@@ -165,4 +179,5 @@ def _select(gray: Path, p: SplitParams, seed: int, labels: str) -> tuple[dict[st
     if p.balance == "downsample":
         splits["train"] = downsample(splits["train"], seed, len(names))
     report["counts"] = {s: _counts(splits[s], names) for s in SPLITS}
+    _check_classes(report["counts"])
     return report, {s: (s if s in present else "train", splits[s]) for s in SPLITS}

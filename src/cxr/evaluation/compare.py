@@ -25,13 +25,13 @@ def leaderboard(p: Params, reports: Path) -> Rows:
         ev = read_report(reports / variant / "evaluation.json", variant)
         train = read_report(reports / variant / "train.json", variant)
         rows.append({"variant": variant, "arch": p.variant(variant).arch, "image_size": p.image_size(variant),
-                     **{k: round(ev["test"][k], 4) for k in HEADLINE},
+                     **{k: _round(ev["test"][k]) for k in HEADLINE},
                      "accuracy_at_0.5": _round(ev.get("test_threshold_0_5", {}).get("accuracy")),
                      f"val_{p.promote.metric}": round(ev["val"][p.promote.metric], 4),
                      "threshold": _round(ev.get("threshold")), "epochs": train["epochs_run"],
                      "train_seconds": train["train_seconds"], "run_id": ev["mlflow"]["run_id"],
                      "model_id": ev["mlflow"]["model_id"]})
-    return sorted(rows, key=lambda r: -r[p.compare.metric])
+    return sorted(rows, key=lambda r: -(r[p.compare.metric] if r[p.compare.metric] is not None else -1.0))
 
 
 def _round(x: float | None) -> float | None:
@@ -80,7 +80,7 @@ def log_comparison(p: Params, rows: Rows, figs: dict[str, Any]) -> str:
         for name, fig in figs.items():
             mlflow.log_figure(fig, f"plots/{name}")
         if rows:
-            mlflow.log_metrics({f"best/{k}": rows[0][k] for k in HEADLINE})
+            mlflow.log_metrics({f"best/{k}": rows[0][k] for k in HEADLINE if rows[0][k] is not None})
             mlflow.set_tag("best_variant", rows[0]["variant"])
         client = MlflowClient()
         for r in rows:

@@ -13,6 +13,8 @@ def choose_threshold(probs: torch.Tensor, labels: torch.Tensor, rule: str | floa
     fixed, or the one that maximises F1 or Youden's J on `probs`."""
     if isinstance(rule, float):
         return rule
+    if labels.unique().numel() < 2:
+        return 0.5  # no rule can be applied to one class (the split stage refuses such a val split)
     if rule == "f1":
         precision, recall, thresholds = C.binary_precision_recall_curve(probs, labels)
         f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
@@ -25,23 +27,24 @@ def choose_threshold(probs: torch.Tensor, labels: torch.Tensor, rule: str | floa
     return float((best + below.max()) / 2) if len(below) else float(best / 2)
 
 
-def scores(probs: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict[str, float]:
+def scores(probs: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict[str, float | None]:
     labels = labels.long()
     (tn, fp), (fn, tp) = C.binary_confusion_matrix(probs, labels, threshold=threshold).tolist()
     kw: dict[str, Any] = {"threshold": threshold}
+    both = labels.unique().numel() == 2  # ranking scores are undefined on one class: null, not torchmetrics' 0
     return {
         "accuracy": C.binary_accuracy(probs, labels, **kw).item(),
         "precision": C.binary_precision(probs, labels, **kw).item(),
         "recall": C.binary_recall(probs, labels, **kw).item(),
         "specificity": C.binary_specificity(probs, labels, **kw).item(),
         "f1": C.binary_f1_score(probs, labels, **kw).item(),
-        "auroc": C.binary_auroc(probs, labels).item(),
-        "average_precision": C.binary_average_precision(probs, labels).item(),
+        "auroc": C.binary_auroc(probs, labels).item() if both else None,
+        "average_precision": C.binary_average_precision(probs, labels).item() if both else None,
         "tn": tn, "fp": fp, "fn": fn, "tp": tp,
     }
 
 
-def multiclass_scores(probs: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict[str, float]:
+def multiclass_scores(probs: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict[str, float | None]:
     """Argmax predictions: accuracy, macro averages (the headline figures), and each class's own."""
     labels, k = labels.long(), len(names)
     kw: dict[str, Any] = {"num_classes": k}
@@ -52,12 +55,15 @@ def multiclass_scores(probs: torch.Tensor, labels: torch.Tensor, names: list[str
         values = fn(probs, labels, average=None, **kw)
         out[metric] = values.mean().item()
         out |= {f"{metric}_{name}": v for name, v in zip(names, values.tolist(), strict=True)}
-    out["auroc"] = C.multiclass_auroc(probs, labels, average="macro", **kw).item()
-    out["average_precision"] = C.multiclass_average_precision(probs, labels, average="macro", **kw).item()
+    every = labels.unique().numel() == k
+    out["auroc"] = C.multiclass_auroc(probs, labels, average="macro", **kw).item() if every else None
+    out["average_precision"] = (C.multiclass_average_precision(probs, labels, average="macro", **kw).item()
+                                if every else None)
     return out
 
 
-def task_scores(probs: torch.Tensor, labels: torch.Tensor, names: list[str], threshold: float) -> dict[str, float]:
+def task_scores(probs: torch.Tensor, labels: torch.Tensor, names: list[str],
+                threshold: float) -> dict[str, float | None]:
     """Binary scores at `threshold` for P(PNEUMONIA) probabilities, argmax scores for (N, K) ones."""
     return scores(probs, labels, threshold) if probs.ndim == 1 else multiclass_scores(probs, labels, names)
 

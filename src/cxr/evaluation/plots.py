@@ -57,7 +57,7 @@ def bars_figure(rows: list[dict[str, Any]], metrics: list[str], title: str) -> F
     width = 0.8 / max(len(rows), 1)
     for i, r in enumerate(rows):
         ax.bar([m + (i - (len(rows) - 1) / 2) * width for m in range(len(metrics))],
-               [r[k] for k in metrics], width, label=r["variant"])
+               [float("nan") if r[k] is None else r[k] for k in metrics], width, label=r["variant"])
     ax.set(xticks=range(len(metrics)), xticklabels=metrics, ylim=(0, 1.02), title=title)
     ax.legend(fontsize=7, ncols=min(len(rows), 4), loc="lower left")
     return fig

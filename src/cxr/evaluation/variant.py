@@ -107,7 +107,8 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
         # "val_best", not "val": training logs val/* per epoch, and this is one more point, at the kept weights.
         for split, key in (("test", "test"), ("test_threshold_0_5", "test_at_0.5"), ("val", "val_best")):
             if split in metrics:
-                mlflow.log_metrics({f"{key}/{k}": v for k, v in metrics[split].items()}, model_id=info.model_id)
+                mlflow.log_metrics({f"{key}/{k}": v for k, v in metrics[split].items() if v is not None},
+                                   model_id=info.model_id)
         mlflow.log_metric("threshold", threshold)
         mlflow.log_dict(metrics, "metrics.json")
         _log_figures(variant, names, p_test, y_test, threshold, "threshold" in metrics, curve_rows)
@@ -118,5 +119,5 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
     write_json(report_dir / "roc.json", curve_rows["roc"])
     write_json(report_dir / "pr.json", curve_rows["pr"])
     t = metrics["test"]
-    log.info("%s test: acc %.3f f1 %.3f auroc %.3f", variant, t["accuracy"], t["f1"], t["auroc"])
+    log.info("%s test: acc %.3f f1 %.3f auroc %s", variant, t["accuracy"], t["f1"], t["auroc"])
     return metrics

@@ -77,6 +77,8 @@ def predictions(logits: torch.Tensor) -> torch.Tensor:
 
 
 def auroc(logits: torch.Tensor, y: torch.Tensor) -> float:
+    if y.unique().numel() < max(logits.shape[1], 2):
+        return math.nan  # undefined without every class (torchmetrics would say 0)
     probs = probabilities(logits)
     if logits.shape[1] == 1:
         return binary_auroc(probs, y).item()
