@@ -5,10 +5,13 @@ from pathlib import Path
 
 from cxr import cli, params
 from cxr.data.sources import download
+from cxr.models import check_variants
 
 
 def main(args: argparse.Namespace) -> None:
-    download(params.load(args.params).data, Path(args.out))
+    p = params.load(args.params)
+    check_variants(p)  # the first stage: a bad variant fails here, before the data stages' work
+    download(p.data, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """params.yaml parsing: the repo's file loads, and bad values fail with a message naming the key."""
 
+import time
+
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, make_project, sh
 from cxr import params
-from cxr.models import build_model
+from cxr.models import build_model, check_variants
 from cxr.params import ParamsError
 
 
@@ -40,6 +42,14 @@ def test_variant_overlays_train_defaults():
     (("split", "balance"), "upsample", "split.balance: 'upsample' is not one of 'none', 'downsample'"),
     (("train", "epochs"), True, "train.epochs: expected int, got True"),
     (("split", "val_fraction"), 0.9, "split.val_fraction: must be between 0 and 0.5"),
+    (("train", "lr"), 0, "train.lr: 0.0 must be above 0"),
+    (("train", "lr"), -0.001, "train.lr: -0.001 must be above 0"),
+    (("train", "batch_size"), 0, "train.batch_size: 0 must be 1 or more"),
+    (("train", "epochs"), -2, "train.epochs: -2 must be 1 or more"),
+    (("train", "weight_decay"), -0.1, "train.weight_decay: -0.1 must be at least 0"),
+    (("models", "mlp"), {"arch": "mlp", "lr": 0.0}, "models.mlp.lr: 0.0 must be above 0"),
+    (("models", "mlp"), {"arch": "mlp", "batch_size": -8}, "models.mlp.batch_size: -8 must be 1 or more"),
+    (("data", "on_bad_image"), "ignore", "data.on_bad_image: 'ignore' is not one of 'error', 'skip'"),
 ])
 def test_bad_values_name_the_key(path, value, message):
     r = raw()
@@ -65,3 +75,31 @@ def test_variant_names_must_be_snake_case():
     r["models"]["Big-CNN"] = {"arch": "tinyvgg"}
     with pytest.raises(ParamsError, match="snake_case"):
         params.parse(r)
+
+
+@pytest.mark.parametrize("variant, message", [
+    ({"arch": "resnet19"}, "models.x: unknown arch 'resnet19'; did you mean 'resnet18'\\? known: cnn5, "),
+    ({"arch": "vgg16", "image_size": 16}, "models.x: arch 'vgg16' cannot take 16 px images \\(.*too small\\); give"),
+    ({"arch": "cnn5", "image_size": 16}, "models.x: arch 'cnn5' pools 5 times: image_size 16 is too small"),
+    ({"arch": "vit_b_16", "image_size": 40}, "models.x: arch 'vit_b_16' takes image sizes that are multiples of 16"),
+    ({"arch": "tinyvgg", "filter": 8}, "models.x: filter: not a setting of arch 'tinyvgg'; allowed: filters"),
+])
+def test_a_variant_the_arch_cannot_build_is_refused_in_milliseconds(variant, message):
+    r = raw()
+    r["gray"]["extra_sizes"] = [16, 40]
+    r["models"] = {"x": variant}
+    p = params.parse(r)
+    t0 = time.perf_counter()
+    with pytest.raises(ParamsError, match=message):
+        check_variants(p)
+    assert time.perf_counter() - t0 < 1  # the meta device: no weights, no compute
+
+
+def test_bad_params_stop_dvc_repro_in_the_first_stage_with_one_line(tmp_path):
+    repo = make_project(tmp_path / "repo", {"big": {"arch": "vgg16", "image_size": 16}},
+                        gray={"image_size": 32, "extra_sizes": [16]}, data={"source": "imagefolder"})
+    out = sh(repo, "dvc", "repro", ok=False)
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert errors == ["error: models.big: arch 'vgg16' cannot take 16 px images (Given input size: (512x1x1). "
+                      "Calculated output size: (512x0x0). Output size is too small); give it a larger image_size"]
+    assert not (repo / "data" / "raw").exists() and not (repo / "dvc.lock").exists()

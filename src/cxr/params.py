@@ -200,11 +200,24 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _check_train(tp: TrainParams, prefix: str) -> None:
+    for key in ("epochs", "batch_size"):
+        if getattr(tp, key) < 1:
+            raise ParamsError(f"{prefix}.{key}: {getattr(tp, key)} must be 1 or more")
+    for key in ("lr", "weight_decay", "label_smoothing", "grad_clip", "warmup_epochs", "freeze_epochs", "patience"):
+        value = getattr(tp, key)
+        if value < 0 or (key == "lr" and value == 0):
+            raise ParamsError(f"{prefix}.{key}: {value} must be {'above' if key == 'lr' else 'at least'} 0")
+    if tp.warmup_epochs and tp.scheduler == "plateau":
+        raise ParamsError(f"{prefix}.warmup_epochs: not with scheduler plateau; use cosine or onecycle")
+
+
 def parse(raw: dict[str, Any]) -> Params:
     params = _build(Params, raw, "")
     for size in params.gray.sizes:  # ints already: _check saw to that
         if size < 8:
             raise ParamsError(f"gray: image size {size!r} is too small; use whole numbers of 8 or more")
+    _check_train(params.train, "train")  # first, so that a bad default is named where it is set
     for name in params.models:
         tp = params.variant(name)  # validates every variant up front
         if not name.replace("_", "").isalnum() or not name.islower():
@@ -212,13 +225,7 @@ def parse(raw: dict[str, Any]) -> Params:
         if tp.image_size and tp.image_size not in params.gray.sizes:
             raise ParamsError(f"models.{name}.image_size: {tp.image_size} is not prepared; add it to "
                               f"gray.extra_sizes (now {params.gray.extra_sizes})")
-        for key in ("epochs", "batch_size"):
-            if getattr(tp, key) < 1:
-                raise ParamsError(f"models.{name}.{key}: must be 1 or more")
-        if tp.lr <= 0:
-            raise ParamsError(f"models.{name}.lr: must be above 0")
-        if tp.warmup_epochs and tp.scheduler == "plateau":
-            raise ParamsError(f"models.{name}.warmup_epochs: not with scheduler plateau; use cosine or onecycle")
+        _check_train(tp, f"models.{name}")
     for key in ("val_fraction", "test_fraction"):
         if not 0 < getattr(params.split, key) < 0.5:
             raise ParamsError(f"split.{key}: must be between 0 and 0.5")

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
 from cxr.errors import CxrError
+from cxr.params import Params, ParamsError
 
 Builder = Callable[..., nn.Module]
 _REGISTRY: dict[str, Builder] = {}
@@ -35,7 +37,9 @@ def list_models() -> list[str]:
 def model_settings(arch: str) -> dict[str, Any]:
     """The settings an arch takes, with their defaults."""
     if arch not in _REGISTRY:
-        raise CxrError(f"unknown arch {arch!r}; known: {', '.join(list_models())}")
+        near = difflib.get_close_matches(arch, _REGISTRY, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise CxrError(f"unknown arch {arch!r}; {hint}known: {', '.join(list_models())}")
     sig = inspect.signature(_REGISTRY[arch])
     return {k: p.default for k, p in sig.parameters.items() if k not in COMMON_ARGS}
 
@@ -47,6 +51,24 @@ def build_model(arch: str, *, num_classes: int = 1, in_chans: int = 1, image_siz
     if unknown:
         raise CxrError(f"{unknown[0]}: not a setting of arch {arch!r}; allowed: {', '.join(allowed) or 'none'}")
     return _REGISTRY[arch](num_classes=num_classes, in_chans=in_chans, image_size=image_size, **kwargs)
+
+
+def check_variants(p: Params, names: Iterable[str] | None = None) -> None:
+    """Build each variant on the meta device and pass a batch through it, so that an unknown arch or setting,
+    or an image size the arch cannot take, fails in milliseconds (no memory, no weights) before any work."""
+    num_classes = 3 if p.data.labels == "three_class" else 1
+    for name in names or p.models:
+        tp, size = p.variant(name), p.image_size(name)
+        settings = {**tp.model, "pretrained": False} if tp.model.get("pretrained") else tp.model
+        try:
+            with torch.device("meta"):
+                build_model(tp.arch, num_classes=num_classes, image_size=size, **settings)(
+                    torch.empty(2, 1, size, size))
+        except CxrError as e:
+            raise ParamsError(f"models.{name}: {e}") from None
+        except (RuntimeError, ValueError) as e:
+            raise ParamsError(f"models.{name}: arch {tp.arch!r} cannot take {size} px images "
+                              f"({str(e).splitlines()[0]}); give it a larger image_size") from None
 
 
 class Classifier(nn.Module):

@@ -19,6 +19,7 @@ from cxr import tracking
 from cxr.data.store import classes, load_split, size_dir
 from cxr.evaluation.plots import history_figure
 from cxr.io import atomic_path, write_csv, write_json
+from cxr.models import check_variants
 from cxr.params import Params
 from cxr.training.loop import build_classifier, fit, pick_device, save_checkpoint
 
@@ -60,7 +61,8 @@ def train_variant(p: Params, variant: str, data: Path, model_dir: Path, report_d
     data = size_dir(data, image_size)
     names = classes(data)
     train, val = load_split(data, "train"), load_split(data, "val")
-    build_classifier(tp, image_size, len(names), 0.0, 1.0)  # bad settings fail before MLflow starts a run
+    check_variants(p, [variant])  # bad settings or size fail before MLflow starts a run
+    build_classifier(tp, image_size, len(names), 0.0, 1.0)  # and missing pretrained weights (offline)
     fingerprint = _fingerprint(p, variant, data)
     state_file = checkpoints / "state.pt"
     state = _load_state(state_file, fingerprint)
