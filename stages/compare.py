@@ -5,14 +5,11 @@ import argparse
 from pathlib import Path
 
 from cxr import cli, params
-from cxr.evaluation.compare import leaderboard, log_comparison, write_comparison
+from cxr.evaluation.compare import compare
 
 
 def main(args: argparse.Namespace) -> None:
-    p = params.load(args.params)
-    rows = leaderboard(p, Path(args.reports))
-    figs = write_comparison(rows, Path(args.reports), Path(args.out), p.compare.metric)
-    log_comparison(p, rows, figs)
+    compare(params.load(args.params), Path(args.reports), Path(args.out))
 
 
 if __name__ == "__main__":

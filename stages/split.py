@@ -6,13 +6,11 @@ from pathlib import Path
 
 from cxr import cli, params
 from cxr.data.split import split
-from cxr.io import write_json
 
 
 def main(args: argparse.Namespace) -> None:
     p = params.load(args.params)
-    report = split(Path(args.gray), Path(args.out), p.split, p.seed, p.data.labels)
-    write_json(args.report, report)
+    split(Path(args.gray), Path(args.out), p.split, p.seed, p.data.labels, Path(args.report))
 
 
 if __name__ == "__main__":

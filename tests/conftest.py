@@ -79,12 +79,17 @@ def small_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_imagefolder(tmp_path_factory.mktemp("xray224"), per_class=80)
 
 
-def sh(repo: Path, *cmd: str, ok: bool = True) -> str:
-    """Run a command in `repo` with this environment's tools (`python`, `dvc`, `cxr`) first on PATH and the
-    project's own MLflow store (mlruns/ in `repo`); assert its exit status; return its output."""
+def project_env() -> dict[str, str]:
+    """This environment's tools (`python`, `dvc`, `cxr`) first on PATH, and MLflow at the project's own store
+    (mlruns/ in the repo a command runs in)."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    res = subprocess.run(cmd, cwd=repo, env=env, text=True, capture_output=True)
+    return env
+
+
+def sh(repo: Path, *cmd: str, ok: bool = True) -> str:
+    """Run a command in `repo` with project_env(); assert its exit status; return its output."""
+    res = subprocess.run(cmd, cwd=repo, env=project_env(), text=True, capture_output=True)
     assert (res.returncode == 0) == ok, f"{' '.join(cmd)} gave {res.returncode}:\n{res.stdout[-3000:]}\n" \
                                         f"{res.stderr[-3000:]}"
     return res.stdout + res.stderr

@@ -2,6 +2,7 @@
 DVC's plots and experiment table, and the MLflow runs seen through a real `mlflow server`'s REST API."""
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -163,3 +164,41 @@ def test_every_variant_run_is_complete_through_the_rest_api(repo, server):
     parent = _api(server, "runs/get", run_id=tags["mlflow.parentRunId"])["run"]
     files = {f["path"] for f in _api(server, "artifacts/list", run_id=parent["info"]["run_id"], path="plots")["files"]}
     assert {"plots/metrics.png", "plots/roc.png", "plots/history.png"} <= files
+
+
+@pytest.mark.slow
+def test_two_queued_experiments_train_at_once_and_both_land_in_mlflow(repo):
+    """`dvc exp run --queue` twice, then `dvc queue start -j 2`: two DVC workspaces train at the same time and
+    log to the one SQLite store of the project."""
+    repo, _ = repo
+    names = {"q-linear": "linear", "q-tinyvgg": "tinyvgg"}
+    for name, v in names.items():
+        sh(repo, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"models.{v}.lr=0.003")
+    sh(repo, "dvc", "queue", "start", "-j", "2")
+    deadline = time.monotonic() + 600
+    while re.search(r"\b(Queued|Running)\b", status := sh(repo, "dvc", "queue", "status")):
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    assert all(re.search(rf"{name}\s+.*Success", status) for name in names), status
+
+    uri = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("chest-xray")
+    spans = []
+    for name, v in names.items():
+        runs = client.search_runs([exp.experiment_id], f"tags.dvc_exp_name = '{name}'")
+        [run] = [r for r in runs if r.info.run_name == v]
+        [compare] = [r for r in runs if r.data.tags.get("cxr.kind") == "comparison"]
+        assert run.info.status == "FINISHED" and run.data.params["train.lr"] == "0.003"
+        assert run.data.tags["mlflow.parentRunId"] == compare.info.run_id
+        for key in ("train/loss", "val/loss", "val/auroc"):
+            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(range(1, EPOCHS + 1))
+        assert {"test/auroc", "test/f1", "threshold", "train/best_epoch"} <= set(run.data.metrics)
+        plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+        assert {"plots/confusion_matrix.png", "plots/roc.png", "plots/pr.png", "plots/history.png"} <= plots
+        [model] = client.search_logged_models([exp.experiment_id], f"source_run_id = '{run.info.run_id}'")
+        with tracking_at(uri):
+            assert mlflow.pytorch.load_model(f"models:/{model.model_id}") is not None
+        spans.append((run.info.start_time, run.info.end_time))
+    (a0, a1), (b0, b1) = spans
+    assert a0 < b1 and b0 < a1  # the two trainings overlapped in time

@@ -1,6 +1,7 @@
 """Training and evaluation on real X-rays: repeatable, early stopping, MLflow logs, the logged model."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -167,6 +168,38 @@ def test_a_killed_training_stage_resumes_into_the_same_mlflow_run(data, tmp_path
     run_id = json.loads((tmp_path / "a" / "m" / "run.json").read_text())["run_id"]
     steps = [m.step for m in MlflowClient().get_metric_history(run_id, "val/loss")]
     assert sorted(set(steps)) == list(range(1, 26))  # one run holds every epoch, before and after the kill
+
+
+def test_two_stage_processes_at_once_both_land_in_one_sqlite_store(data, tmp_path):
+    """Two variants' train stages, then their evaluate stages, run side by side against one SQLite store."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(project_raw(epochs=3, patience=99)))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'shared.db'}"}
+
+    def both(stage: str, extra) -> None:
+        procs = [subprocess.Popen([sys.executable, str(ROOT / "stages" / f"{stage}.py"), v, "--data", str(data),
+                                   "--model-dir", f"m/{v}", "--reports", f"r/{v}", *extra(v), "--params",
+                                   "params.yaml"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+                 for v in ("mlp", "tinyvgg")]
+        for proc in procs:
+            assert proc.wait() == 0, proc.stderr.read()[-2000:]
+
+    both("train", lambda v: ("--checkpoints", f"ck/{v}"))
+    both("evaluate", lambda v: ())
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    spans = []
+    for v in ("mlp", "tinyvgg"):
+        run = client.get_run(json.loads((tmp_path / "m" / v / "run.json").read_text())["run_id"])
+        assert run.info.status == "FINISHED" and run.info.run_name == v
+        for key in ("train/loss", "val/loss", "val/auroc"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3]
+        assert {"test/auroc", "test/f1", "threshold", "train/best_epoch"} <= set(run.data.metrics)
+        arts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+        assert {"plots/confusion_matrix.png", "plots/roc.png", "plots/pr.png", "plots/history.png"} <= arts
+        assert len(client.search_logged_models([run.info.experiment_id],
+                                               filter_string=f"source_run_id='{run.info.run_id}'")) == 1
+        spans.append((run.info.start_time, run.info.end_time))
+    (a0, a1), (b0, b1) = spans
+    assert a0 < b1 and b0 < a1  # the runs were open at the same time
 
 
 def test_an_unreachable_mlflow_server_fails_fast_before_training(data, tmp_path):

@@ -21,14 +21,27 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write `path` to; on success it replaces `path`, on failure it is
     removed, so an interrupted stage never leaves an output that looks complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed run (SIGKILL skips cleanup)
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            _remove(stale)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _remove(tmp)
     if is_dir:
         tmp.mkdir()
     try:
@@ -38,6 +51,13 @@ def atomic_path(path: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
         raise
     _remove(path)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_paths(*paths: str | Path) -> Iterator[list[Path]]:
+    """atomic_path for files that belong together: all appear (renamed in a row at the end) or none."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(atomic_path(p)) for p in paths]
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +34,31 @@ def setup(experiment: str, root: Path | None = None) -> str:
     """Point MLflow at the store, create the experiment if needed, return its id. A SQLite store keeps
     artifacts beside its database (a server decides for itself)."""
     uri = tracking_uri(root)
-    location = None
+    location, lock = None, contextlib.nullcontext()
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         db.parent.mkdir(parents=True, exist_ok=True)
         location = (db.parent / "artifacts").resolve().as_uri()
+        # Stages run side by side (`dvc queue start -j 2`) would otherwise both create or migrate a new
+        # database's tables, and one fails ("duplicate column name"); likewise for the experiment.
+        lock = _locked(db.parent / ".setup.lock")
     mlflow.set_tracking_uri(uri)
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
     try:
-        exp = mlflow.get_experiment_by_name(experiment)
-        return exp.experiment_id if exp else mlflow.create_experiment(experiment, artifact_location=location)
+        with lock:
+            exp = mlflow.get_experiment_by_name(experiment)
+            return exp.experiment_id if exp else mlflow.create_experiment(experiment, artifact_location=location)
     except mlflow.exceptions.MlflowException as e:
         raise CxrError(f"cannot use the MLflow store at {uri} ({str(e).splitlines()[0]}); check "
                        "MLFLOW_TRACKING_URI or that the server is up (see README)") from e
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
+        yield
 
 
 def _check_server(uri: str, timeout: float = 5.0) -> None:

@@ -10,6 +10,7 @@ import logging
 import multiprocessing as mp
 import os
 import re
+import signal
 import warnings
 from collections.abc import Iterable, Iterator
 from functools import partial
@@ -187,18 +188,22 @@ def grayscale(raw: Path, out: Path, p: GrayParams, on_bad: OnBadImage = "error",
     workers = p.workers or os.cpu_count() or 1
     counts: dict[str, int] = {}
     skipped: list[dict[str, str]] = []
-    with atomic_path(out, is_dir=True) as tmp:
+    with contextlib.ExitStack() as stack:  # the arrays and the report appear together or not at all
+        tmp = stack.enter_context(atomic_path(out, is_dir=True))
+        report_tmp = stack.enter_context(atomic_path(report)) if report else None
         for size in p.sizes:
             (tmp / str(size)).mkdir()
         # fork: workers inherit the loaded modules, so start-up costs milliseconds
-        with mp.get_context("fork").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        # Ctrl-C reaches the whole process group: workers ignore it, the parent stops the pool and cleans up
+        with mp.get_context("fork").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) if workers > 1 \
+                else contextlib.nullcontext() as pool:
             for split, items in splits:
                 counts[split] = _convert_split(items, split, tmp, p, on_bad, pool, skipped)
         summary = {"source": info["source"], "sizes": p.sizes, "fit": p.fit, "counts": counts,
                    "skipped": len(skipped), "skipped_images": skipped}
         write_json(tmp / "info.json", summary)
-        if report:
-            write_json(report, summary)
+        if report_tmp:
+            write_json(report_tmp, summary)
     for s in skipped:
         log.warning("skipped %s (%s): %s", s["name"], s["split"], s["reason"])
     log.info("grayscale %s px: %s", p.sizes, counts)

@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
+from tqdm import tqdm
 
 from cxr import LABELS, SPLITS
 from cxr.errors import CxrError
@@ -38,7 +39,7 @@ def scan_imagefolder(root: Path) -> list[dict[str, Any]]:
     (any split may be absent; split and class names are case-insensitive)."""
     if not root.is_dir():
         raise CxrError(f"data.path {root} is not a folder; point it at {{train,val,test}}/{{NORMAL,PNEUMONIA}}")
-    rows: list[dict[str, Any]] = []
+    found: list[tuple[str, int, Path]] = []
     for split_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         split = SPLIT_ALIASES.get(split_dir.name.lower())
         if split is None:
@@ -54,8 +55,9 @@ def scan_imagefolder(root: Path) -> list[dict[str, Any]]:
             if not files:  # most likely a copy that failed; silently training without the class would be worse
                 raise CxrError(f"{class_dir}: empty class folder (no {'/'.join(sorted(IMAGE_SUFFIXES))} files); "
                                "fill it or remove it")
-            rows += [{"path": f.relative_to(root).as_posix(), "split": split, "label": label,
-                      "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files]
+            found += [(split, label, f) for f in files]
+    rows = [{"path": f.relative_to(root).as_posix(), "split": split, "label": label, "bytes": f.stat().st_size,
+             "sha256": sha256_file(f)} for split, label, f in tqdm(found, desc="hashing", unit="file")]
     if not rows:
         raise CxrError(f"no images under {root}; expected {{train,val,test}}/{{NORMAL,PNEUMONIA}}/*.jpeg")
     return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections import defaultdict
@@ -14,7 +15,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from cxr import CLASSES, SPLITS
 from cxr.data.store import Split, load_split, save_split, sizes_in, splits_in
 from cxr.errors import CxrError
-from cxr.io import atomic_path
+from cxr.io import atomic_path, write_json
 from cxr.params import SplitParams
 
 log = logging.getLogger(__name__)
@@ -134,14 +135,18 @@ def _check_classes(counts: dict[str, dict[str, int]]) -> None:
         log.warning("the test split has no %s images: AUROC and average precision will be null", "/".join(missing))
 
 
-def split(gray: Path, out: Path, p: SplitParams, seed: int, labels: str = "binary") -> dict[str, Any]:
+def split(gray: Path, out: Path, p: SplitParams, seed: int, labels: str = "binary",
+          report_path: Path | None = None) -> dict[str, Any]:
     """Write `out`/<size>/{train,val,test}_* from the grayscale arrays of each size, with the same images
-    in each; return the report."""
+    in each; return the report (and write it to `report_path`, together with `out`)."""
     sizes = sizes_in(gray)
     if not sizes:
         raise CxrError(f"{gray} holds no image sizes; run `dvc repro grayscale`")
     report, chosen = _select(gray / str(sizes[0]), p, seed, labels)
-    with atomic_path(out, is_dir=True) as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_path(out, is_dir=True))
+        if report_path:
+            write_json(stack.enter_context(atomic_path(report_path)), report)
         for size in sizes:
             folder = tmp / str(size)
             folder.mkdir()

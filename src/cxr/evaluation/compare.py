@@ -56,16 +56,18 @@ def figures(rows: Rows, reports: Path) -> dict[str, Any]:
             "history.png": histories_figure(hist, ("val_loss", "val_auroc", "train_loss"))}
 
 
-def write_comparison(rows: Rows, reports: Path, out: Path, metric: str) -> dict[str, Any]:
-    """Write out/{leaderboard.md,leaderboard.csv,leaderboard.json,*.png} in one atomic step."""
+def compare(p: Params, reports: Path, out: Path) -> str:
+    """Write out/{leaderboard.md,leaderboard.csv,leaderboard.json,*.png} and log the comparison run; `out`
+    appears only once both are done. Returns the MLflow run id."""
+    rows = leaderboard(p, reports)
     figs = figures(rows, reports)
     with atomic_path(out, is_dir=True) as tmp:
-        (tmp / "leaderboard.md").write_text(markdown(rows, metric))
+        (tmp / "leaderboard.md").write_text(markdown(rows, p.compare.metric))
         write_csv(tmp / "leaderboard.csv", rows)
         write_json(tmp / "leaderboard.json", rows)
         for name, fig in figs.items():
             fig.savefig(tmp / name, dpi=110)
-    return figs
+        return log_comparison(p, rows, figs)
 
 
 def log_comparison(p: Params, rows: Rows, figs: dict[str, Any]) -> str:

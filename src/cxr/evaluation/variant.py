@@ -18,7 +18,7 @@ from cxr import tracking
 from cxr.data.store import load_split, size_dir
 from cxr.evaluation.metrics import choose_threshold, confusion, curves, multiclass_scores, scores
 from cxr.evaluation.plots import confusion_figure, curve_figure
-from cxr.io import write_json
+from cxr.io import atomic_paths, write_json
 from cxr.params import Metric, Params
 from cxr.training.loop import load_checkpoint, pick_device, predict_logits, probabilities, to_device
 
@@ -93,7 +93,12 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
 
     run_id = json.loads((model_dir / "run.json").read_text())["run_id"]
     tracking.setup(p.mlflow.experiment)
-    with mlflow.start_run(run_id=run_id):
+    names_out = ("metrics", "confusion", "roc", "pr", "evaluation")
+    with atomic_paths(*(report_dir / f"{n}.json" for n in names_out)) as tmps, mlflow.start_run(run_id=run_id):
+        out = dict(zip(names_out, tmps, strict=True))
+        for name, obj in (("metrics", headline(metrics)), ("confusion", rows), ("roc", curve_rows["roc"]),
+                          ("pr", curve_rows["pr"])):
+            write_json(out[name], obj)
         if os.environ.get("DVC_STAGE"):
             mlflow.set_tag("dvc_stage_evaluate", os.environ["DVC_STAGE"])
         example = test.images[:2, None].astype(np.float32) / 255.0  # batch of 2: keeps the batch dim dynamic
@@ -112,12 +117,8 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
         mlflow.log_metric("threshold", threshold)
         mlflow.log_dict(metrics, "metrics.json")
         _log_figures(variant, names, p_test, y_test, threshold, "threshold" in metrics, curve_rows)
-    metrics["mlflow"] = {"run_id": run_id, "model_id": info.model_id, "model_uri": info.model_uri}
-    write_json(report_dir / "evaluation.json", metrics)
-    write_json(report_dir / "metrics.json", headline(metrics))
-    write_json(report_dir / "confusion.json", rows)
-    write_json(report_dir / "roc.json", curve_rows["roc"])
-    write_json(report_dir / "pr.json", curve_rows["pr"])
+        metrics["mlflow"] = {"run_id": run_id, "model_id": info.model_id, "model_uri": info.model_uri}
+        write_json(out["evaluation"], metrics)
     t = metrics["test"]
     log.info("%s test: acc %.3f f1 %.3f auroc %s", variant, t["accuracy"], t["f1"], t["auroc"])
     return metrics

@@ -18,7 +18,7 @@ import torch
 from cxr import tracking
 from cxr.data.store import classes, load_split, size_dir
 from cxr.evaluation.plots import history_figure
-from cxr.io import atomic_path, write_csv, write_json
+from cxr.io import atomic_path, atomic_paths, write_csv, write_json
 from cxr.models import check_variants
 from cxr.params import Params
 from cxr.training.loop import build_classifier, fit, pick_device, save_checkpoint
@@ -94,10 +94,11 @@ def train_variant(p: Params, variant: str, data: Path, model_dir: Path, report_d
                    "images_per_s": round(sum(r["images_per_s"] for r in history) / len(history), 1)}
         mlflow.log_metrics({f"train/{k}": v for k, v in summary.items()})
         mlflow.log_figure(history_figure(history, variant), "plots/history.png")
-        with atomic_path(model_dir, is_dir=True) as tmp:
+        with atomic_path(model_dir, is_dir=True) as tmp, \
+                atomic_paths(report_dir / "history.csv", report_dir / "train.json") as (history_csv, train_json):
             save_checkpoint(tmp / "model.pt", model, tp, image_size, names, variant=variant)
             (tmp / "run.json").write_text(json.dumps({"run_id": run.info.run_id, "experiment_id": experiment_id}))
-    write_csv(report_dir / "history.csv", [{k: round(v, 6) for k, v in r.items()} for r in history])
-    write_json(report_dir / "train.json", summary)
+            write_csv(history_csv, [{k: round(v, 6) for k, v in r.items()} for r in history])
+            write_json(train_json, summary)
     shutil.rmtree(checkpoints, ignore_errors=True)  # done: nothing to resume
     return summary
