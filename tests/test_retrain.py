@@ -83,5 +83,5 @@ def test_retrain_promotes_first_keeps_a_worse_model_promotes_a_better_one(projec
     bad = repo / "corrupt.jpeg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     out = sh(repo, "cxr", "predict", str(paths[0]), str(bad), "missing.png", ok=False)
-    assert str(paths[0]) in out and "missing.png: no such file" in out and "corrupt.jpeg: not an image" in out
+    assert str(paths[0]) in out and "missing.png: no such file" in out and "corrupt.jpeg: corrupt or truncated" in out
     assert out.count("error:") == 1  # one line for all of them

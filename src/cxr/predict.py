@@ -7,22 +7,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from cxr.data.gray import to_gray
-from cxr.evaluation.variant import probs_of
+from cxr.data.gray import decode
 from cxr.registry import load
+from cxr.training.loop import probs_of
 
 
 def read(path: Path, size: int, fit: str) -> np.ndarray:
     """One image as the grayscale stage would store it; OSError with the reason when it cannot."""
     if not path.is_file():
         raise OSError("no such file" if not path.exists() else "not a file")
-    try:
-        with Image.open(path) as img:
-            return to_gray(img, size, fit)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise OSError(f"not an image that can be read ({e})") from e
+    result = decode((str(path), str(path)), [size], fit)  # the grayscale stage's checks and conversion
+    if isinstance(result, str):
+        raise OSError(result)
+    return result[0][0]
 
 
 def predict(uri: str, paths: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:

@@ -18,9 +18,9 @@ from cxr import tracking
 from cxr.data.store import classes, load_split
 from cxr.errors import CxrError
 from cxr.evaluation.metrics import task_scores
-from cxr.evaluation.variant import probs_of
 from cxr.io import read_report, write_json
 from cxr.params import Params
+from cxr.training.loop import probs_of
 
 log = logging.getLogger(__name__)
 ALIAS = "champion"

@@ -78,7 +78,7 @@ def to_gray(img: Image.Image, size: int, fit: str = "stretch") -> np.ndarray:
     return _fit(_to_l(img, size), size, fit)
 
 
-def _decode(item: tuple[str, Any], sizes: list[int], fit: str) -> tuple[list[np.ndarray], int, int, str, str] | str:
+def decode(item: tuple[str, Any], sizes: list[int], fit: str) -> tuple[list[np.ndarray], int, int, str, str] | str:
     """item is (name, source): a file path, encoded bytes, or a uint8 array. Returns the gray image at each
     size (one decode for all), original width, height, mode and the sha256 of the source bytes; or, for an
     image that cannot be used, the reason, so that the parent decides whether to stop or to skip it."""
@@ -147,7 +147,7 @@ def _convert_split(items: list[tuple[int, tuple[str, Any]]], split: str, out: Pa
     paths = [out / str(s) / f"{split}_images.npy" for s in sizes]
     arrays = [np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, s, s))
               for path, s in zip(paths, sizes, strict=True)]
-    work = partial(_decode, sizes=sizes, fit=p.fit)
+    work = partial(decode, sizes=sizes, fit=p.fit)
     sources = (item for _, item in items)
     results: Iterable = pool.imap(work, sources, chunksize=16) if pool else map(work, sources)
     meta, labels = [], []

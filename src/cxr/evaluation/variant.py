@@ -20,15 +20,10 @@ from cxr.evaluation.metrics import choose_threshold, confusion, curves, multicla
 from cxr.evaluation.plots import confusion_figure, curve_figure
 from cxr.io import atomic_paths, write_json
 from cxr.params import Metric, Params
-from cxr.training.loop import load_checkpoint, pick_device, predict_logits, probabilities, to_device
+from cxr.training.loop import load_checkpoint, probs_of
 
 log = logging.getLogger(__name__)
 HEADLINE = typing.get_args(Metric)  # the headline scores, in that order
-
-
-def probs_of(model: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
-    device = pick_device()
-    return probabilities(predict_logits(model.to(device), to_device(images, device))).cpu()
 
 
 def _metrics(p_val: torch.Tensor, y_val: torch.Tensor, p_test: torch.Tensor, y_test: torch.Tensor,

@@ -67,6 +67,12 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> 
         return torch.cat([model(xb).float() for _, xb in _batches(x, batch_size)])
 
 
+def probs_of(model: nn.Module, images: np.ndarray) -> torch.Tensor:
+    """Probabilities for uint8 (N, H, W) images, on the best device, returned on the CPU."""
+    device = pick_device()
+    return probabilities(predict_logits(model.to(device), to_device(images, device))).cpu()
+
+
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
     """(N,) P(positive) for one logit, else (N, classes) softmax."""
     return logits[:, 0].sigmoid() if logits.shape[1] == 1 else logits.softmax(1)
