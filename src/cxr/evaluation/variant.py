@@ -115,5 +115,6 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
         metrics["mlflow"] = {"run_id": run_id, "model_id": info.model_id, "model_uri": info.model_uri}
         write_json(out["evaluation"], metrics)
     t = metrics["test"]
-    log.info("%s test: acc %.3f f1 %.3f auroc %s", variant, t["accuracy"], t["f1"], t["auroc"])
+    auroc = "n/a (one class)" if t["auroc"] is None else f"{t['auroc']:.3f}"
+    log.info("%s test: acc %.3f f1 %.3f auroc %s", variant, t["accuracy"], t["f1"], auroc)
     return metrics
