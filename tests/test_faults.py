@@ -53,14 +53,14 @@ def _reference(repo: Path, stage: str, known: dict) -> dict:
     return known["metrics"]
 
 
-def _stage_pids(repo: Path) -> list[int]:
-    """The stage processes (and their workers) running in `repo`."""
-    pids = []
+def _stage_pids(repo: Path) -> dict[int, int]:
+    """pid -> parent pid of the stage processes (and their workers) running in `repo`."""
+    pids = {}
     for proc in Path("/proc").iterdir():
         try:
             if proc.name.isdigit() and os.readlink(proc / "cwd") == str(repo) and \
                     b"stages/" in (proc / "cmdline").read_bytes():
-                pids.append(int(proc.name))
+                pids[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except OSError:
             pass
     return pids
@@ -76,8 +76,9 @@ def _kill_mid_run(repo: Path, stage: str, sig: signal.Signals) -> str:
     if sig == signal.SIGINT:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals dvc, the stage and its workers
     else:
-        [pid] = [p for p in _stage_pids(repo) if os.getppid() != p and p != proc.pid][:1]  # the stage's main process
-        os.kill(pid, signal.SIGKILL)
+        pids = _stage_pids(repo)
+        [main] = [p for p, parent in pids.items() if parent not in pids]  # not a worker of another
+        os.kill(main, signal.SIGKILL)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0, out
     return out
@@ -90,7 +91,7 @@ def test_a_stage_killed_mid_run_leaves_nothing_and_repro_recovers(project, stage
     reference = _reference(repo, stage, known)
     out = _kill_mid_run(repo, stage, sig)
     time.sleep(0.5)
-    assert _stage_pids(repo) == [], "a worker outlived the stage"
+    assert _stage_pids(repo) == {}, "a worker outlived the stage"
     left = [o for o in STAGES[stage][1] if (repo / o).exists()]
     assert left == [], f"{stage} left {left} after {sig.name}:\n{out[-1500:]}"
     assert stage in sh(repo, "dvc", "status", stage)  # DVC does not take the stage as run
