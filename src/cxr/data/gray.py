@@ -78,23 +78,24 @@ def to_gray(img: Image.Image, size: int, fit: str = "stretch") -> np.ndarray:
     return _fit(_to_l(img, size), size, fit)
 
 
-def decode(item: tuple[str, Any], sizes: list[int], fit: str) -> tuple[list[np.ndarray], int, int, str, str] | str:
-    """item is (name, source): a file path, encoded bytes, or a uint8 array. Returns the gray image at each
-    size (one decode for all), original width, height, mode and the sha256 of the source bytes; or, for an
-    image that cannot be used, the reason, so that the parent decides whether to stop or to skip it."""
-    _, src = item
+def decode(item: tuple[Any, ...], sizes: list[int], fit: str) -> tuple[list[np.ndarray], int, int, str, str] | str:
+    """item is (name, source[, sha256]): source a file path, encoded bytes, or a uint8 array, with its sha256
+    if known (the download stage's manifest has it). Returns the gray image at each size (one decode for
+    all), original width, height, mode and the sha256 of the source bytes; or, for an image that cannot be
+    used, the reason, so that the parent decides whether to stop or to skip it."""
+    _, src, *known = item
     try:
         with warnings.catch_warnings():
             # Pillow only warns between its pixel limit and twice that; both are a bomb to a chest X-ray.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             if isinstance(src, np.ndarray):
-                digest = hashlib.sha256(np.ascontiguousarray(src).tobytes()).hexdigest()
+                digest = known[0] if known else hashlib.sha256(np.ascontiguousarray(src).tobytes()).hexdigest()
                 img = Image.fromarray(src)
             else:
                 data = Path(src).read_bytes() if isinstance(src, str) else src
                 if not data:
                     return "empty file (0 bytes)"
-                digest = hashlib.sha256(data).hexdigest()
+                digest = known[0] if known else hashlib.sha256(data).hexdigest()  # 5% of a full-size decode
                 img = Image.open(io.BytesIO(data))
             w, h, mode = img.width, img.height, img.mode
             if min(w, h) < MIN_SIDE:
@@ -109,13 +110,13 @@ def decode(item: tuple[str, Any], sizes: list[int], fit: str) -> tuple[list[np.n
         return f"corrupt or truncated ({' '.join(str(e).split())})"
 
 
-def _items_local(raw: Path, info: dict[str, Any]) -> dict[str, list[tuple[int, tuple[str, Any]]]]:
+def _items_local(raw: Path, info: dict[str, Any]) -> dict[str, list[tuple[int, tuple[Any, ...]]]]:
     """Per split: (label, (name, source)) for every image of a local source."""
-    out: dict[str, list[tuple[int, tuple[str, Any]]]] = {}
+    out: dict[str, list[tuple[int, tuple[Any, ...]]]] = {}
     if info["source"] == "imagefolder":
         root = Path(info["path"])
         for r in read_csv(raw / "manifest.csv"):
-            out.setdefault(r["split"], []).append((int(r["label"]), (r["path"], str(root / r["path"]))))
+            out.setdefault(r["split"], []).append((int(r["label"]), (r["path"], str(root / r["path"]), r["sha256"])))
     else:
         with np.load(info["path"]) as z:
             for split in info["counts"]:
@@ -126,7 +127,7 @@ def _items_local(raw: Path, info: dict[str, Any]) -> dict[str, list[tuple[int, t
     return out
 
 
-def _items_hub(raw: Path) -> Iterator[tuple[str, list[tuple[int, tuple[str, Any]]]]]:
+def _items_hub(raw: Path) -> Iterator[tuple[str, list[tuple[int, tuple[Any, ...]]]]]:
     import datasets
 
     dd = datasets.load_from_disk(str(raw / "hub"))
@@ -141,39 +142,53 @@ def _items_hub(raw: Path) -> Iterator[tuple[str, list[tuple[int, tuple[str, Any]
         yield split, items
 
 
-def _convert_split(items: list[tuple[int, tuple[str, Any]]], split: str, out: Path, p: GrayParams,
+_OPEN: dict[str, np.ndarray] = {}  # per process: the output arrays this process writes rows into
+
+
+def _convert(job: tuple[int, tuple[Any, ...]], paths: list[str], sizes: list[int],
+             fit: str) -> tuple[int, int, str, str] | str:
+    """Decode job (row, item) and write it into that row of the output array of each size, so that only
+    a few bytes travel back to the parent; return (width, height, mode, sha256), or why it is unusable."""
+    row, item = job
+    result = decode(item, sizes, fit)
+    if isinstance(result, str):
+        return result
+    grays, *info = result
+    for path, gray in zip(paths, grays, strict=True):
+        if path not in _OPEN:
+            _OPEN[path] = np.load(path, mmap_mode="r+")
+        _OPEN[path][row] = gray
+    return tuple(info)  # type: ignore[return-value]
+
+
+def _convert_split(items: list[tuple[int, tuple[Any, ...]]], split: str, out: Path, p: GrayParams,
                    on_bad: OnBadImage, pool: Any, skipped: list[dict[str, str]]) -> int:
     n, sizes = len(items), p.sizes
-    paths = [out / str(s) / f"{split}_images.npy" for s in sizes]
-    arrays = [np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, s, s))
-              for path, s in zip(paths, sizes, strict=True)]
-    work = partial(decode, sizes=sizes, fit=p.fit)
-    sources = (item for _, item in items)
-    results: Iterable = pool.imap(work, sources, chunksize=16) if pool else map(work, sources)
-    meta, labels = [], []
+    paths = [str(out / str(s) / f"{split}_images.npy") for s in sizes]
+    for path, s in zip(paths, sizes, strict=True):
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, s, s))  # the workers fill it
+    work = partial(_convert, paths=paths, sizes=sizes, fit=p.fit)
+    jobs = ((i, item) for i, (_, item) in enumerate(items))
+    results: Iterable = pool.imap(work, jobs, chunksize=16) if pool else map(work, jobs)
+    meta, labels, kept = [], [], []
     for i, result in enumerate(tqdm(results, total=n, desc=f"grayscale {split}", unit="img")):
-        label, (name, _) = items[i]
+        label, (name, *_) = items[i]
         if isinstance(result, str):
             if on_bad == "error":
                 raise CxrError(f"bad image {name}: {result}; remove or replace it, or set data.on_bad_image: skip")
             skipped.append({"split": split, "name": name, "reason": result})
             continue
-        grays, w, h, mode, digest = result
-        for array, gray in zip(arrays, grays, strict=True):
-            array[len(meta)] = gray
+        w, h, mode, digest = result
         meta.append(dict(zip(META_FIELDS, (name, split, patient_id(name), digest, w, h, mode), strict=True)))
         labels.append(label)
+        kept.append(i)
+    for path in paths:
+        _OPEN.pop(path, None)  # this process's own maps (no pool), closed before a rewrite
     if not meta:
         raise CxrError(f"every image of split {split} is bad ({skipped[-1]['reason']}, ...); check data.path")
-    if len(meta) < n:  # skipped images: rewrite without the unused rows (rare, so a copy is fine)
-        kept = [np.array(array[:len(meta)]) for array in arrays]
-        del arrays  # unmap before the files are rewritten
-        for path, array in zip(paths, kept, strict=True):
-            np.save(path, array)
-    else:
-        for array in arrays:
-            array.flush()
-        del arrays
+    if len(kept) < n:  # skipped images: rewrite without their rows (rare, so a copy is fine)
+        for path in paths:
+            np.save(path, np.load(path, mmap_mode="r")[kept])
     for s in sizes:
         save_labels_meta(out / str(s), split, np.array(labels, dtype=np.int64), meta)
     return len(meta)
