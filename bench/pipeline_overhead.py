@@ -5,15 +5,14 @@
     python bench/pipeline_overhead.py --size 64 --epochs 3
 
 It builds a scratch git + DVC project from this checkout's pipeline (dvc.yaml, params.yaml, stages/, src/)
-in a temporary folder, so the project's own params.yaml, dvc.lock and MLflow store are never touched.
+with the tests' `make_project`, in a temporary folder, so the project's own params.yaml, dvc.lock and
+MLflow store are never touched.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -24,14 +23,13 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("CXR_SHARED_DATA", ROOT.parent / "shared" / "data"))
-ENV = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
-       "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import SHARED, make_project, project_env, ran  # noqa: E402  (the tests' scratch git + DVC project)
 
 
 def sh(repo: Path, *cmd: str) -> tuple[float, str]:
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, cwd=repo, env=ENV, capture_output=True, text=True)
+    out = subprocess.run(cmd, cwd=repo, env=project_env(), capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if out.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
@@ -39,26 +37,14 @@ def sh(repo: Path, *cmd: str) -> tuple[float, str]:
 
 
 def project(dest: Path, variants: list[str], size: int, epochs: int) -> Path:
-    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "stages", "src", "data/external/README.md"):
-        src, dst = ROOT / name, dest / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-         if src.is_dir() else shutil.copy(src, dst))
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["models"] = {k: p["models"][k] for k in variants}
-    p["data"].update(source="imagefolder", path=str(SHARED / "chest_xray_224"))
-    p["gray"].update(image_size=size, extra_sizes=[])
-    p["train"]["epochs"] = epochs
-    (dest / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "b@localhost"], ["git", "config", "user.name",
-                "b"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"], ["git", "add", "-A"],
-                ["git", "commit", "-qm", "bench"]):
-        sh(dest, *cmd)
-    return dest
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return make_project(dest, {k: raw["models"][k] for k in variants},
+                        data={"source": "imagefolder", "path": str(SHARED / "chest_xray_224")},
+                        gray={"image_size": size, "extra_sizes": []}, train={"epochs": epochs})
 
 
-def ran(log: str) -> str:
-    return ", ".join(sorted(re.findall(r"Running stage '([^']+)'", log))) or "none"
+def stages_run(log: str) -> str:
+    return ", ".join(sorted(ran(log))) or "none"
 
 
 def main() -> None:
@@ -76,19 +62,19 @@ def main() -> None:
         rows = []
         seconds, log = sh(repo, "dvc", "repro")
         rows.append((f"whole pipeline: 5840 images at {args.size} px, {len(variants)} variants x {args.epochs} epochs",
-                     seconds, ran(log)))
+                     seconds, stages_run(log)))
         noop = []
         for _ in range(args.repeats):
             seconds, log = sh(repo, "dvc", "repro")
             noop.append(seconds)
-        rows.append((f"nothing changed (median of {args.repeats})", statistics.median(noop), ran(log)))
+        rows.append((f"nothing changed (median of {args.repeats})", statistics.median(noop), stages_run(log)))
         seconds, log = sh(repo, "dvc", "status")
         rows.append(("dvc status, nothing changed", seconds, "none"))
         p = yaml.safe_load((repo / "params.yaml").read_text())
         p["models"][variants[-1]]["lr"] = p["models"][variants[-1]].get("lr", 1e-3) / 2
         (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
         seconds, log = sh(repo, "dvc", "repro")
-        rows.append((f"models.{variants[-1]}.lr changed", seconds, ran(log)))
+        rows.append((f"models.{variants[-1]}.lr changed", seconds, stages_run(log)))
     print(f"{os.cpu_count()} cores; dvc and the stages run as `dvc repro` would from a shell\n")
     print("| case | seconds | stages run |")
     print("|---|---|---|")

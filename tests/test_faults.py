@@ -84,8 +84,12 @@ def _kill_mid_run(repo: Path, stage: str, sig: signal.Signals) -> str:
     return out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
-@pytest.mark.parametrize("stage", [s if s in DATA_STAGES else pytest.param(s, marks=pytest.mark.slow) for s in STAGES])
+FAST = {("grayscale", "SIGINT"), ("grayscale", "SIGKILL"), ("split", "SIGKILL")}  # the rest: -m slow
+
+
+@pytest.mark.parametrize("stage, sig", [
+    pytest.param(stage, sig, id=f"{stage}-{sig.name}", marks=() if (stage, sig.name) in FAST else pytest.mark.slow)
+    for stage in STAGES for sig in (signal.SIGINT, signal.SIGKILL)])
 def test_a_stage_killed_mid_run_leaves_nothing_and_repro_recovers(project, stage, sig):
     repo, known = project
     reference = _reference(repo, stage, known)
