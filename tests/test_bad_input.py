@@ -74,17 +74,23 @@ def _catalogue(img: Image.Image) -> dict[str, tuple[bytes, str | None]]:
 
 
 @pytest.fixture(scope="module")
-def bad_folder(tmp_path_factory):
+def catalogue() -> tuple[Image.Image, dict[str, tuple[bytes, str | None]]]:
+    """The real X-ray and every file built from it, once per module (the bomb takes 0.3 s to compress)."""
+    img = _xray()
+    return img, _catalogue(img)
+
+
+@pytest.fixture(scope="module")
+def bad_folder(tmp_path_factory, catalogue):
     """A Kaggle-style folder of 4 real images per class and split, plus every odd and broken file."""
     folder = make_imagefolder(tmp_path_factory.mktemp("bad"), per_class=4, with_duplicates=False)
-    for name, (data, _) in _catalogue(_xray()).items():
+    for name, (data, _) in catalogue[1].items():
         (folder / "train" / "normal" / name).write_bytes(data)
     return folder
 
 
-def test_odd_images_are_converted_and_broken_ones_skipped_with_their_reason(bad_folder, tmp_path):
-    img = _xray()
-    cases = _catalogue(img)
+def test_odd_images_are_converted_and_broken_ones_skipped_with_their_reason(bad_folder, catalogue, tmp_path):
+    img, cases = catalogue
     download(DataParams(source="imagefolder", path=str(bad_folder)), tmp_path / "raw")
     report = grayscale(tmp_path / "raw", tmp_path / "gray", GrayParams(image_size=64, workers=2), "skip",
                        tmp_path / "grayscale.json")
@@ -109,8 +115,8 @@ def test_odd_images_are_converted_and_broken_ones_skipped_with_their_reason(bad_
 
 
 @pytest.mark.parametrize("name", ["truncated.jpeg", "empty.jpeg", "text.jpeg", "tiny.png", "bomb.png"])
-def test_a_broken_image_stops_the_stage_with_one_line_and_no_output(bad_folder, tmp_path, name):
-    reason = _catalogue(_xray())[name][1]
+def test_a_broken_image_stops_the_stage_with_one_line_and_no_output(bad_folder, catalogue, tmp_path, name):
+    reason = catalogue[1][name][1]
     folder = tmp_path / "src"
     (folder / "train" / "NORMAL").mkdir(parents=True)
     (folder / "train" / "PNEUMONIA").mkdir(parents=True)

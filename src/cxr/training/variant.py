@@ -62,7 +62,8 @@ def train_variant(p: Params, variant: str, data: Path, model_dir: Path, report_d
     names = classes(data)
     train, val = load_split(data, "train"), load_split(data, "val")
     check_variants(p, [variant])  # bad settings or size fail before MLflow starts a run
-    build_classifier(tp, image_size, len(names), 0.0, 1.0)  # and missing pretrained weights (offline)
+    if tp.model.get("pretrained"):  # and missing ImageNet weights (offline): only a real build reads them
+        build_classifier(tp, image_size, len(names), 0.0, 1.0)
     fingerprint = _fingerprint(p, variant, data)
     state_file = checkpoints / "state.pt"
     state = _load_state(state_file, fingerprint)
