@@ -66,19 +66,31 @@ def _stage_pids(repo: Path) -> dict[int, int]:
     return pids
 
 
-def _kill_mid_run(repo: Path, stage: str, sig: signal.Signals) -> str:
-    marker = STAGES[stage][0]
-    proc = subprocess.Popen(["dvc", "repro", "-f", "-s", stage], cwd=repo, env=project_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    while not list(repo.glob(marker)):
-        assert proc.poll() is None, f"{stage} ended before it could be interrupted:\n{proc.stdout.read()[-2000:]}"
-        time.sleep(0.001)
+def _kill_mid_run(repo: Path, stage: str, sig: signal.Signals, tries: int = 5) -> str:
+    """Run the stage and signal it while its outputs are still temporaries. The whole process group is
+    stopped the moment the marker appears, so a fast machine cannot finish the stage while we look for its
+    pid; if it had already renamed its outputs by then, it runs again."""
+    marker, outs = STAGES[stage]
+    for _ in range(tries):
+        proc = subprocess.Popen(["dvc", "repro", "-f", "-s", stage], cwd=repo, env=project_env(), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        while not list(repo.glob(marker)):
+            assert proc.poll() is None, f"{stage} ended before it could be interrupted:\n{proc.stdout.read()[-2000:]}"
+            time.sleep(0.001)
+        os.killpg(proc.pid, signal.SIGSTOP)
+        if list(repo.glob(marker)) and not [o for o in outs if (repo / o).exists()]:
+            break
+        os.killpg(proc.pid, signal.SIGCONT)  # too late: its outputs are in place
+        proc.communicate(timeout=120)
+    else:
+        pytest.fail(f"{stage} finished before it could be stopped, {tries} times")
     if sig == signal.SIGINT:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals dvc, the stage and its workers
     else:
         pids = _stage_pids(repo)
         [main] = [p for p, parent in pids.items() if parent not in pids]  # not a worker of another
         os.kill(main, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGCONT)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0, out
     return out

@@ -55,9 +55,9 @@ def atomic_path(path: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_paths(*paths: str | Path) -> Iterator[list[Path]]:
-    """atomic_path for files that belong together: all appear (renamed in a row at the end) or none."""
-    with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(atomic_path(p)) for p in paths]
+    """atomic_path for files that belong together: all appear (renamed in the given order at the end) or none."""
+    with contextlib.ExitStack() as stack:  # an ExitStack exits last-in first-out: enter them in reverse
+        yield [stack.enter_context(atomic_path(p)) for p in reversed(paths)][::-1]
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -214,9 +214,10 @@ def grayscale(raw: Path, out: Path, p: GrayParams, on_bad: OnBadImage = "error",
     workers = p.workers or os.cpu_count() or 1
     counts: dict[str, int] = {}
     skipped: list[dict[str, str]] = []
-    with contextlib.ExitStack() as stack:  # the arrays and the report appear together or not at all
-        tmp = stack.enter_context(atomic_path(out, is_dir=True))
+    # the arrays and the report appear together or not at all; entered last, the arrays are renamed first
+    with contextlib.ExitStack() as stack:
         report_tmp = stack.enter_context(atomic_path(report)) if report else None
+        tmp = stack.enter_context(atomic_path(out, is_dir=True))
         for size in p.sizes:
             (tmp / str(size)).mkdir()
         # fork: workers inherit the loaded modules, so start-up costs milliseconds

@@ -143,10 +143,10 @@ def split(gray: Path, out: Path, p: SplitParams, seed: int, labels: str = "binar
     if not sizes:
         raise CxrError(f"{gray} holds no image sizes; run `dvc repro grayscale`")
     report, chosen = _select(gray / str(sizes[0]), p, seed, labels)
-    with contextlib.ExitStack() as stack:
-        tmp = stack.enter_context(atomic_path(out, is_dir=True))
+    with contextlib.ExitStack() as stack:  # entered last, `out` is renamed first, then the report
         if report_path:
             write_json(stack.enter_context(atomic_path(report_path)), report)
+        tmp = stack.enter_context(atomic_path(out, is_dir=True))
         for size in sizes:
             folder = tmp / str(size)
             folder.mkdir()
