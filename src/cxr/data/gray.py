@@ -37,7 +37,7 @@ MIN_SIDE = 8  # px: smaller is no radiograph (PneumoniaMNIST's 28 px images are 
 
 
 def patient_id(name: str) -> str:
-    m = _PATIENT.match(Path(name).name)
+    m = _PATIENT.match(os.path.basename(name))  # not pathlib: this runs per image in the parent
     return (m.group(1) or m.group(2)) if m else ""
 
 
@@ -117,9 +117,9 @@ def _items_local(raw: Path, info: dict[str, Any]) -> dict[str, list[tuple[int, t
     """Per split: (label, (name, source)) for every image of a local source."""
     out: dict[str, list[tuple[int, tuple[Any, ...]]]] = {}
     if info["source"] == "imagefolder":
-        root = Path(info["path"])
         for r in read_csv(raw / "manifest.csv"):
-            out.setdefault(r["split"], []).append((int(r["label"]), (r["path"], str(root / r["path"]), r["sha256"])))
+            item = (r["path"], os.path.join(info["path"], r["path"]), r["sha256"])
+            out.setdefault(r["split"], []).append((int(r["label"]), item))
     else:
         with np.load(info["path"]) as z:
             for split in info["counts"]:
