@@ -18,10 +18,12 @@ process and its workers, sampled every 50 ms (PSS counts pages shared by forked 
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -127,6 +129,7 @@ def run_one(method: str, root: Path, size: int) -> dict[str, float]:
         from cxr.params import DataParams, GrayParams
 
         tmp = Path(tempfile.mkdtemp(prefix="cxr-bench-"))
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # after the timing: 290 MB at 224 px
         download(DataParams(source="imagefolder", path=str(root)), tmp / "raw")
 
         def work() -> None:
