@@ -1,64 +1,117 @@
-"""Test metrics at a threshold chosen on validation, and the ROC/PR curves, with torchmetrics."""
+"""Test metrics at a threshold chosen on validation, and the ROC/PR curves. Plain torch, with torchmetrics'
+definitions (tests/test_metrics.py checks every figure against it): importing torchmetrics costs each train
+and evaluate stage about a second and a half, as it loads torchvision and its image metrics."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from torchmetrics.functional import classification as C
+
+
+def _ratio(num: torch.Tensor | float, den: torch.Tensor | float) -> torch.Tensor:
+    """num / den, 0 where den is 0 (torchmetrics' zero_division=0)."""
+    num, den = torch.as_tensor(num, dtype=torch.float64), torch.as_tensor(den, dtype=torch.float64)
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
+
+
+def _clf_curve(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """False and true positives when calling p >= t positive, for each distinct score t, highest first."""
+    order = probs.argsort(descending=True)
+    p, y = probs[order].double(), labels[order].double()
+    last = torch.cat([torch.nonzero(p[1:] != p[:-1]).flatten(), torch.tensor([len(p) - 1])])  # of each tie
+    tps = y.cumsum(0)[last]
+    return last + 1 - tps, tps, p[last]
+
+
+def roc(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fpr, tpr and thresholds, from (0, 0) at threshold 1; a rate with no cases in its class is 0."""
+    fps, tps, thresholds = _clf_curve(probs, labels)
+    zero, one = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    fps, tps, thresholds = torch.cat([zero, fps]), torch.cat([zero, tps]), torch.cat([one, thresholds])
+    return _ratio(fps, fps[-1]), _ratio(tps, tps[-1]), thresholds
+
+
+def pr_curve(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """precision and recall, by rising threshold, ending at (recall 0, precision 1), which has no threshold."""
+    fps, tps, thresholds = _clf_curve(probs, labels)
+    recall = _ratio(tps, tps[-1]) if tps[-1] > 0 else torch.ones_like(tps)  # no positives: as torchmetrics
+    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    return torch.cat([(tps / (tps + fps)).flip(0), one]), torch.cat([recall.flip(0), zero]), thresholds.flip(0)
+
+
+def auroc(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve, by the trapezoidal rule; (N, K) probs: the mean of each class against the rest."""
+    if probs.ndim == 2:
+        return sum(auroc(probs[:, k], labels == k) for k in range(probs.shape[1])) / probs.shape[1]
+    fpr, tpr, _ = roc(probs, labels)
+    return float(torch.trapezoid(tpr, fpr))
+
+
+def average_precision(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Sum over thresholds of precision times the recall gained; (N, K) probs: the mean over classes."""
+    if probs.ndim == 2:
+        return sum(average_precision(probs[:, k], labels == k) for k in range(probs.shape[1])) / probs.shape[1]
+    precision, recall, _ = pr_curve(probs, labels)
+    return float(-((recall[1:] - recall[:-1]) * precision[:-1]).sum())
 
 
 def choose_threshold(probs: torch.Tensor, labels: torch.Tensor, rule: str | float) -> float:
-    """The decision threshold on P(PNEUMONIA) (positive when p > threshold, as torchmetrics counts):
-    fixed, or the one that maximises F1 or Youden's J on `probs`."""
+    """The decision threshold on P(PNEUMONIA) (positive when p > threshold): fixed, or the one that
+    maximises F1 or Youden's J on `probs`."""
     if isinstance(rule, float):
         return rule
     if labels.unique().numel() < 2:
         return 0.5  # no rule can be applied to one class (the split stage refuses such a val split)
-    if rule == "f1":
-        precision, recall, thresholds = C.binary_precision_recall_curve(probs, labels)
-        f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
-        best = thresholds[f1[:-1].argmax()]  # the last (precision=1, recall=0) point has no threshold
-    else:
-        fpr, tpr, thresholds = C.binary_roc(probs, labels)
-        best = thresholds[(tpr - fpr).argmax()].clamp(0, 1)
+    fps, tps, thresholds = _clf_curve(probs, labels)
+    pos, neg = tps[-1], fps[-1]
+    # Each score is one division of whole numbers, so equal scores are equal floats and ties break as stated.
+    if rule == "f1":  # 2tp / (2tp + fp + fn); of equal ones, the lowest threshold
+        score, thresholds = (2 * tps / (tps + fps + pos)).flip(0), thresholds.flip(0)
+    else:  # Youden's J = tpr - fpr, from roc()'s (0, 0) point at threshold 1; of equal ones, the highest
+        score = torch.cat([torch.zeros(1, dtype=torch.float64), (tps * neg - fps * pos) / (pos * neg)])
+        thresholds = torch.cat([torch.ones(1, dtype=torch.float64), thresholds])
+    best = thresholds[score.argmax()]
     # Curve thresholds mean p >= t; halfway to the next lower score means the same for p > t.
     below = probs[probs < best]
     return float((best + below.max()) / 2) if len(below) else float(best / 2)
 
 
+def confusion(probs: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> list[list[int]]:
+    """Rows actual, columns predicted: binary when p > threshold, otherwise the argmax class."""
+    k = 2 if probs.ndim == 1 else probs.shape[1]
+    predicted = (probs > threshold).long() if probs.ndim == 1 else probs.argmax(1)
+    return torch.bincount(labels.long() * k + predicted, minlength=k * k).reshape(k, k).tolist()
+
+
 def scores(probs: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict[str, float | None]:
-    labels = labels.long()
-    (tn, fp), (fn, tp) = C.binary_confusion_matrix(probs, labels, threshold=threshold).tolist()
-    kw: dict[str, Any] = {"threshold": threshold}
-    both = labels.unique().numel() == 2  # ranking scores are undefined on one class: null, not torchmetrics' 0
+    (tn, fp), (fn, tp) = confusion(probs, labels, threshold)
+    both = labels.unique().numel() == 2  # ranking scores are undefined on one class: null, not a 0
     return {
-        "accuracy": C.binary_accuracy(probs, labels, **kw).item(),
-        "precision": C.binary_precision(probs, labels, **kw).item(),
-        "recall": C.binary_recall(probs, labels, **kw).item(),
-        "specificity": C.binary_specificity(probs, labels, **kw).item(),
-        "f1": C.binary_f1_score(probs, labels, **kw).item(),
-        "auroc": C.binary_auroc(probs, labels).item() if both else None,
-        "average_precision": C.binary_average_precision(probs, labels).item() if both else None,
+        "accuracy": (tp + tn) / len(labels),
+        "precision": float(_ratio(tp, tp + fp)),
+        "recall": float(_ratio(tp, tp + fn)),
+        "specificity": float(_ratio(tn, tn + fp)),
+        "f1": float(_ratio(2 * tp, 2 * tp + fp + fn)),
+        "auroc": auroc(probs, labels) if both else None,
+        "average_precision": average_precision(probs, labels) if both else None,
         "tn": tn, "fp": fp, "fn": fn, "tp": tp,
     }
 
 
 def multiclass_scores(probs: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict[str, float | None]:
     """Argmax predictions: accuracy, macro averages (the headline figures), and each class's own."""
-    labels, k = labels.long(), len(names)
-    kw: dict[str, Any] = {"num_classes": k}
-    out = {"accuracy": C.multiclass_accuracy(probs, labels, average="micro", **kw).item()}
-    per_class = {"precision": C.multiclass_precision, "recall": C.multiclass_recall,
-                 "specificity": C.multiclass_specificity, "f1": C.multiclass_f1_score}
-    for metric, fn in per_class.items():
-        values = fn(probs, labels, average=None, **kw)
-        out[metric] = values.mean().item()
-        out |= {f"{metric}_{name}": v for name, v in zip(names, values.tolist(), strict=True)}
-    every = labels.unique().numel() == k
-    out["auroc"] = C.multiclass_auroc(probs, labels, average="macro", **kw).item() if every else None
-    out["average_precision"] = (C.multiclass_average_precision(probs, labels, average="macro", **kw).item()
-                                if every else None)
+    cm = torch.tensor(confusion(probs, labels), dtype=torch.float64)
+    tp = cm.diagonal()
+    fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
+    tn = cm.sum() - tp - fp - fn
+    out: dict[str, float | None] = {"accuracy": float(tp.sum() / cm.sum())}
+    per_class = {"precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn),
+                 "specificity": _ratio(tn, tn + fp), "f1": _ratio(2 * tp, 2 * tp + fp + fn)}
+    for metric, values in per_class.items():
+        out[metric] = float(values.mean())
+        out |= {f"{metric}_{name}": float(v) for name, v in zip(names, values, strict=True)}
+    every = labels.unique().numel() == len(names)
+    out["auroc"] = auroc(probs, labels) if every else None
+    out["average_precision"] = average_precision(probs, labels) if every else None
     return out
 
 
@@ -68,20 +121,13 @@ def task_scores(probs: torch.Tensor, labels: torch.Tensor, names: list[str],
     return scores(probs, labels, threshold) if probs.ndim == 1 else multiclass_scores(probs, labels, names)
 
 
-def confusion(probs: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> list[list[int]]:
-    """Rows actual, columns predicted."""
-    if probs.ndim == 1:
-        return C.binary_confusion_matrix(probs, labels.long(), threshold=threshold).tolist()
-    return C.multiclass_confusion_matrix(probs, labels.long(), num_classes=probs.shape[1]).tolist()
-
-
 def curves(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, list[dict[str, float]]]:
     """ROC and PR curves as rows, thinned to at most ~200 points for plots. With more classes: the
     micro average (every class's one-vs-rest decisions pooled)."""
     if probs.ndim == 2:
         probs, labels = probs.reshape(-1), torch.nn.functional.one_hot(labels.long(), probs.shape[1]).reshape(-1)
-    fpr, tpr, _ = C.binary_roc(probs, labels.long())
-    precision, recall, _ = C.binary_precision_recall_curve(probs, labels.long())
+    fpr, tpr, _ = roc(probs, labels)
+    precision, recall, _ = pr_curve(probs, labels)
 
     def rows(**cols: torch.Tensor) -> list[dict[str, float]]:
         n = len(next(iter(cols.values())))

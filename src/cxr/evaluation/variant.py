@@ -81,7 +81,7 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
     y_val, y_test = torch.from_numpy(val.labels), torch.from_numpy(test.labels)
     metrics = _metrics(p_val, y_val, p_test, y_test, names, p.evaluate.threshold)
     threshold = metrics.get("threshold", 0.5)
-    predicted = (p_test > threshold).long() if p_test.ndim == 1 else p_test.argmax(1)  # torchmetrics' rules
+    predicted = (p_test > threshold).long() if p_test.ndim == 1 else p_test.argmax(1)  # as metrics.confusion
     rows = [{"actual": names[a], "predicted": names[b]} for a, b in zip(test.labels.tolist(), predicted.tolist(),
                                                                         strict=True)]
     curve_rows = curves(p_test, y_test)

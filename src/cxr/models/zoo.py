@@ -7,7 +7,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-import torchvision
 from torch import nn
 
 from cxr.errors import CxrError
@@ -27,6 +26,8 @@ _LAYERS = {
 
 def imagenet_weights(arch: str) -> dict[str, torch.Tensor]:
     """The arch's default ImageNet weights from torchvision (downloaded once into torch's hub cache)."""
+    import torchvision
+
     weights = torchvision.models.get_model_weights(arch).DEFAULT
     file = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
     try:
@@ -58,6 +59,8 @@ def _adapt_first_conv(conv: nn.Conv2d, in_chans: int, pretrained: bool) -> nn.Co
 
 def _torchvision(arch: str, num_classes: int, in_chans: int, pretrained: bool, head: nn.Module | None = None,
                  **kwargs: object) -> nn.Module:
+    import torchvision  # here: its import takes over a second, which the stages of other archs are spared
+
     net = torchvision.models.get_model(arch, weights=None, **kwargs)
     if pretrained:
         net.load_state_dict(imagenet_weights(arch))

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
 from tqdm import tqdm
 
 from cxr.data.store import Split
 from cxr.errors import CxrError
+from cxr.evaluation import metrics
 from cxr.models import Classifier, build_model
 from cxr.params import TrainParams
 from cxr.training.parts import augment, make_loss, make_optimizer, make_scheduler
@@ -84,11 +84,8 @@ def predictions(logits: torch.Tensor) -> torch.Tensor:
 
 def auroc(logits: torch.Tensor, y: torch.Tensor) -> float:
     if y.unique().numel() < max(logits.shape[1], 2):
-        return math.nan  # undefined without every class (torchmetrics would say 0)
-    probs = probabilities(logits)
-    if logits.shape[1] == 1:
-        return binary_auroc(probs, y).item()
-    return multiclass_auroc(probs, y, num_classes=logits.shape[1], average="macro").item()
+        return math.nan  # undefined without every class (a rate over no cases would count as 0)
+    return metrics.auroc(probabilities(logits), y)
 
 
 def mean_std(x: torch.Tensor) -> tuple[float, float]:
