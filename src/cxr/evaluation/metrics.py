@@ -15,6 +15,7 @@ def _ratio(num: torch.Tensor | float, den: torch.Tensor | float) -> torch.Tensor
 
 def _clf_curve(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """False and true positives when calling p >= t positive, for each distinct score t, highest first."""
+    probs, labels = probs.detach().cpu(), labels.cpu()  # a few thousand scores; float64 (which MPS lacks)
     order = probs.argsort(descending=True)
     p, y = probs[order].double(), labels[order].double()
     last = torch.cat([torch.nonzero(p[1:] != p[:-1]).flatten(), torch.tensor([len(p) - 1])])  # of each tie
@@ -78,6 +79,7 @@ def choose_threshold(probs: torch.Tensor, labels: torch.Tensor, rule: str | floa
 def confusion(probs: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> list[list[int]]:
     """Rows actual, columns predicted: binary when p > threshold, otherwise the argmax class."""
     k = 2 if probs.ndim == 1 else probs.shape[1]
+    probs, labels = probs.detach().cpu(), labels.cpu()
     predicted = (probs > threshold).long() if probs.ndim == 1 else probs.argmax(1)
     return torch.bincount(labels.long() * k + predicted, minlength=k * k).reshape(k, k).tolist()
 
