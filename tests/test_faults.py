@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -53,13 +54,18 @@ def _reference(repo: Path, stage: str, known: dict) -> dict:
     return known["metrics"]
 
 
+PYTHON = os.path.realpath(sys.executable)
+
+
 def _stage_pids(repo: Path) -> dict[int, int]:
-    """pid -> parent pid of the stage processes (and their workers) running in `repo`."""
+    """pid -> parent pid of the stage's Python processes (and their workers) running in `repo`. Not the shell
+    DVC runs the command with: dash (/bin/sh, DVC's shell when SHELL is unset, as in CI) forks the command
+    and waits, where bash execs it."""
     pids = {}
     for proc in Path("/proc").iterdir():
         try:
             if proc.name.isdigit() and os.readlink(proc / "cwd") == str(repo) and \
-                    b"stages/" in (proc / "cmdline").read_bytes():
+                    os.readlink(proc / "exe") == PYTHON and b"stages/" in (proc / "cmdline").read_bytes():
                 pids[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except OSError:
             pass
