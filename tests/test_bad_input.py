@@ -6,6 +6,8 @@ import io
 import json
 import re
 import struct
+import subprocess
+import sys
 import threading
 import zlib
 from pathlib import Path
@@ -206,11 +208,14 @@ def fake_hub(monkeypatch):
 
 def test_a_hub_id_that_does_not_exist_is_named_with_the_fix(fake_hub, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(CxrError, match=r"data.hub_repo 'nobody/no-such-xrays' \(config 'full', revision "
-                                       r"'refs/convert/parquet'\) is not on the hub, or is private or gated .*"
-                                       r"check the id, or log in with `hf auth login`"):
-        download(DataParams(source="hub", hub_repo="nobody/no-such-xrays"), tmp_path / "raw")
+    # A fresh process: huggingface_hub reads HF_ENDPOINT once, when it is first imported (an earlier test may have).
+    code = ("import sys; from pathlib import Path; from cxr.data.sources import download; from cxr.errors import "
+            "CxrError; from cxr.params import DataParams\ntry:\n    download(DataParams(source='hub', "
+            "hub_repo='nobody/no-such-xrays'), Path('raw'))\nexcept CxrError as e:\n    sys.exit(str(e))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 1 and re.search(
+        r"data.hub_repo 'nobody/no-such-xrays' \(config 'full', revision 'refs/convert/parquet'\) is not on the "
+        r"hub, or is private or gated .*check the id, or log in with `hf auth login`", res.stderr), res.stderr
     assert not (tmp_path / "raw").exists() and not list(tmp_path.glob(".raw*"))
 
 

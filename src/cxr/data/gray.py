@@ -24,7 +24,7 @@ from tqdm import tqdm
 from cxr.data.sources import SPLIT_ALIASES
 from cxr.data.store import META_FIELDS, save_labels_meta
 from cxr.errors import CxrError
-from cxr.io import atomic_path, read_csv, write_json
+from cxr.io import atomic_paths, read_csv, write_json
 from cxr.params import GrayParams, OnBadImage
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def decode(item: tuple[Any, ...], sizes: list[int], fit: str) -> tuple[list[np.n
 
 
 def _items_local(raw: Path, info: dict[str, Any]) -> dict[str, list[tuple[int, tuple[Any, ...]]]]:
-    """Per split: (label, (name, source)) for every image of a local source."""
+    """Per split: (label, (name, source[, sha256])) for every image of a local source."""
     out: dict[str, list[tuple[int, tuple[Any, ...]]]] = {}
     if info["source"] == "imagefolder":
         for r in read_csv(raw / "manifest.csv"):
@@ -214,10 +214,9 @@ def grayscale(raw: Path, out: Path, p: GrayParams, on_bad: OnBadImage = "error",
     workers = p.workers or os.cpu_count() or 1
     counts: dict[str, int] = {}
     skipped: list[dict[str, str]] = []
-    # the arrays and the report appear together or not at all; entered last, the arrays are renamed first
-    with contextlib.ExitStack() as stack:
-        report_tmp = stack.enter_context(atomic_path(report)) if report else None
-        tmp = stack.enter_context(atomic_path(out, is_dir=True))
+    # the arrays and the report appear together or not at all, the arrays first
+    with atomic_paths(out, *([report] if report else [])) as (tmp, *report_tmp):
+        tmp.mkdir()
         for size in p.sizes:
             (tmp / str(size)).mkdir()
         # fork: workers inherit the loaded modules, so start-up costs milliseconds
@@ -229,8 +228,8 @@ def grayscale(raw: Path, out: Path, p: GrayParams, on_bad: OnBadImage = "error",
         summary = {"source": info["source"], "sizes": p.sizes, "fit": p.fit, "counts": counts,
                    "skipped": len(skipped), "skipped_images": skipped}
         write_json(tmp / "info.json", summary)
-        if report_tmp:
-            write_json(report_tmp, summary)
+        for path in report_tmp:
+            write_json(path, summary)
     for s in skipped:
         log.warning("skipped %s (%s): %s", s["name"], s["split"], s["reason"])
     log.info("grayscale %s px: %s", p.sizes, counts)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections import defaultdict
@@ -15,7 +14,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from cxr import CLASSES, SPLITS
 from cxr.data.store import Split, load_split, save_split, sizes_in, splits_in
 from cxr.errors import CxrError
-from cxr.io import atomic_path, write_json
+from cxr.io import atomic_paths, write_json
 from cxr.params import SplitParams
 
 log = logging.getLogger(__name__)
@@ -143,10 +142,10 @@ def split(gray: Path, out: Path, p: SplitParams, seed: int, labels: str = "binar
     if not sizes:
         raise CxrError(f"{gray} holds no image sizes; run `dvc repro grayscale`")
     report, chosen = _select(gray / str(sizes[0]), p, seed, labels)
-    with contextlib.ExitStack() as stack:  # entered last, `out` is renamed first, then the report
-        if report_path:
-            write_json(stack.enter_context(atomic_path(report_path)), report)
-        tmp = stack.enter_context(atomic_path(out, is_dir=True))
+    with atomic_paths(out, *([report_path] if report_path else [])) as (tmp, *report_tmp):  # `out` first
+        tmp.mkdir()
+        for path in report_tmp:
+            write_json(path, report)
         for size in sizes:
             folder = tmp / str(size)
             folder.mkdir()
