@@ -60,15 +60,15 @@ def atomic_paths(*paths: str | Path) -> Iterator[list[Path]]:
         yield [stack.enter_context(atomic_path(p)) for p in reversed(paths)][::-1]
 
 
+# Plain writers: every caller writes into a temporary of atomic_path(s). Wrapping them in atomic_path as well
+# would nest a temporary of the temporary (`..x.tmp-1.tmp-1`), which a SIGKILL leaves and no cleanup matches.
 def write_json(path: str | Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def write_csv(path: str | Path, rows: Sequence[dict[str, Any]], fields: Sequence[str] | None = None) -> None:
-    fields = list(fields or (rows[0].keys() if rows else []))
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+    with Path(path).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields or (rows[0].keys() if rows else [])))
         writer.writeheader()
         writer.writerows(rows)
 

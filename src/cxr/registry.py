@@ -18,7 +18,7 @@ from cxr import tracking
 from cxr.data.store import classes, load_split
 from cxr.errors import CxrError
 from cxr.evaluation.metrics import task_scores
-from cxr.io import read_report, write_json
+from cxr.io import atomic_path, read_report, write_json
 from cxr.params import Params
 from cxr.training.loop import probs_of
 
@@ -130,6 +130,7 @@ def promote(p: Params, reports: Path, data: Path, out: Path) -> dict[str, Any]:
         for key, value in tags.items():
             client.set_model_version_tag(name, cand["version"], key, value)
             client.set_tag(cand["run_id"], key, value)
-    write_json(out, record)
+    with atomic_path(out) as tmp:
+        write_json(tmp, record)
     log.info("%s %s version %s (%s): %s", decision, name, cand["version"], cand["variant"], reason)
     return record
