@@ -1,11 +1,14 @@
 """Every registered arch builds, runs forward and backward with finite values; pretrained weights through
 torchvision's API from a cache the test writes; the registry's errors."""
 
+import re
+
 import pytest
 import torch
 import torchvision
 from torch import nn
 
+from conftest import make_imagefolder, make_project, sh
 from cxr.errors import CxrError
 from cxr.models import Classifier, build_model, list_models, register_model
 
@@ -51,6 +54,28 @@ def test_missing_pretrained_weights_offline_name_the_file_and_folder(tmp_path, m
     with pytest.raises(CxrError, match=rf"ImageNet weights for mobilenet_v2 .*put mobilenet_v2-7ebf99e0.pth .*"
                                        rf"into {folder}"):
         build_model("mobilenet_v2", pretrained=True, image_size=64)
+
+
+def test_the_first_stage_warns_of_pretrained_weights_it_cannot_get(tmp_path, monkeypatch):
+    """Offline, a pretrained variant fails at its train stage, after the data stages and the other variants;
+    the download stage says so in its first seconds, and still does its work."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # offline here; elsewhere a closed port
+    repo = make_project(tmp_path / "repo", {"lin": {"arch": "linear"},
+                                            "r18": {"arch": "resnet18", "pretrained": True},
+                                            "r18_ft": {"arch": "resnet18", "pretrained": True, "lr": 1e-5},
+                                            "mnet": {"arch": "mobilenet_v2", "pretrained": True}},
+                        data={"source": "imagefolder", "path": str(make_imagefolder(tmp_path / "src", per_class=5))})
+    folder = tmp_path / "torch" / "hub" / "checkpoints"
+    out = sh(repo, "dvc", "repro", "download")
+    assert re.findall(r"cxr.download: (.+?) will fail at train", out) == ["mnet", "r18, r18_ft"], out
+    assert f"resnet18-f37072fd.pth is not in {folder} and https://download.pytorch.org/models/" in out
+    assert "train the other variants with `dvc repro --keep-going`" in out
+    assert (repo / "data" / "raw" / "source.json").exists()  # a warning: the stage did its work
+    folder.mkdir(parents=True)
+    (folder / "resnet18-f37072fd.pth").touch()  # in the cache: nothing to download, no warning
+    out = sh(repo, "dvc", "repro", "-f", "download")
+    assert re.findall(r"cxr.download: (.+?) will fail at train: (\S+)", out) == [("mnet", "mobilenet_v2-7ebf99e0.pth")]
 
 
 def test_sizes_a_model_cannot_take():

@@ -3,7 +3,10 @@ loaded through torchvision's weights API."""
 
 from __future__ import annotations
 
+import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -24,18 +27,40 @@ _LAYERS = {
 }
 
 
-def imagenet_weights(arch: str) -> dict[str, torch.Tensor]:
-    """The arch's default ImageNet weights from torchvision (downloaded once into torch's hub cache)."""
+def _weights(arch: str) -> tuple[Any, Path]:
+    """The arch's default ImageNet weights enum and the file torchvision caches it in."""
     import torchvision
 
     weights = torchvision.models.get_model_weights(arch).DEFAULT
-    file = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+    return weights, Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+
+
+def imagenet_weights(arch: str) -> dict[str, torch.Tensor]:
+    """The arch's default ImageNet weights from torchvision (downloaded once into torch's hub cache)."""
+    weights, file = _weights(arch)
     try:
         return weights.get_state_dict(progress=True, check_hash=True)
     except OSError as e:  # URLError when offline, a refused or reset connection
         raise CxrError(f"cannot download ImageNet weights for {arch} ({getattr(e, 'reason', e)}); offline, put "
                        f"{file.name} (from {weights.url}) into {file.parent} (set TORCH_HOME to move it), "
                        f"or set pretrained: false") from None
+
+
+def unavailable_weights(archs: Iterable[str], timeout: float = 3.0) -> dict[str, str]:
+    """arch -> why its ImageNet weights cannot be had: not in torch's hub cache, and their server does not
+    answer. Cheap (a HEAD request, offline a failed name lookup), so the first stage can warn about what
+    would otherwise fail only at the variant's train stage, after the data stages and the other variants."""
+    out = {}
+    for arch in sorted(set(archs)):
+        weights, file = _weights(arch)
+        if file.exists():
+            continue
+        try:
+            urllib.request.urlopen(urllib.request.Request(weights.url, method="HEAD"), timeout=timeout).close()
+        except OSError as e:
+            out[arch] = f"{file.name} is not in {file.parent} and {weights.url} cannot be reached " \
+                        f"({getattr(e, 'reason', e)})"
+    return out
 
 
 def _replace(net: nn.Module, path: str, module: nn.Module) -> None:
