@@ -76,12 +76,17 @@ def choose_threshold(probs: torch.Tensor, labels: torch.Tensor, rule: str | floa
     return float((best + below.max()) / 2) if len(below) else float(best / 2)
 
 
+def predicted(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """The predicted class: binary when p > threshold, otherwise the argmax class."""
+    return (probs > threshold).long() if probs.ndim == 1 else probs.argmax(1)
+
+
 def confusion(probs: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> list[list[int]]:
-    """Rows actual, columns predicted: binary when p > threshold, otherwise the argmax class."""
+    """Rows actual, columns predicted (as `predicted`)."""
     k = 2 if probs.ndim == 1 else probs.shape[1]
-    probs, labels = probs.detach().cpu(), labels.cpu()
-    predicted = (probs > threshold).long() if probs.ndim == 1 else probs.argmax(1)
-    return torch.bincount(labels.long() * k + predicted, minlength=k * k).reshape(k, k).tolist()
+    labels = labels.cpu().long()
+    return torch.bincount(labels * k + predicted(probs.detach().cpu(), threshold), minlength=k * k) \
+        .reshape(k, k).tolist()
 
 
 def scores(probs: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict[str, float | None]:

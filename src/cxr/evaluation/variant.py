@@ -16,7 +16,7 @@ from mlflow.models import infer_signature
 
 from cxr import tracking
 from cxr.data.store import load_split, size_dir
-from cxr.evaluation.metrics import choose_threshold, confusion, curves, multiclass_scores, scores
+from cxr.evaluation.metrics import choose_threshold, confusion, curves, multiclass_scores, predicted, scores
 from cxr.evaluation.plots import confusion_figure, curve_figure
 from cxr.io import atomic_paths, write_json
 from cxr.params import Metric, Params
@@ -81,9 +81,8 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
     y_val, y_test = torch.from_numpy(val.labels), torch.from_numpy(test.labels)
     metrics = _metrics(p_val, y_val, p_test, y_test, names, p.evaluate.threshold)
     threshold = metrics.get("threshold", 0.5)
-    predicted = (p_test > threshold).long() if p_test.ndim == 1 else p_test.argmax(1)  # as metrics.confusion
-    rows = [{"actual": names[a], "predicted": names[b]} for a, b in zip(test.labels.tolist(), predicted.tolist(),
-                                                                        strict=True)]
+    rows = [{"actual": names[a], "predicted": names[b]}
+            for a, b in zip(test.labels.tolist(), predicted(p_test, threshold).tolist(), strict=True)]
     curve_rows = curves(p_test, y_test)
 
     run_id = json.loads((model_dir / "run.json").read_text())["run_id"]
