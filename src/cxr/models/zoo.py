@@ -3,6 +3,7 @@ loaded through torchvision's weights API."""
 
 from __future__ import annotations
 
+import urllib.error
 import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
@@ -50,16 +51,23 @@ def unavailable_weights(archs: Iterable[str], timeout: float = 3.0) -> dict[str,
     """arch -> why its ImageNet weights cannot be had: not in torch's hub cache, and their server does not
     answer. Cheap (a HEAD request, offline a failed name lookup), so the first stage can warn about what
     would otherwise fail only at the variant's train stage, after the data stages and the other variants."""
-    out = {}
+    out: dict[str, str] = {}
+    down: dict[str, str] = {}  # host -> why it did not answer: a silent network costs one timeout, not one a file
     for arch in sorted(set(archs)):
         weights, file = _weights(arch)
+        host = urlparse(weights.url).netloc
         if file.exists():
             continue
-        try:
-            urllib.request.urlopen(urllib.request.Request(weights.url, method="HEAD"), timeout=timeout).close()
-        except OSError as e:
-            out[arch] = f"{file.name} is not in {file.parent} and {weights.url} cannot be reached " \
-                        f"({getattr(e, 'reason', e)})"
+        why = down.get(host)
+        if why is None:
+            try:
+                urllib.request.urlopen(urllib.request.Request(weights.url, method="HEAD"), timeout=timeout).close()
+                continue
+            except OSError as e:
+                why = str(getattr(e, "reason", e))
+                if not isinstance(e, urllib.error.HTTPError):  # an HTTP error is an answer: try the host's others
+                    down[host] = why
+        out[arch] = f"{file.name} is not in {file.parent} and {weights.url} cannot be reached ({why})"
     return out
 
 
