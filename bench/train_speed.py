@@ -25,14 +25,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cxr.data.store import Split
+from cxr.inference import pick_device
 from cxr.models import list_models
 from cxr.params import TrainParams
-from cxr.training.loop import build_classifier, fit, pick_device, seed_everything
+from cxr.training.loop import fit, make_card, seed_everything
 
 
 def ours(split: Split, tp: TrainParams) -> float:
     val = Split(split.images[:64], split.labels[:64], split.meta[:64])
-    _, history = fit(split, val, tp, seed=0)
+    _, history = fit(split, val, tp, make_card(tp, split, ["NORMAL", "PNEUMONIA"]), seed=0)
     return history[-1]["images_per_s"]
 
 
@@ -43,7 +44,7 @@ def naive(split: Split, tp: TrainParams) -> float:
     data = [(torch.from_numpy(im).float().div(255).unsqueeze(0), torch.tensor(float(y)))
             for im, y in zip(split.images, split.labels, strict=True)]
     loader = DataLoader(data, batch_size=tp.batch_size, shuffle=True)
-    model = build_classifier(tp, split.images.shape[-1], 2, 0.5, 0.25).to(device)
+    model = make_card(tp, split, ["NORMAL", "PNEUMONIA"]).build().to(device)
     opt = torch.optim.Adam(model.parameters(), lr=tp.lr)
     loss_fn = nn.BCEWithLogitsLoss()
     rate = 0.0
@@ -98,7 +99,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for arch in args.archs.split(","):
         tp = TrainParams(arch=arch, epochs=2, batch_size=args.batch, patience=99, compile=args.compile)
-        model = build_classifier(tp, args.size, 2, 0.5, 0.25)
+        model = make_card(tp, Split(pool[:8], np.zeros(8, dtype=np.int64), []), ["NORMAL", "PNEUMONIA"]).build()
         params = sum(p.numel() for p in model.parameters()) / 1e6
         n = args.images or (4077 if device.type == "cuda" else images_for(model, args))
         split = Split(pool[:n], (rng.random(n) < 0.7).astype(np.int64), [{} for _ in range(n)])

@@ -190,3 +190,20 @@ def test_three_class_needs_kaggle_file_names(tmp_path):
     with pytest.raises(CxrError, match="10 PNEUMONIA images have neither 'bacteria' nor 'virus'.*cannot give 3"):
         split(gray, tmp_path / "s", SplitParams(), seed=0, labels="three_class")
     assert not (tmp_path / "s").exists()
+
+
+def test_a_val_folder_as_small_as_kaggles_is_warned_of(tmp_path, caplog):
+    # Kaggle's val/ has 16 images: early stopping, the threshold and model choice would rest on them.
+    rows = [r for r in manifest("chest_xray_224") if r["split"] == "train"]
+    src = tmp_path / "src"
+    normal = [r for r in rows if r["label"] == "NORMAL"]
+    pneumonia = [r for r in rows if r["label"] == "PNEUMONIA"]
+    for part, chosen in (("train", normal[:20] + pneumonia[:20]), ("test", normal[20:28] + pneumonia[20:28]),
+                         ("val", normal[28:36] + pneumonia[28:36])):
+        for r in chosen:
+            link = src / part / r["label"] / Path(r["path"]).name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(shared("chest_xray_224") / r["path"])
+    gray = prepare(tmp_path, "imagefolder", src)
+    split(gray, tmp_path / "s", SplitParams(), seed=0)
+    assert "the source's val split has only 16 images" in caplog.text and "remove that folder" in caplog.text

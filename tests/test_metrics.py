@@ -1,13 +1,15 @@
-"""cxr.evaluation.metrics against torchmetrics (the reference it replaced, kept as a test dependency):
+"""cxr.metrics against torchmetrics (the reference it replaced, kept as a test dependency):
 every score and curve point on scores with many ties, imbalanced classes, and one class only."""
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torchmetrics.functional import classification as C
 
-from cxr.evaluation import metrics as M
+from cxr import metrics as M
+from cxr.inference import ModelCard
 
 
 def _binary(n: int, seed: int, positive: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,3 +82,66 @@ def test_one_class_only():
     assert M.choose_threshold(probs, labels, "f1") == 0.5  # no rule applies to one class
     s = M.scores(probs, labels, 0.5)
     assert s["auroc"] is None and s["average_precision"] is None and s["recall"] == 0.75
+
+
+@pytest.mark.parametrize("rule", ["f1", "youden"])
+def test_a_threshold_between_adjacent_float32_scores_separates_them(rule):
+    # Negatives and positives one float32 step apart near 1.0: the float64 midpoint is a tie in float32, which
+    # rounds to the even one, here the positive score, and every positive was called negative (F1 1.0 -> 0.0).
+    low = torch.nextafter(torch.tensor(0.9999, dtype=torch.float32), torch.tensor(2.0))
+    assert low.view(torch.int32).item() % 2 == 1  # odd: the tie rounds up
+    high = torch.nextafter(low, torch.tensor(2.0))
+    probs, labels = torch.stack([low, low, high, high]), torch.tensor([0, 0, 1, 1])
+    t = M.choose_threshold(probs, labels, rule)
+    assert M.scores(probs, labels, t)["f1"] == 1.0
+    assert [p > t for p in probs.tolist()] == [False, False, True, True]  # Python's float64 compare agrees
+
+
+def test_a_fixed_threshold_is_a_float32_value_so_both_precisions_agree():
+    t = M.choose_threshold(torch.rand(4), torch.tensor([0, 1, 0, 1]), 0.3)
+    p = torch.tensor([0.3], dtype=torch.float32)  # 0.30000001192..., above 0.3 in float64
+    assert t == float(p) and M.scores(torch.cat([p, p]), torch.tensor([0, 1]), t)["tp"] == int(p.item() > t) == 0
+
+
+def test_scores_are_float32_even_inside_an_autocast_region():
+    # The CPU twin of evaluation on CUDA, which ran under bf16 autocast: scores kept 8 bits and 624 distinct
+    # probabilities collapsed to about 435. Inference turns autocast (and TF32) off whatever the caller set.
+    card = ModelCard("v", "cnn_baseline", 32, ("NORMAL", "PNEUMONIA"), "stretch", 32, 0.5, 0.25)
+    model = card.build()
+    images = np.random.default_rng(0).integers(0, 256, (300, 32, 32), dtype=np.uint8)
+    plain = card.probs_of(model, images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.rand(2, 1, 32, 32)).dtype == torch.bfloat16  # autocast is really on here
+        inside = card.probs_of(model, images)
+    assert inside.dtype == torch.float32 and torch.equal(inside, plain)
+    assert plain.unique().numel() == 300
+
+
+def test_paired_bootstrap_interval():
+    gen = torch.Generator().manual_seed(0)
+    labels = (torch.rand(624, generator=gen) < 0.6).long()
+    good = (labels + torch.randn(624, generator=gen) * 0.5).sigmoid()
+    noisy = (good + torch.randn(624, generator=gen) * 0.002).clamp(0, 1)  # the same model, a little noise
+    bad = (labels + torch.randn(624, generator=gen) * 1.5).sigmoid()
+    names = ["NORMAL", "PNEUMONIA"]
+    same = M.paired_bootstrap("auroc", (noisy, 0.5), (good, 0.5), labels, names, 500, seed=1)
+    assert same["ci95_low"] < 0 < same["ci95_high"] and same["resamples"] == 500
+    assert same["difference"] == pytest.approx(M.auroc(noisy, labels) - M.auroc(good, labels))
+    better = M.paired_bootstrap("auroc", (good, 0.5), (bad, 0.5), labels, names, 500, seed=1)
+    assert 0 < better["ci95_low"] < better["difference"] < better["ci95_high"]
+    acc = M.paired_bootstrap("accuracy", (good, 0.5), (bad, 0.5), labels, names, 200, seed=1)
+    assert acc["difference"] == pytest.approx(M.scores(good, labels, 0.5)["accuracy"] -
+                                              M.scores(bad, labels, 0.5)["accuracy"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CPU twin is the autocast test above)")
+def test_cuda_scores_match_the_cpu_in_float32():
+    card = ModelCard("v", "resnet18", 64, ("NORMAL", "PNEUMONIA"), "stretch", 64, 0.5, 0.25)
+    model = card.build().eval()
+    images = np.random.default_rng(0).integers(0, 256, (624, 64, 64), dtype=np.uint8)
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # as the training loop leaves it
+        gpu = card.probs_of(model, images)  # the best device: CUDA
+    cpu = torch.cat([card.probabilities(model.cpu()(torch.from_numpy(images[i:i + 128, None]).float() / 255))
+                     for i in range(0, 624, 128)]).detach()
+    assert gpu.unique().numel() == 624 and torch.allclose(gpu, cpu, atol=1e-5)

@@ -1,5 +1,6 @@
 """params.yaml parsing: the repo's file loads, and bad values fail with a message naming the key."""
 
+import re
 import time
 
 import pytest
@@ -50,11 +51,22 @@ def test_variant_overlays_train_defaults():
     (("models", "mlp"), {"arch": "mlp", "lr": 0.0}, "models.mlp.lr: 0.0 must be above 0"),
     (("models", "mlp"), {"arch": "mlp", "batch_size": -8}, "models.mlp.batch_size: -8 must be 1 or more"),
     (("data", "on_bad_image"), "ignore", "data.on_bad_image: 'ignore' is not one of 'error', 'skip'"),
+    # settings that used to combine silently or fail with a raw error deep in training
+    (("models", "mlp"), {"arch": "mlp", "pos_weight": "auto", "class_weights": "balanced"},
+     "models.mlp.pos_weight: 'auto' and class_weights balanced would both weight the classes"),
+    (("models", "mlp"), {"arch": "mlp", "scheduler": "onecycle", "epochs": 3, "warmup_epochs": 4},
+     "models.mlp.warmup_epochs: 4 must be below epochs (3)"),
+    (("train", "warmup_epochs"), 10, "train.warmup_epochs: 10 must be below epochs (10)"),
+    (("train", "label_smoothing"), 1.0, "train.label_smoothing: 1.0 must be below 1"),
+    (("train", "label_smoothing"), -0.1, "train.label_smoothing: -0.1 must be at least 0"),
+    (("train", "checkpoint_every"), 0, "train.checkpoint_every: 0 must be 1 or more"),
+    (("evaluate", "threshold"), 1.5, "evaluate.threshold: 1.5 must be between 0 and 1"),
+    (("evaluate", "threshold"), 0, "evaluate.threshold: 0.0 must be between 0 and 1"),
 ])
 def test_bad_values_name_the_key(path, value, message):
     r = raw()
     r[path[0]][path[1]] = value
-    with pytest.raises(ParamsError, match=message.replace("(", r"\(")):
+    with pytest.raises(ParamsError, match=re.escape(message)):
         params.parse(r)
 
 

@@ -46,7 +46,12 @@ def test_pipeline_runs_then_is_a_noop_then_reruns_one_variant(repo):
     board = (repo / "comparison" / "leaderboard.md").read_text()
     assert all(f"| {v} |" in board for v in VARIANTS)
     rows = json.loads((repo / "comparison" / "leaderboard.json").read_text())
-    assert [r["auroc"] for r in rows] == sorted((r["auroc"] for r in rows), reverse=True)
+    assert [r["val_auroc"] for r in rows] == sorted((r["val_auroc"] for r in rows), reverse=True)  # never test
+    for v in VARIANTS:  # each test image's prediction, for error analysis
+        t = json.loads((repo / "reports" / v / "evaluation.json").read_text())["test"]
+        preds = (repo / "reports" / v / "predictions.csv").read_text().splitlines()
+        assert preds[0] == "name,label,p_pneumonia,predicted"
+        assert len(preds) - 1 == t["tp"] + t["fp"] + t["tn"] + t["fn"]
     split_report = json.loads((repo / "reports" / "split.json").read_text())
     assert split_report["carved"] == ["val"] and split_report["duplicates"]["within_split_extra_copies"]["train"] > 0
 
@@ -162,6 +167,9 @@ def test_every_variant_run_is_complete_through_the_rest_api(repo, server):
         out = model(torch.from_numpy(test_images.astype(np.float32) / 255))
         assert out.shape == (3, 1) and torch.isfinite(out).all()
     parent = _api(server, "runs/get", run_id=tags["mlflow.parentRunId"])["run"]
+    board = json.loads((repo / "comparison" / "leaderboard.json").read_text())
+    best = max(board, key=lambda r: r["val_auroc"])["variant"]  # promotion's rule: validation, never test
+    assert {t["key"]: t["value"] for t in parent["data"]["tags"]}["best_variant"] == best
     files = {f["path"] for f in _api(server, "artifacts/list", run_id=parent["info"]["run_id"], path="plots")["files"]}
     assert {"plots/metrics.png", "plots/roc.png", "plots/history.png"} <= files
 

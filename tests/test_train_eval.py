@@ -1,5 +1,6 @@
 """Training and evaluation on real X-rays: repeatable, early stopping, MLflow logs, the logged model."""
 
+import csv
 import json
 import os
 import signal
@@ -12,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from mlflow.models import get_model_info
 from mlflow.tracking import MlflowClient
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 from conftest import ROOT, make_imagefolder, tracking_at
 from cxr import params
@@ -21,10 +24,12 @@ from cxr.data.sources import download
 from cxr.data.split import split
 from cxr.data.store import load_split
 from cxr.errors import CxrError
-from cxr.evaluation.metrics import choose_threshold, scores
 from cxr.evaluation.variant import evaluate_variant
+from cxr.inference import ModelCard
+from cxr.inference import load as load_checkpoint
+from cxr.metrics import choose_threshold, scores
 from cxr.params import DataParams, GrayParams, SplitParams
-from cxr.training.loop import load_checkpoint
+from cxr.training.state import fingerprint
 from cxr.training.variant import train_variant
 
 
@@ -85,24 +90,48 @@ def test_evaluate_writes_metrics_and_the_mlflow_model_predicts_the_same(data, tm
     train_variant(p, "tinyvgg", data, tmp_path / "m", tmp_path / "r", tmp_path / "ck")
     metrics = evaluate_variant(p, "tinyvgg", data, tmp_path / "m", tmp_path / "r")
     on_disk = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    assert on_disk["test"] == pytest.approx({k: metrics["test"][k] for k in on_disk["test"]})
-    assert json.loads((tmp_path / "r" / "evaluation.json").read_text())["test"] == pytest.approx(metrics["test"])
-    for key in ("accuracy", "precision", "recall", "specificity", "f1", "auroc", "average_precision"):
-        assert 0 <= on_disk["test"][key] <= 1
-    assert on_disk["test"]["auroc"] > 0.8  # real signal from 240 images at 32 px
     test = load_split(data / "32", "test")
+    # The per-image predictions, scored independently (scikit-learn), give the reported test scores.
+    rows = list(csv.DictReader((tmp_path / "r" / "predictions.csv").open()))
+    assert [r["name"] for r in rows] == [m["name"] for m in test.meta]
+    assert [r["label"] for r in rows] == [("NORMAL", "PNEUMONIA")[y] for y in test.labels]
+    probs = np.array([float(r["p_pneumonia"]) for r in rows])
+    decided = np.array([r["predicted"] == "PNEUMONIA" for r in rows])
+    assert np.array_equal(decided, probs > on_disk["threshold"])
+    assert on_disk["test"]["accuracy"] == pytest.approx(accuracy_score(test.labels, decided), abs=1e-12)
+    assert on_disk["test"]["f1"] == pytest.approx(f1_score(test.labels, decided), abs=1e-12)
+    assert on_disk["test"]["auroc"] == pytest.approx(roc_auc_score(test.labels, probs), abs=1e-6)
+    assert on_disk["test"]["auroc"] > 0.8  # real signal from 240 images at 32 px
     assert len(json.loads((tmp_path / "r" / "confusion.json").read_text())) == len(test.labels)
     run_id = json.loads((tmp_path / "m" / "run.json").read_text())["run_id"]
     client = MlflowClient()
     run = client.get_run(run_id)
     assert run.data.metrics["test/auroc"] == pytest.approx(metrics["test"]["auroc"])
-    arts = {a.path for a in client.list_artifacts(run_id, "plots")}
-    assert {"plots/confusion_matrix.png", "plots/roc.png", "plots/pr.png", "plots/history.png"} <= arts
+    arts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert {"plots/confusion_matrix.png", "plots/roc.png", "plots/pr.png", "plots/history.png",
+            "predictions.csv"} <= arts
     [logged] = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id='{run_id}'")
+    card = ModelCard.from_dict(get_model_info(f"models:/{logged.model_id}").metadata, "logged")
+    assert card.threshold == on_disk["threshold"] and card.image_size == 32 and card.fit == "stretch"
     loaded = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
     x = torch.from_numpy(test.images[:7, None].astype(np.float32) / 255)  # batch size other than the example's
     ours = load_checkpoint(tmp_path / "m" / "model.pt")[0](x)
     assert torch.allclose(loaded(x), ours, atol=1e-5)
+
+
+def test_resume_state_is_tied_to_the_arrays_not_only_their_names(tmp_path):
+    # Two sizes of the same images have identical meta.csv files (what the old fingerprint hashed).
+    folder = make_imagefolder(tmp_path / "src", per_class=20, with_duplicates=False)
+    download(DataParams(source="imagefolder", path=str(folder)), tmp_path / "raw")
+    grayscale(tmp_path / "raw", tmp_path / "gray", GrayParams(image_size=32, extra_sizes=[48], workers=1))
+    split(tmp_path / "gray", tmp_path / "split", SplitParams(val_fraction=0.2), seed=0)
+    a, b = tmp_path / "split" / "32", tmp_path / "split" / "48"
+    assert (a / "train_meta.csv").read_bytes() == (b / "train_meta.csv").read_bytes()
+    settings = {"arch": "tinyvgg", "seed": 0}
+    before = fingerprint(settings, a)
+    assert before != fingerprint(settings, b) and before == fingerprint(settings, a)
+    (a / "preprocessing.json").write_text(json.dumps({"fit": "pad", "draft": 48}))  # as if made another way
+    assert fingerprint(settings, a) != before
 
 
 def test_threshold_rules():

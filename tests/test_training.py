@@ -2,7 +2,7 @@
 
 import copy
 import io
-import math
+import threading
 
 import numpy as np
 import pytest
@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from cxr.data.store import Split
 from cxr.errors import CxrError
 from cxr.params import TrainParams
-from cxr.training.loop import fit
+from cxr.training.loop import fit, make_card
 from cxr.training.parts import augment, make_loss, make_scheduler
+from cxr.training.state import StateWriter, read_state
 
 
 def batch(seed=0, n=6, size=16):
@@ -58,8 +59,10 @@ def lrs(tp: TrainParams, steps_per_epoch=10, plateau_losses=None):
 def test_schedules():
     warm = lrs(TrainParams(lr=0.1, epochs=5, scheduler="cosine", warmup_epochs=1))
     assert warm[0] == pytest.approx(0.001) and warm[:10] == sorted(warm[:10])  # warm-up rises from lr/100
-    assert max(warm) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 10 / 50)), rel=1e-6)
-    assert warm[10:] == sorted(warm[10:], reverse=True) and warm[-1] < 0.001  # cosine decays to ~0
+    # 10 steps an epoch: the warm-up ends at step 10 on the full lr, the cosine is at half of it halfway
+    # through the 40 steps after, and falls to ~0 at the last
+    assert warm[10] == max(warm) == pytest.approx(0.1) and warm[30] == pytest.approx(0.05)
+    assert warm[10:] == sorted(warm[10:], reverse=True) and warm[-1] < 0.001
     assert lrs(TrainParams(lr=0.1, epochs=3)) == [0.1] * 30
     one = lrs(TrainParams(lr=0.1, epochs=5, scheduler="onecycle"))
     assert max(one) == pytest.approx(0.1) and one[0] < 0.01 and one[-1] < 1e-4
@@ -89,26 +92,35 @@ def tiny_split(n, seed, size=32, classes=2):
     return Split(images, labels.astype(np.int64), [{} for _ in range(n)])
 
 
+def run_fit(train, val, tp, seed, n_classes=2, **kw):
+    card = make_card(tp, train, ["NORMAL", "PNEUMONIA"] if n_classes == 2 else ["NORMAL", "BACTERIA", "VIRUS"])
+    return fit(train, val, tp, card, seed, **kw)
+
+
 def test_freeze_trains_only_the_head_then_everything():
     states = []
     tp = TrainParams(arch="resnet18", epochs=3, freeze_epochs=1, batch_size=16, patience=9)
-    model, _ = fit(tiny_split(48, 0), tiny_split(16, 1), tp, seed=0, save_state=lambda s: states.append(
+    model, _ = run_fit(tiny_split(48, 0), tiny_split(16, 1), tp, seed=0, save_state=lambda s: states.append(
         copy.deepcopy(s["model"])))
     torch.manual_seed(0)
-    init = fit(tiny_split(48, 0), tiny_split(16, 1), TrainParams(arch="resnet18", epochs=1, lr=0.0,
+    init = run_fit(tiny_split(48, 0), tiny_split(16, 1), TrainParams(arch="resnet18", epochs=1, lr=0.0,
                                                                   batch_size=16), seed=0)[0].state_dict()
     assert torch.equal(states[0]["net.conv1.weight"], init["net.conv1.weight"])  # epoch 1: base frozen
+    # ...BatchNorm statistics too (a frozen Keras base keeps them), as built: mean 0, variance 1
+    assert torch.equal(states[0]["net.layer1.0.bn1.running_mean"], torch.zeros(64))
+    assert torch.equal(states[0]["net.bn1.running_var"], torch.ones(64))
+    assert not torch.equal(states[1]["net.bn1.running_var"], torch.ones(64))  # epoch 2: they follow the data
     assert not torch.equal(states[0]["net.fc.weight"], init["net.fc.weight"])  # ...the head learns
     assert not torch.equal(states[1]["net.conv1.weight"], states[0]["net.conv1.weight"])  # epoch 2: all learn
     with pytest.raises(CxrError, match="has no pretrained base to freeze"):
-        fit(tiny_split(8, 0), tiny_split(8, 1), TrainParams(arch="tinyvgg", freeze_epochs=1), seed=0)
+        run_fit(tiny_split(8, 0), tiny_split(8, 1), TrainParams(arch="tinyvgg", freeze_epochs=1), seed=0)
 
 
 def test_resume_from_a_saved_state_ends_identically_on_cpu():
     tp = TrainParams(arch="cnn5", epochs=4, batch_size=16, patience=9, augment=True, scheduler="cosine",
                      warmup_epochs=1, model={"filters": [8, 8, 16]})
     train, val = tiny_split(64, 0, classes=3), tiny_split(24, 1, classes=3)
-    whole, history = fit(train, val, tp, seed=5, n_classes=3)
+    whole, history = run_fit(train, val, tp, seed=5, n_classes=3)
     saved = []
 
     def stop_after_two(row):
@@ -116,13 +128,38 @@ def test_resume_from_a_saved_state_ends_identically_on_cpu():
             raise KeyboardInterrupt  # as a Ctrl-C right after epoch 2
 
     with pytest.raises(KeyboardInterrupt):
-        fit(train, val, tp, seed=5, n_classes=3, on_epoch=stop_after_two, save_state=saved.append)
+        run_fit(train, val, tp, seed=5, n_classes=3, on_epoch=stop_after_two, save_state=saved.append)
     buf = io.BytesIO()
     torch.save(saved[-1], buf)  # the state must survive the file round trip, with weights_only loading
     state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
     assert state["epoch"] == 2
-    resumed, history2 = fit(train, val, tp, seed=5, n_classes=3, state=state)
+    resumed, history2 = run_fit(train, val, tp, seed=5, n_classes=3, state=state)
     strip = lambda h: [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in h]  # noqa: E731
     assert strip(history2) == strip(history)
     assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(),
                                                    strict=True))
+
+
+def test_patience_0_switches_early_stopping_off():
+    tp = TrainParams(arch="mlp", epochs=5, patience=0, lr=0.5, batch_size=16)  # a high lr: val loss goes up
+    _, history = run_fit(tiny_split(48, 0), tiny_split(16, 1), tp, seed=0)
+    assert len(history) == 5 and min(range(5), key=lambda i: history[i]["val_loss"]) < 4
+
+
+def test_states_are_written_every_n_epochs_off_the_training_thread(tmp_path):
+    tp = TrainParams(arch="cnn5", epochs=5, batch_size=16, patience=9, checkpoint_every=2,
+                     model={"filters": [8, 8, 16]})
+    path = tmp_path / "state.pt"
+    writer = StateWriter(path, {"fingerprint": "f"})
+    threads, written = [], []
+
+    def save(state):
+        writer(state)
+        threads.append(writer._thread.ident)
+        writer.wait()
+        written.append(read_state(path, "f")["epoch"])
+
+    run_fit(tiny_split(48, 0), tiny_split(16, 1), tp, seed=0, save_state=save)
+    assert written == [2, 4]  # every 2nd epoch, none after the last
+    assert threading.get_ident() not in threads
+    assert read_state(path, "other settings") is None

@@ -7,7 +7,7 @@ import csv
 import json
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +83,17 @@ def read_report(path: Path, variant: str) -> Any:
     if not path.exists():
         raise CxrError(f"{path} is missing; run `dvc repro` to train and evaluate {variant}")
     return read_csv(path) if path.suffix == ".csv" else json.loads(path.read_text())
+
+
+def best_on_val(variants: Iterable[str], reports: Path, metric: str) -> tuple[str, dict[str, Any]]:
+    """The variant with the highest validation `metric` (the first listed, of equal ones) and its evaluation
+    report: the one rule for the promotion candidate and the leaderboard's best_variant. Never test."""
+    best: tuple[str, dict[str, Any]] | None = None
+    for variant in variants:
+        ev = read_report(reports / variant / "evaluation.json", variant)
+        score = ev["val"][metric]
+        if score is not None and (best is None or score > best[1]["val"][metric]):
+            best = (variant, ev)
+    if best is None:
+        raise CxrError(f"no variant has a validation {metric} to choose by (params.yaml models: {list(variants)})")
+    return best

@@ -75,8 +75,9 @@ class TrainParams:
     aug_contrast: float = 0.1  # scale around the image mean, uniform in 1 +-
     aug_hflip: bool = False  # off by default: a flip moves the heart to the right
     freeze_epochs: int = 0  # train only the head for this many epochs; >= epochs keeps the base frozen
-    patience: int = 3  # early stopping on validation loss; the best epoch's weights are kept
+    patience: int = 3  # early stopping on validation loss (0 = off); the best epoch's weights are kept
     compile: bool = False  # torch.compile the model (CUDA; worth it for long runs)
+    checkpoint_every: int = 1  # epochs between resume states (written on a background thread)
     model: dict[str, Any] = field(default_factory=dict)  # arch settings, checked against the builder
 
 
@@ -86,6 +87,7 @@ class EvaluateParams:
 
 
 Metric = Literal["accuracy", "precision", "recall", "specificity", "f1", "auroc", "average_precision"]
+HEADLINE: tuple[str, ...] = typing.get_args(Metric)  # the headline scores, in that order
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,8 @@ class MlflowParams:
 @dataclass(frozen=True)
 class PromoteParams:
     metric: Metric = "auroc"
-    min_delta: float = 0.0  # the candidate must beat the champion's test score by at least this much
+    # the candidate must beat the champion on test by more than this, with 95% confidence (paired bootstrap)
+    min_delta: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -201,7 +204,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def _check_train(tp: TrainParams, prefix: str) -> None:
-    for key in ("epochs", "batch_size"):
+    for key in ("epochs", "batch_size", "checkpoint_every"):
         if getattr(tp, key) < 1:
             raise ParamsError(f"{prefix}.{key}: {getattr(tp, key)} must be 1 or more")
     for key in ("lr", "weight_decay", "label_smoothing", "grad_clip", "warmup_epochs", "freeze_epochs", "patience"):
@@ -210,6 +213,14 @@ def _check_train(tp: TrainParams, prefix: str) -> None:
             raise ParamsError(f"{prefix}.{key}: {value} must be {'above' if key == 'lr' else 'at least'} 0")
     if tp.warmup_epochs and tp.scheduler == "plateau":
         raise ParamsError(f"{prefix}.warmup_epochs: not with scheduler plateau; use cosine or onecycle")
+    if tp.warmup_epochs >= tp.epochs:
+        raise ParamsError(f"{prefix}.warmup_epochs: {tp.warmup_epochs} must be below epochs ({tp.epochs})")
+    if tp.label_smoothing >= 1:
+        raise ParamsError(f"{prefix}.label_smoothing: {tp.label_smoothing} must be below 1 (1 would make every "
+                          "target the same)")
+    if tp.class_weights != "none" and tp.pos_weight != 1.0:
+        raise ParamsError(f"{prefix}.pos_weight: {tp.pos_weight!r} and class_weights {tp.class_weights} would both "
+                          "weight the classes; keep one (pos_weight: 1.0 or class_weights: none)")
 
 
 def parse(raw: dict[str, Any]) -> Params:
@@ -229,6 +240,9 @@ def parse(raw: dict[str, Any]) -> Params:
     for key in ("val_fraction", "test_fraction"):
         if not 0 < getattr(params.split, key) < 0.5:
             raise ParamsError(f"split.{key}: must be between 0 and 0.5")
+    t = params.evaluate.threshold
+    if isinstance(t, float) and not 0 < t < 1:
+        raise ParamsError(f"evaluate.threshold: {t} must be between 0 and 1 (a probability), or f1 or youden")
     if not 0 <= params.promote.min_delta < 1:
         raise ParamsError("promote.min_delta: must be between 0 and 1 (a difference of scores)")
     return params

@@ -38,6 +38,10 @@ def summary(record: dict[str, Any], comparison: Path) -> str:
     if prev:
         score = "n/a" if prev["test"] is None else f"{prev['test']:.4f}"
         lines.append(f"| champion before | {prev['variant']} | {prev['version']} | | {score} |")
+    if d := record.get("difference"):
+        lines += ["", f"Candidate - champion on test {m}: {d['difference']:+.4f}, 95% interval "
+                      f"[{d['ci95_low']:+.4f}, {d['ci95_high']:+.4f}] ({d['resamples']} paired bootstrap resamples); "
+                      f"promotion needs the interval above min_delta {record['min_delta']}."]
     lines += ["", f"`{record['registered_model']}@champion` is version {record['champion_version']}.", ""]
     board = comparison / "leaderboard.md"
     if board.exists():

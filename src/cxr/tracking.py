@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import logging
 import os
+import re
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,7 +53,7 @@ def setup(experiment: str, root: Path | None = None) -> str:
             exp = mlflow.get_experiment_by_name(experiment)
             return exp.experiment_id if exp else mlflow.create_experiment(experiment, artifact_location=location)
     except mlflow.exceptions.MlflowException as e:
-        raise CxrError(f"cannot use the MLflow store at {uri} ({str(e).splitlines()[0]}); check "
+        raise CxrError(f"cannot use the MLflow store at {redact(uri)} ({redact(str(e).splitlines()[0])}); check "
                        "MLFLOW_TRACKING_URI or that the server is up (see README)") from e
 
 
@@ -61,16 +64,34 @@ def _locked(path: Path) -> Iterator[None]:
         yield
 
 
+def redact(text: str) -> str:
+    """`text` (a URI, or an error message that quotes one) with any URI password replaced by ***."""
+    return re.sub(r"//([^/:@\s]*):[^@/\s]*@", r"//\1:***@", text)
+
+
+def store_and_error(e: BaseException) -> str:
+    """'<store> (<first line of e>)' for a message, passwords redacted."""
+    return f"{redact(mlflow.get_tracking_uri())} ({redact(str(e).splitlines()[0])})"
+
+
 def _check_server(uri: str, timeout: float = 5.0) -> None:
-    """Fail in seconds, not after MLflow's minutes of retries, when the tracking server does not answer."""
+    """Fail in seconds, not after MLflow's minutes of retries, when the tracking server does not answer.
+    Credentials in the URI (user:pass@host) are sent as basic auth, as MLflow's client sends them."""
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else parts.netloc
+    request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=netloc)).rstrip("/") + "/health")
+    if parts.username is not None:
+        token = base64.b64encode(f"{urllib.parse.unquote(parts.username)}:"
+                                 f"{urllib.parse.unquote(parts.password or '')}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+        with urllib.request.urlopen(request, timeout=timeout):
             pass
     except urllib.error.HTTPError:
         pass  # it answered: a proxy or auth in front of it may refuse /health, and MLflow will say more
     except (OSError, ValueError) as e:
-        raise CxrError(f"the MLflow server at {uri} does not answer ({getattr(e, 'reason', e)}); start it, or "
-                       "unset MLFLOW_TRACKING_URI to use the local store mlruns/") from e
+        raise CxrError(f"the MLflow server at {redact(uri)} does not answer ({getattr(e, 'reason', e)}); start it, "
+                       "or unset MLFLOW_TRACKING_URI to use the local store mlruns/") from e
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -22,7 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from cxr.data.sources import SPLIT_ALIASES
-from cxr.data.store import META_FIELDS, save_labels_meta
+from cxr.data.store import META_FIELDS, save_labels_meta, write_preprocessing
 from cxr.errors import CxrError
 from cxr.io import atomic_paths, read_csv, write_json
 from cxr.params import GrayParams, OnBadImage
@@ -81,11 +81,13 @@ def to_gray(img: Image.Image, size: int, fit: str = "stretch") -> np.ndarray:
     return _fit(_to_l(img, size), size, fit)
 
 
-def decode(item: tuple[Any, ...], sizes: list[int], fit: str) -> tuple[list[np.ndarray], int, int, str, str] | str:
+def decode(item: tuple[Any, ...], sizes: list[int], fit: str,
+           draft: int = 0) -> tuple[list[np.ndarray], int, int, str, str] | str:
     """item is (name, source[, sha256]): source a file path, encoded bytes, or a uint8 array, with its sha256
     if known (the download stage's manifest has it). Returns the gray image at each size (one decode for
-    all), original width, height, mode and the sha256 of the source bytes; or, for an image that cannot be
-    used, the reason, so that the parent decides whether to stop or to skip it."""
+    all, at the JPEG scale that covers `draft`, by default the largest size), original width, height, mode
+    and the sha256 of the source bytes; or, for an image that cannot be used, the reason, so that the parent
+    decides whether to stop or to skip it. The draft scale changes the pixels: predict passes the stage's."""
     _, src, *known = item
     try:
         with warnings.catch_warnings():
@@ -103,7 +105,7 @@ def decode(item: tuple[Any, ...], sizes: list[int], fit: str) -> tuple[list[np.n
             w, h, mode = img.width, img.height, img.mode
             if min(w, h) < MIN_SIDE:
                 return f"{w}x{h} px is too small for an X-ray (under {MIN_SIDE} px a side)"
-            gray = _to_l(img, max(sizes))
+            gray = _to_l(img, draft or max(sizes))
             return [_fit(gray, s, fit) for s in sizes], w, h, mode, digest
     except UnidentifiedImageError:
         return "not an image Pillow can read (unknown format)"
@@ -219,6 +221,7 @@ def grayscale(raw: Path, out: Path, p: GrayParams, on_bad: OnBadImage = "error",
         tmp.mkdir()
         for size in p.sizes:
             (tmp / str(size)).mkdir()
+            write_preprocessing(tmp / str(size), p.fit, max(p.sizes))
         # fork: workers inherit the loaded modules, so start-up costs milliseconds
         # Ctrl-C reaches the whole process group: workers ignore it, the parent stops the pool and cleans up
         with mp.get_context("fork").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) if workers > 1 \

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from cxr.io import atomic_paths, write_json
 from cxr.params import SplitParams
 
 log = logging.getLogger(__name__)
+MIN_VAL = 100  # fewer validation images than this is warned of: one image moves accuracy by 1% or more
 
 
 def _groups(data: Split) -> np.ndarray:
@@ -153,6 +155,7 @@ def split(gray: Path, out: Path, p: SplitParams, seed: int, labels: str = "binar
                 images = np.load(gray / str(size) / f"{source}_images.npy", mmap_mode="r")
                 save_split(folder, name, Split(np.ascontiguousarray(images[rows.images]), rows.labels, rows.meta))
             (folder / "classes.json").write_text(json.dumps(report["classes"]))
+            shutil.copy(gray / str(size) / "preprocessing.json", folder)
     log.info("split counts %s; duplicates %s", report["counts"], report["duplicates"]["across_splits"])
     return report
 
@@ -178,6 +181,11 @@ def _select(gray: Path, p: SplitParams, seed: int, labels: str) -> tuple[dict[st
             kept, carved = carve(splits["train"], fraction, seed)
             splits[name], splits["train"] = splits["train"].take(carved), splits["train"].take(kept)
             report["carved"].append(name)
+    if "val" in present and len(splits["val"].labels) < MIN_VAL:
+        log.warning("the source's val split has only %d images (Kaggle's val/ folder has 16): early stopping, the "
+                    "threshold and the choice of model would rest on them; remove that folder (or move its images "
+                    "to train/) so that split.val_fraction carves a validation split by patient",
+                    len(splits["val"].labels))
     report["duplicates"] = duplicates(splits)
     report["dropped_duplicates"] = drop_duplicates(splits) if p.drop_duplicates else {}
     if p.balance == "downsample":

@@ -64,6 +64,19 @@ def size_dir(folder: str | Path, size: int) -> Path:
     return path
 
 
+def write_preprocessing(folder: Path, fit: str, draft: int) -> None:
+    """Record how the arrays in `folder` were made, for the model card: what predict must repeat."""
+    (folder / "preprocessing.json").write_text(json.dumps({"fit": fit, "draft": draft}))
+
+
+def preprocessing(folder: str | Path) -> dict[str, Any]:
+    """{"fit", "draft"} of the arrays in a size folder (see write_preprocessing)."""
+    path = Path(folder) / "preprocessing.json"
+    if not path.exists():
+        raise CxrError(f"{path} is missing (data prepared by an older version); run `dvc repro` to rebuild it")
+    return json.loads(path.read_text())
+
+
 def classes(folder: str | Path) -> list[str]:
     """The class names of a split folder, index = label."""
     path = Path(folder) / "classes.json"

@@ -3,6 +3,7 @@ MLflow run that groups this pipeline run's variant runs as its children."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,16 +11,16 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from cxr import tracking
-from cxr.evaluation.plots import bars_figure, curve_figure, histories_figure
-from cxr.evaluation.variant import HEADLINE
-from cxr.io import atomic_path, read_report, write_csv, write_json
-from cxr.params import Params
+from cxr.io import atomic_path, best_on_val, read_report, write_csv, write_json
+from cxr.params import HEADLINE, Params
+from cxr.plots import bars_figure, curve_figure, histories_figure
 
 Rows = list[dict[str, Any]]
 
 
 def leaderboard(p: Params, reports: Path) -> Rows:
-    """One row per variant: headline test scores, the val score promotion selects on, and the MLflow ids."""
+    """One row per variant, best first by validation `compare.metric` (test is reported, never ranked on):
+    headline test scores, the val scores ranked and selected on, and the MLflow ids."""
     rows = []
     for variant in p.models:
         ev = read_report(reports / variant / "evaluation.json", variant)
@@ -27,11 +28,12 @@ def leaderboard(p: Params, reports: Path) -> Rows:
         rows.append({"variant": variant, "arch": p.variant(variant).arch, "image_size": p.image_size(variant),
                      **{k: _round(ev["test"][k]) for k in HEADLINE},
                      "accuracy_at_0.5": _round(ev.get("test_threshold_0_5", {}).get("accuracy")),
-                     f"val_{p.promote.metric}": round(ev["val"][p.promote.metric], 4),
+                     **{f"val_{m}": _round(ev["val"][m]) for m in dict.fromkeys((p.compare.metric, p.promote.metric))},
                      "threshold": _round(ev.get("threshold")), "epochs": train["epochs_run"],
                      "train_seconds": train["train_seconds"], "run_id": ev["mlflow"]["run_id"],
                      "model_id": ev["mlflow"]["model_id"]})
-    return sorted(rows, key=lambda r: -(r[p.compare.metric] if r[p.compare.metric] is not None else -1.0))
+    key = f"val_{p.compare.metric}"
+    return sorted(rows, key=lambda r: -(r[key] if r[key] is not None else -1.0))
 
 
 def _round(x: float | None) -> float | None:
@@ -40,7 +42,7 @@ def _round(x: float | None) -> float | None:
 
 def markdown(rows: Rows, metric: str) -> str:
     head = [k for k in (rows[0] if rows else {"variant": 0}) if k not in ("run_id", "model_id")]
-    lines = [f"# Leaderboard (test split, sorted by {metric})", "", "| " + " | ".join(head) + " |",
+    lines = [f"# Leaderboard (test scores, sorted by validation {metric})", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     lines += ["| " + " | ".join("" if r[k] is None else str(r[k]) for k in head) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -49,7 +51,7 @@ def markdown(rows: Rows, metric: str) -> str:
 def figures(rows: Rows, reports: Path) -> dict[str, Any]:
     """file name -> figure: headline scores side by side, ROC curves overlaid, training curves overlaid."""
     roc = {r["variant"]: read_report(reports / r["variant"] / "roc.json", r["variant"]) for r in rows}
-    hist = {r["variant"]: [{k: float(v) for k, v in row.items()} for row in
+    hist = {r["variant"]: [{k: float(v) if v else math.nan for k, v in row.items()} for row in
                            read_report(reports / r["variant"] / "history.csv", r["variant"])] for r in rows}
     return {"metrics.png": bars_figure(rows, list(HEADLINE), "test scores per variant"),
             "roc.png": curve_figure(roc, "fpr", "tpr", "ROC (test), all variants", True),
@@ -67,10 +69,10 @@ def compare(p: Params, reports: Path, out: Path) -> str:
         write_json(tmp / "leaderboard.json", rows)
         for name, fig in figs.items():
             fig.savefig(tmp / name, dpi=110)
-        return log_comparison(p, rows, figs)
+        return log_comparison(p, rows, figs, reports)
 
 
-def log_comparison(p: Params, rows: Rows, figs: dict[str, Any]) -> str:
+def log_comparison(p: Params, rows: Rows, figs: dict[str, Any], reports: Path) -> str:
     """An MLflow run for this pipeline run: the leaderboard and figures; each variant run that has no parent
     yet (trained since the last compare) becomes its child, so the UI nests one pipeline run's variants."""
     root = tracking.project_root()
@@ -81,9 +83,10 @@ def log_comparison(p: Params, rows: Rows, figs: dict[str, Any]) -> str:
         mlflow.log_text(markdown(rows, p.compare.metric), "leaderboard.md")
         for name, fig in figs.items():
             mlflow.log_figure(fig, f"plots/{name}")
-        if rows:
-            mlflow.log_metrics({f"best/{k}": rows[0][k] for k in HEADLINE if rows[0][k] is not None})
-            mlflow.set_tag("best_variant", rows[0]["variant"])
+        if rows:  # the variant promotion would pick: best on validation
+            best = next(r for r in rows if r["variant"] == best_on_val(p.models, reports, p.promote.metric)[0])
+            mlflow.log_metrics({f"best/{k}": best[k] for k in HEADLINE if best[k] is not None})
+            mlflow.set_tag("best_variant", best["variant"])
         client = MlflowClient()
         for r in rows:
             if "mlflow.parentRunId" not in client.get_run(r["run_id"]).data.tags:

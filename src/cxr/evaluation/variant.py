@@ -1,11 +1,12 @@
-"""Evaluate one variant on test: metrics, curves and figures to files and to its MLflow run, plus the model."""
+"""Evaluate one variant on test: metrics, curves, per-image predictions and figures to files and to its MLflow
+run, plus the model with its card (threshold chosen on validation)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +15,14 @@ import numpy as np
 import torch
 from mlflow.models import infer_signature
 
-from cxr import tracking
-from cxr.data.store import load_split, size_dir
-from cxr.evaluation.metrics import choose_threshold, confusion, curves, multiclass_scores, predicted, scores
-from cxr.evaluation.plots import confusion_figure, curve_figure
-from cxr.io import atomic_paths, write_json
-from cxr.params import Metric, Params
-from cxr.training.loop import load_checkpoint, probs_of
+from cxr import inference, tracking
+from cxr.data.store import Split, load_split, size_dir
+from cxr.io import atomic_paths, write_csv, write_json
+from cxr.metrics import choose_threshold, confusion, curves, multiclass_scores, scores
+from cxr.params import HEADLINE, Params
+from cxr.plots import confusion_figure, curve_figure
 
 log = logging.getLogger(__name__)
-HEADLINE = typing.get_args(Metric)  # the headline scores, in that order
 
 
 def _metrics(p_val: torch.Tensor, y_val: torch.Tensor, p_test: torch.Tensor, y_test: torch.Tensor,
@@ -69,48 +68,61 @@ def _log_figures(variant: str, names: list[str], p_test: torch.Tensor, y_test: t
                                    f"{variant} PR (test)"), "plots/pr.png")
 
 
+def predictions(test: Split, probs: torch.Tensor, card: inference.ModelCard) -> list[dict[str, Any]]:
+    """One row per test image: name, label, the probabilities (binary: P(PNEUMONIA)) and the decision, with
+    probabilities to float32's 9 significant digits, so that they read back exactly."""
+    decided = card.predicted(probs).tolist()
+    rows = []
+    for m, label, pr, k in zip(test.meta, test.labels.tolist(), probs.tolist(), decided, strict=True):
+        ps = {"p_pneumonia": f"{pr:.9g}"} if card.binary else {f"p_{c.lower()}": f"{v:.9g}"
+                                                                for c, v in zip(card.classes, pr, strict=True)}
+        rows.append({"name": m["name"], "label": card.classes[label], **ps, "predicted": card.classes[k]})
+    return rows
+
+
 def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, report_dir: Path) -> dict[str, Any]:
     """Log metrics, figures and the model to the variant's MLflow run, then write
-    report_dir/{metrics,evaluation,confusion,roc,pr}.json."""
-    model, ckpt = load_checkpoint(model_dir / "model.pt")
-    names = list(ckpt["classes"])
-    data = size_dir(data, ckpt["image_size"])
+    report_dir/{metrics,evaluation,confusion,roc,pr}.json and predictions.csv."""
+    model, card = inference.load(model_dir / "model.pt")
+    names = list(card.classes)
+    data = size_dir(data, card.image_size)
     val, test = load_split(data, "val"), load_split(data, "test")
-    p_val, p_test = probs_of(model, val.images), probs_of(model, test.images)
+    p_val, p_test = card.probs_of(model, val.images), card.probs_of(model, test.images)
     model.cpu()
     y_val, y_test = torch.from_numpy(val.labels), torch.from_numpy(test.labels)
     metrics = _metrics(p_val, y_val, p_test, y_test, names, p.evaluate.threshold)
-    threshold = metrics.get("threshold", 0.5)
-    rows = [{"actual": names[a], "predicted": names[b]}
-            for a, b in zip(test.labels.tolist(), predicted(p_test, threshold).tolist(), strict=True)]
+    card = dataclasses.replace(card, threshold=metrics.get("threshold", 0.5))
+    pred_rows = predictions(test, p_test, card)
+    rows = [{"actual": r["label"], "predicted": r["predicted"]} for r in pred_rows]
     curve_rows = curves(p_test, y_test)
 
     run_id = json.loads((model_dir / "run.json").read_text())["run_id"]
     tracking.setup(p.mlflow.experiment)
     names_out = ("metrics", "confusion", "roc", "pr", "evaluation")
-    with atomic_paths(*(report_dir / f"{n}.json" for n in names_out)) as tmps, mlflow.start_run(run_id=run_id):
-        out = dict(zip(names_out, tmps, strict=True))
+    paths = [*(report_dir / f"{n}.json" for n in names_out), report_dir / "predictions.csv"]
+    with atomic_paths(*paths) as tmps, mlflow.start_run(run_id=run_id):
+        out = dict(zip([*names_out, "predictions"], tmps, strict=True))
         for name, obj in (("metrics", headline(metrics)), ("confusion", rows), ("roc", curve_rows["roc"]),
                           ("pr", curve_rows["pr"])):
             write_json(out[name], obj)
+        write_csv(out["predictions"], pred_rows)
         if os.environ.get("DVC_STAGE"):
             mlflow.set_tag("dvc_stage_evaluate", os.environ["DVC_STAGE"])
         example = test.images[:2, None].astype(np.float32) / 255.0  # batch of 2: keeps the batch dim dynamic
         with torch.no_grad():
             signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
-        # What `cxr predict` and promotion need to apply the model as evaluated here.
-        card = {"variant": variant, "image_size": ckpt["image_size"], "fit": p.gray.fit, "classes": names,
-                "threshold": threshold, "input": "float32 (N, 1, S, S) gray in [0, 1]; output: logits"}
+        # The card: what `cxr predict` and promotion need to apply the model exactly as evaluated here.
         info = mlflow.pytorch.log_model(model, name="model", input_example=example, signature=signature,
-                                        metadata=card)
+                                        metadata=card.to_dict())
         # "val_best", not "val": training logs val/* per epoch, and this is one more point, at the kept weights.
         for split, key in (("test", "test"), ("test_threshold_0_5", "test_at_0.5"), ("val", "val_best")):
             if split in metrics:
                 mlflow.log_metrics({f"{key}/{k}": v for k, v in metrics[split].items() if v is not None},
                                    model_id=info.model_id)
-        mlflow.log_metric("threshold", threshold)
+        mlflow.log_metric("threshold", card.threshold)
         mlflow.log_dict(metrics, "metrics.json")
-        _log_figures(variant, names, p_test, y_test, threshold, "threshold" in metrics, curve_rows)
+        mlflow.log_text(out["predictions"].read_text(), "predictions.csv")
+        _log_figures(variant, names, p_test, y_test, card.threshold, card.binary, curve_rows)
         metrics["mlflow"] = {"run_id": run_id, "model_id": info.model_id, "model_uri": info.model_uri}
         write_json(out["evaluation"], metrics)
     t = metrics["test"]

@@ -1,17 +1,16 @@
-"""Train one variant: batches sliced from a uint8 tensor on the device, augmented there, bf16 autocast on
-CUDA, early stopping with the best weights kept, and a checkpoint each epoch to resume from."""
+"""Train one variant, torchvision-style: `train_one_epoch` and `evaluate` are small, `fit` wires them with early
+stopping (best weights kept). Batches are sliced from a uint8 tensor on the device and augmented there; bf16
+autocast on CUDA for training steps only (evaluation is float32, as everywhere)."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,18 +18,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cxr import metrics, task
 from cxr.data.store import Split
 from cxr.errors import CxrError
-from cxr.evaluation import metrics
-from cxr.models import Classifier, build_model
+from cxr.inference import ModelCard, batches, pick_device, predict_logits, to_device
+from cxr.models import Classifier
 from cxr.params import TrainParams
-from cxr.training.parts import augment, make_loss, make_optimizer, make_scheduler
+from cxr.training.parts import Loss, augment, make_loss, make_optimizer, make_scheduler
 
 log = logging.getLogger(__name__)
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+State = dict[str, Any]
 
 
 def seed_everything(seed: int) -> None:
@@ -39,9 +36,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """The whole split as uint8 (N, 1, H, W) on the device: 4x smaller than float32, converted per batch."""
-    return torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).to(device)
+def mean_std(images: np.ndarray) -> tuple[float, float]:
+    """Of uint8 images scaled to [0, 1], in chunks: never a float copy of the whole split."""
+    total = squares = 0.0
+    for i in range(0, len(images), 256):
+        c = torch.from_numpy(np.ascontiguousarray(images[i:i + 256])).double().div_(255.0)
+        total, squares = total + c.sum().item(), squares + c.square().sum().item()
+    mean = total / images.size
+    return mean, math.sqrt(max(squares / images.size - mean * mean, 0.0)) or 1.0
+
+
+def make_card(tp: TrainParams, train: Split, classes: list[str], variant: str = "model", fit: str = "stretch",
+              draft: int = 0) -> ModelCard:
+    """The card of a model trained with `tp` on `train` (its normalisation comes from there)."""
+    size = train.images.shape[-1]
+    return ModelCard(variant=variant, arch=tp.arch, image_size=size, classes=tuple(classes), fit=fit,
+                     draft=draft or size, mean=(ms := mean_std(train.images))[0], std=ms[1], settings=tp.model)
 
 
 def autocast(device: torch.device) -> AbstractContextManager:
@@ -49,179 +59,147 @@ def autocast(device: torch.device) -> AbstractContextManager:
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def _batches(x: torch.Tensor, size: int, order: torch.Tensor | None = None) -> Iterator[tuple[Any, torch.Tensor]]:
-    for i in range(0, x.shape[0], size):
-        idx = order[i:i + size] if order is not None else slice(i, i + size)
-        xb = x[idx].float().div_(255.0)
-        if x.is_cuda:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        yield idx, xb
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """(N, logits) in float32."""
-    with contextlib.suppress(NotImplementedError):  # a pt2 program loaded from MLflow: exported in eval mode
-        model.eval()
-    with autocast(x.device):
-        return torch.cat([model(xb).float() for _, xb in _batches(x, batch_size)])
-
-
-def probs_of(model: nn.Module, images: np.ndarray) -> torch.Tensor:
-    """Probabilities for uint8 (N, H, W) images, on the best device, returned on the CPU."""
-    device = pick_device()
-    return probabilities(predict_logits(model.to(device), to_device(images, device))).cpu()
-
-
-def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """(N,) P(positive) for one logit, else (N, classes) softmax."""
-    return logits[:, 0].sigmoid() if logits.shape[1] == 1 else logits.softmax(1)
-
-
-def predictions(logits: torch.Tensor) -> torch.Tensor:
-    return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
-
-
-def auroc(logits: torch.Tensor, y: torch.Tensor) -> float:
-    if y.unique().numel() < max(logits.shape[1], 2):
-        return math.nan  # undefined without every class (a rate over no cases would count as 0)
-    return metrics.auroc(probabilities(logits), y)
-
-
-def mean_std(x: torch.Tensor) -> tuple[float, float]:
-    """Of a uint8 split scaled to [0, 1], in chunks: never a float copy of the whole split."""
-    total = squares = 0.0
-    for chunk in x.split(256):
-        c = chunk.float().div_(255.0)
-        total, squares = total + c.sum().item(), squares + c.square().sum().item()
-    mean = total / x.numel()
-    return mean, math.sqrt(max(squares / x.numel() - mean * mean, 0.0)) or 1.0
-
-
-def build_classifier(tp: TrainParams, image_size: int, n_classes: int, mean: float, std: float) -> Classifier:
-    logits = 1 if n_classes == 2 else n_classes
-    return Classifier(build_model(tp.arch, num_classes=logits, image_size=image_size, **tp.model), mean, std)
-
-
-def _set_frozen(model: Classifier, frozen: bool) -> None:
+def set_frozen(model: Classifier, frozen: bool) -> None:
+    """Train only the head: the base's weights get no gradient and its BatchNorm layers keep their running
+    statistics (eval mode), as a frozen Keras base does. Call after model.train()."""
     head = model.net.head_name
     for name, param in model.net.named_parameters():
         param.requires_grad_(not frozen or name.startswith(head + "."))
+    if frozen:
+        for name, module in model.net.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not name.startswith(head):
+                module.eval()
 
 
-def fit(train: Split, val: Split, tp: TrainParams, seed: int, n_classes: int = 2, name: str = "model",
-        on_epoch: Callable[[dict[str, Any]], None] = lambda row: None, state: dict[str, Any] | None = None,
-        save_state: Callable[[dict[str, Any]], None] | None = None) -> tuple[Classifier, list[dict[str, Any]]]:
-    """Train, evaluate on val each epoch, stop after `patience` epochs without a lower val loss, and return
-    the model with the best epoch's weights and the per-epoch history. `save_state` gets a resumable state
-    after each epoch; passing that back as `state` continues from there (identically on CPU)."""
+def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tp: TrainParams, loss_fn: Loss,
+                    opt: torch.optim.Optimizer, sched: Any, sched_every: str, shuffle: torch.Generator,
+                    aug_gen: torch.Generator, desc: str) -> tuple[float, float]:
+    """One pass over the shuffled training images; returns mean loss and accuracy (at p > 0.5)."""
+    order = torch.randperm(len(y), generator=shuffle).to(x.device)
+    loss_sum, correct = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
+    for idx, xb in tqdm(batches(x, tp.batch_size, order), total=math.ceil(len(y) / tp.batch_size), desc=desc,
+                        unit="batch", leave=False):
+        yb = y[idx]
+        if tp.augment:
+            xb = augment(xb, tp, aug_gen)
+        with autocast(x.device):
+            logits = model(xb)
+        loss = loss_fn(logits, yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tp.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), tp.grad_clip)
+        opt.step()
+        if sched_every == "batch":
+            sched.step()
+        # Sums stay on the device: no host sync per batch.
+        loss_sum += loss.detach() * len(yb)
+        correct += (task.predicted(task.probabilities(logits.detach())) == yb).sum()
+    return loss_sum.item() / len(y), correct.item() / len(y)
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss) -> dict[str, float | None]:
+    """Validation loss, accuracy (at p > 0.5) and AUROC (None when a class is missing), in float32."""
+    logits = predict_logits(model, x)
+    probs = task.probabilities(logits)
+    return {"val_loss": loss_fn(logits, y).item(), "val_accuracy": (task.predicted(probs) == y).float().mean().item(),
+            "val_auroc": metrics.metric("auroc", probs, y, [], 0.5)}
+
+
+def _snapshot(epoch: int, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, history: list, best: float,
+              best_state: State, since_best: int, shuffle: torch.Generator, aug_gen: torch.Generator) -> State:
+    """The resume state: everything to continue after `epoch` exactly, copied to the CPU (it is written while
+    training goes on). The best weights are left out when they are the current ones."""
+    return _cpu_copy({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                      "scheduler": sched.state_dict(), "history": history, "best": best,
+                      "best_state": best_state if since_best else None, "since_best": since_best,
+                      "shuffle_rng": shuffle.get_state(), "aug_rng": aug_gen.get_state(),
+                      "torch_rng": torch.get_rng_state(),
+                      **({"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})})
+
+
+def _cpu_copy(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+def _restore(state: State, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, shuffle: torch.Generator,
+             aug_gen: torch.Generator) -> tuple[int, list, float, State, int]:
+    """Load a _snapshot back; returns (first epoch to run, history, best, best_state, since_best)."""
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    shuffle.set_state(state["shuffle_rng"])
+    aug_gen.set_state(state["aug_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if torch.cuda.is_available() and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    best_state = state["best_state"] if state["best_state"] is not None else copy.deepcopy(model.state_dict())
+    return state["epoch"] + 1, state["history"], state["best"], best_state, state["since_best"]
+
+
+def fit(train: Split, val: Split, tp: TrainParams, card: ModelCard, seed: int,
+        on_epoch: Callable[[dict[str, Any]], None] = lambda row: None, state: State | None = None,
+        save_state: Callable[[State], None] | None = None) -> tuple[Classifier, list[dict[str, Any]]]:
+    """Train, evaluate on val each epoch, stop after `patience` epochs without a lower val loss (0: never),
+    and return the model with the best epoch's weights and the per-epoch history. `save_state` gets a
+    resumable state after each epoch; passing that back as `state` continues from there (identically on CPU)."""
+    name = card.variant
     seed_everything(seed)
     device = pick_device()
-    image_size = train.images.shape[-1]
     x_tr, x_va = to_device(train.images, device), to_device(val.images, device)
     y_tr, y_va = torch.from_numpy(train.labels).to(device), torch.from_numpy(val.labels).to(device)
-    model = build_classifier(tp, image_size, n_classes, *mean_std(x_tr)).to(device)
+    model = card.build().to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if tp.freeze_epochs and not hasattr(model.net, "head_name"):
         raise CxrError(f"{name}: arch {tp.arch!r} has no pretrained base to freeze; set freeze_epochs: 0")
     step_model = torch.compile(model) if tp.compile else model
-    loss_fn = make_loss(tp, train.labels, n_classes, device)
+    loss_fn = make_loss(tp, train.labels, len(card.classes), device)
     opt = make_optimizer(tp, model)
-    steps = math.ceil(len(y_tr) / tp.batch_size)
-    sched, sched_every = make_scheduler(tp, opt, steps)
+    sched, sched_every = make_scheduler(tp, opt, math.ceil(len(y_tr) / tp.batch_size))
     shuffle = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
     history: list[dict[str, Any]] = []
     best, best_state, since_best, start = float("inf"), copy.deepcopy(model.state_dict()), 0, 1
     if state:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        history, best, best_state = state["history"], state["best"], state["best_state"]
-        since_best = state["since_best"]
-        shuffle.set_state(state["shuffle_rng"])
-        aug_gen.set_state(state["aug_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"])
-        start = state["epoch"] + 1
-        log.info("%s: resuming after epoch %d", name, state["epoch"])
+        start, history, best, best_state, since_best = _restore(state, model, opt, sched, shuffle, aug_gen)
+        log.info("%s: resuming after epoch %d", name, start - 1)
     for epoch in range(start, tp.epochs + 1):
         t0 = time.perf_counter()
-        if tp.freeze_epochs:
-            _set_frozen(model, frozen=epoch <= tp.freeze_epochs)
         step_model.train()
-        order = torch.randperm(len(y_tr), generator=shuffle).to(device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        for idx, xb in tqdm(_batches(x_tr, tp.batch_size, order), total=steps, desc=f"{name} epoch {epoch}/{tp.epochs}",
-                            unit="batch", leave=False):
-            yb = y_tr[idx]
-            if tp.augment:
-                xb = augment(xb, tp, aug_gen)
-            with autocast(device):
-                logits = step_model(xb)
-            loss = loss_fn(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tp.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), tp.grad_clip)
-            opt.step()
-            if sched_every == "batch":
-                sched.step()
-            # Sums stay on the device: no host sync per batch.
-            loss_sum += loss.detach() * len(yb)
-            correct += (predictions(logits.detach().float()) == yb).sum()
-        train_loss = loss_sum.item() / len(y_tr)
+        if tp.freeze_epochs:
+            set_frozen(model, frozen=epoch <= tp.freeze_epochs)
+        train_loss, train_acc = train_one_epoch(step_model, x_tr, y_tr, tp, loss_fn, opt, sched, sched_every, shuffle,
+                                                aug_gen, f"{name} epoch {epoch}/{tp.epochs}")
         if not math.isfinite(train_loss):
             raise CxrError(f"{name}: training diverged (loss {train_loss}) in epoch {epoch}; lower its lr "
                            "or set grad_clip")
         seconds = time.perf_counter() - t0
-        val_logits = predict_logits(step_model, x_va)
-        row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": correct.item() / len(y_tr),
-               "val_loss": loss_fn(val_logits, y_va).item(),
-               "val_accuracy": (predictions(val_logits) == y_va).float().mean().item(),
-               "val_auroc": auroc(val_logits, y_va), "lr": opt.param_groups[0]["lr"],
-               "seconds": seconds, "images_per_s": len(y_tr) / seconds}
+        row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
+               **evaluate(step_model, x_va, y_va, loss_fn), "lr": opt.param_groups[0]["lr"], "seconds": seconds,
+               "images_per_s": len(y_tr) / seconds}
         if sched_every == "epoch":
             sched.step(row["val_loss"])
         history.append(row)
-        log.info("%s epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f auroc %.3f | %.1fs", name, epoch,
-                 row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"], row["val_auroc"],
-                 seconds)
+        auroc = "n/a" if row["val_auroc"] is None else f"{row['val_auroc']:.3f}"
+        log.info("%s epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f auroc %s | %.1fs", name, epoch,
+                 train_loss, train_acc, row["val_loss"], row["val_accuracy"], auroc, seconds)
         if row["val_loss"] < best:
             best, best_state, since_best = row["val_loss"], copy.deepcopy(model.state_dict()), 0
         else:
             since_best += 1
-        stop = since_best >= tp.patience
-        if save_state and not stop and epoch < tp.epochs:
-            save_state({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "history": history, "best": best, "best_state": best_state,
-                        "since_best": since_best, "shuffle_rng": shuffle.get_state(), "aug_rng": aug_gen.get_state(),
-                        "torch_rng": torch.get_rng_state(),
-                        **({"cuda_rng": torch.cuda.get_rng_state()} if device.type == "cuda" else {})})
+        stop = bool(tp.patience) and since_best >= tp.patience
+        if save_state and not stop and epoch < tp.epochs and epoch % tp.checkpoint_every == 0:
+            save_state(_snapshot(epoch, model, opt, sched, history, best, best_state, since_best, shuffle, aug_gen))
         on_epoch(row)
         if stop:
             log.info("%s: early stop, no lower val loss for %d epochs", name, tp.patience)
             break
     model.load_state_dict(best_state)
     return model.cpu(), history
-
-
-def save_checkpoint(path: Path, model: Classifier, tp: TrainParams, image_size: int, classes: list[str],
-                    **extra: Any) -> None:
-    torch.save({"arch": tp.arch, "model": tp.model, "image_size": image_size, "classes": classes,
-                "mean": model.mean.item(), "std": model.std.item(), "state_dict": model.state_dict(), **extra}, path)
-
-
-def load_checkpoint(path: Path) -> tuple[Classifier, dict[str, Any]]:
-    if not path.exists():
-        raise CxrError(f"{path} is missing; run `dvc repro` to train it")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    # pretrained only shapes the start of training; the saved weights replace it (and need no download).
-    tp = TrainParams(arch=ckpt["arch"], model={**ckpt["model"], **({"pretrained": False} if "pretrained" in
-                                                                  ckpt["model"] else {})})
-    model = build_classifier(tp, ckpt["image_size"], len(ckpt["classes"]), ckpt["mean"], ckpt["std"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), ckpt

@@ -76,10 +76,11 @@ def make_scheduler(tp: TrainParams, opt: torch.optim.Optimizer, steps_per_epoch:
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tp.lr, total_steps=total, pct_start=pct), "batch"
 
     def factor(step: int) -> float:
-        f = 0.01 + 0.99 * step / warm if step < warm else 1.0
-        if tp.scheduler == "cosine":
-            f *= 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-        return f
+        if step < warm:  # linear from lr/100 to lr
+            return 0.01 + 0.99 * step / warm
+        if tp.scheduler == "cosine":  # from lr at the end of the warm-up to 0 at the last step
+            return 0.5 * (1 + math.cos(math.pi * min(step - warm, total - warm) / (total - warm)))
+        return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor), "batch"
 

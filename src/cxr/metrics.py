@@ -1,10 +1,12 @@
-"""Test metrics at a threshold chosen on validation, and the ROC/PR curves. Plain torch, with torchmetrics'
-definitions (tests/test_metrics.py checks every figure against it): importing torchmetrics costs each train
-and evaluate stage about a second and a half, as it loads torchvision and its image metrics."""
+"""Scores at a threshold chosen on validation, ROC/PR curves, paired bootstrap intervals. Plain torch, with
+torchmetrics' definitions (tests/test_metrics.py checks every figure against it): importing torchmetrics costs
+each train and evaluate stage about a second and a half, as it loads torchvision and its image metrics."""
 
 from __future__ import annotations
 
 import torch
+
+from cxr.task import as_threshold, predicted
 
 
 def _ratio(num: torch.Tensor | float, den: torch.Tensor | float) -> torch.Tensor:
@@ -57,9 +59,10 @@ def average_precision(probs: torch.Tensor, labels: torch.Tensor) -> float:
 
 def choose_threshold(probs: torch.Tensor, labels: torch.Tensor, rule: str | float) -> float:
     """The decision threshold on P(PNEUMONIA) (positive when p > threshold): fixed, or the one that
-    maximises F1 or Youden's J on `probs`."""
+    maximises F1 or Youden's J on `probs`. Always a value of the scores' float32, so that it falls on the
+    intended side of every score whichever precision compares them."""
     if isinstance(rule, float):
-        return rule
+        return as_threshold(rule)
     if labels.unique().numel() < 2:
         return 0.5  # no rule can be applied to one class (the split stage refuses such a val split)
     fps, tps, thresholds = _clf_curve(probs, labels)
@@ -70,15 +73,14 @@ def choose_threshold(probs: torch.Tensor, labels: torch.Tensor, rule: str | floa
     else:  # Youden's J = tpr - fpr, from roc()'s (0, 0) point at threshold 1; of equal ones, the highest
         score = torch.cat([torch.zeros(1, dtype=torch.float64), (tps * neg - fps * pos) / (pos * neg)])
         thresholds = torch.cat([torch.ones(1, dtype=torch.float64), thresholds])
-    best = thresholds[score.argmax()]
-    # Curve thresholds mean p >= t; halfway to the next lower score means the same for p > t.
+    best = float(thresholds[score.argmax()])
+    # Curve thresholds mean p >= t; halfway to the next lower score means the same for p > t. Between two
+    # adjacent float32 scores the halfway point rounds to one of them: then the lower score itself is the
+    # threshold (p > lower calls exactly the scores from `best` up positive).
     below = probs[probs < best]
-    return float((best + below.max()) / 2) if len(below) else float(best / 2)
-
-
-def predicted(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """The predicted class: binary when p > threshold, otherwise the argmax class."""
-    return (probs > threshold).long() if probs.ndim == 1 else probs.argmax(1)
+    lower = float(below.max()) if len(below) else 0.0
+    mid = as_threshold((best + lower) / 2)
+    return mid if mid < best else as_threshold(lower)
 
 
 def confusion(probs: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> list[list[int]]:
@@ -89,19 +91,20 @@ def confusion(probs: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5)
         .reshape(k, k).tolist()
 
 
-def scores(probs: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict[str, float | None]:
+def _at_threshold(probs: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict[str, float]:
     (tn, fp), (fn, tp) = confusion(probs, labels, threshold)
+    return {"accuracy": (tp + tn) / len(labels), "precision": float(_ratio(tp, tp + fp)),
+            "recall": float(_ratio(tp, tp + fn)), "specificity": float(_ratio(tn, tn + fp)),
+            "f1": float(_ratio(2 * tp, 2 * tp + fp + fn)), "tn": tn, "fp": fp, "fn": fn, "tp": tp}
+
+
+def scores(probs: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict[str, float | None]:
+    s = _at_threshold(probs, labels, threshold)
     both = labels.unique().numel() == 2  # ranking scores are undefined on one class: null, not a 0
-    return {
-        "accuracy": (tp + tn) / len(labels),
-        "precision": float(_ratio(tp, tp + fp)),
-        "recall": float(_ratio(tp, tp + fn)),
-        "specificity": float(_ratio(tn, tn + fp)),
-        "f1": float(_ratio(2 * tp, 2 * tp + fp + fn)),
-        "auroc": auroc(probs, labels) if both else None,
-        "average_precision": average_precision(probs, labels) if both else None,
-        "tn": tn, "fp": fp, "fn": fn, "tp": tp,
-    }
+    ranking = {"auroc": auroc(probs, labels) if both else None,
+               "average_precision": average_precision(probs, labels) if both else None}
+    return {k: s[k] for k in ("accuracy", "precision", "recall", "specificity", "f1")} | ranking | \
+        {k: s[k] for k in ("tn", "fp", "fn", "tp")}
 
 
 def multiclass_scores(probs: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict[str, float | None]:
@@ -122,12 +125,6 @@ def multiclass_scores(probs: torch.Tensor, labels: torch.Tensor, names: list[str
     return out
 
 
-def task_scores(probs: torch.Tensor, labels: torch.Tensor, names: list[str],
-                threshold: float) -> dict[str, float | None]:
-    """Binary scores at `threshold` for P(PNEUMONIA) probabilities, argmax scores for (N, K) ones."""
-    return scores(probs, labels, threshold) if probs.ndim == 1 else multiclass_scores(probs, labels, names)
-
-
 def curves(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, list[dict[str, float]]]:
     """ROC and PR curves as rows, thinned to at most ~200 points for plots. With more classes: the
     micro average (every class's one-vs-rest decisions pooled)."""
@@ -142,3 +139,32 @@ def curves(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, list[dict[str
         return [{k: round(float(v[i]), 5) for k, v in cols.items()} for i in keep]
 
     return {"roc": rows(fpr=fpr, tpr=tpr), "pr": rows(recall=recall, precision=precision)}
+
+
+def metric(name: str, probs: torch.Tensor, labels: torch.Tensor, names: list[str], threshold: float) -> float | None:
+    """One score (binary at `threshold`, else argmax), computing only what it needs: the bootstrap calls this
+    thousands of times."""
+    if name in ("auroc", "average_precision"):
+        if labels.unique().numel() < (probs.shape[1] if probs.ndim == 2 else 2):
+            return None
+        return (auroc if name == "auroc" else average_precision)(probs, labels)
+    if probs.ndim == 1:
+        return _at_threshold(probs, labels, threshold)[name]
+    return multiclass_scores(probs, labels, names)[name]
+
+
+def paired_bootstrap(name: str, a: tuple[torch.Tensor, float], b: tuple[torch.Tensor, float], labels: torch.Tensor,
+                     names: list[str], resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """The difference score(a) - score(b) of two models' (probs, threshold) on the same images, and its 95%
+    percentile interval from `resamples` resamplings of the images (the same ones for both: paired)."""
+    gen = torch.Generator().manual_seed(seed)
+    diffs = []
+    for _ in range(resamples):
+        idx = torch.randint(len(labels), (len(labels),), generator=gen)
+        sa, sb = (metric(name, p[idx], labels[idx], names, t) for p, t in (a, b))
+        if sa is not None and sb is not None:  # a resample with one class has no AUROC
+            diffs.append(sa - sb)
+    d = torch.tensor(diffs, dtype=torch.float64)
+    lo, hi = torch.quantile(d, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"difference": metric(name, a[0], labels, names, a[1]) - metric(name, b[0], labels, names, b[1]),
+            "ci95_low": lo, "ci95_high": hi, "resamples": len(diffs)}

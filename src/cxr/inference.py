@@ -1,0 +1,151 @@
+"""The model contract: a ModelCard holds everything needed to rebuild a model and prepare its input as its
+training data was prepared; with it come save/load (a file or an MLflow model) and batched probabilities in
+float32. Training, evaluation, promotion and `cxr predict` all go through here."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cxr import task
+from cxr.errors import CxrError
+from cxr.models import Classifier, build_model
+
+CARD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """A trained model's settings. `fit` and `draft` come from the arrays it was trained on (the grayscale
+    stage's record), never from the params of the day, so that predict prepares images exactly as they were."""
+
+    variant: str
+    arch: str
+    image_size: int
+    classes: tuple[str, ...]
+    fit: str  # stretch | pad | crop
+    draft: int  # JPEG decode scale: the largest size the grayscale stage made in the same decode
+    mean: float  # input normalisation, from the training split
+    std: float
+    settings: dict[str, Any] = field(default_factory=dict)  # the arch's own settings
+    threshold: float = 0.5  # binary: positive when P(PNEUMONIA) > threshold (chosen on validation)
+    temperature: float = 1.0  # logits are divided by it before the sigmoid / softmax
+
+    @property
+    def binary(self) -> bool:
+        return len(self.classes) == 2
+
+    def build(self) -> Classifier:
+        """The network with this card's shape and normalisation, untrained. `pretrained` only shapes the start
+        of training: saved weights replace it, so a rebuild never downloads."""
+        settings = {**self.settings, "pretrained": False} if "pretrained" in self.settings else self.settings
+        net = build_model(self.arch, num_classes=task.n_logits(len(self.classes)), image_size=self.image_size,
+                          **settings)
+        return Classifier(net, self.mean, self.std)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return task.probabilities(logits, self.temperature)
+
+    def predicted(self, probs: torch.Tensor) -> torch.Tensor:
+        return task.predicted(probs, self.threshold)
+
+    def probs_of(self, model: nn.Module, images: np.ndarray) -> torch.Tensor:
+        """Probabilities for uint8 (N, H, W) images, on the best device, in float32, returned on the CPU."""
+        device = pick_device()
+        return self.probabilities(predict_logits(model.to(device), to_device(images, device))).cpu()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"card_version": CARD_VERSION, **dataclasses.asdict(self), "classes": list(self.classes),
+                "input": "float32 (N, 1, S, S) gray in [0, 1]; output: logits"}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str) -> ModelCard:
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.name not in d and f.default is f.default_factory is dataclasses.MISSING]
+        if d.get("card_version") != CARD_VERSION or missing:
+            raise CxrError(f"{where} has no model card of this version (missing {', '.join(missing) or 'the version'})"
+                           "; it was made by an older version of this project: run `dvc repro` to retrain it")
+        names = {f.name for f in fields}
+        kept = {k: v for k, v in d.items() if k in names}
+        return cls(**(kept | {"classes": tuple(kept["classes"])}))
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The whole split as uint8 (N, 1, H, W) on the device: 4x smaller than float32, converted per batch."""
+    return torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).to(device)
+
+
+def batches(x: torch.Tensor, size: int, order: torch.Tensor | None = None) -> Iterator[tuple[Any, torch.Tensor]]:
+    """(index, float batch in [0, 1]) over uint8 images, in `order` if given."""
+    for i in range(0, x.shape[0], size):
+        idx = order[i:i + size] if order is not None else slice(i, i + size)
+        xb = x[idx].float().div_(255.0)
+        if x.is_cuda:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        yield idx, xb
+
+
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """No reduced precision, whatever the caller set: autocast off, and no TF32 in CUDA convolutions and
+    matmuls (its 10-bit mantissa would shift scores, thresholds and AUROC between GPU and CPU)."""
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """(N, logits) in float32, computed in float32."""
+    with contextlib.suppress(NotImplementedError):  # a pt2 program loaded from MLflow: exported in eval mode
+        model.eval()
+    with full_float32():
+        return torch.cat([model(xb).float() for _, xb in batches(x, batch_size)])
+
+
+def save(path: Path, model: Classifier, card: ModelCard) -> None:
+    torch.save({"card": card.to_dict(), "state_dict": model.state_dict()}, path)
+
+
+def load(path: Path) -> tuple[Classifier, ModelCard]:
+    if not path.exists():
+        raise CxrError(f"{path} is missing; run `dvc repro` to train it")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    card = ModelCard.from_dict(ckpt.get("card", {}), str(path))
+    model = card.build()
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), card
+
+
+def load_logged(uri: str) -> tuple[nn.Module, ModelCard]:
+    """The MLflow model at `uri` and the card logged as its metadata."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import get_model_info
+
+    from cxr.tracking import store_and_error
+
+    try:
+        metadata = get_model_info(uri).metadata or {}
+        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+    except (MlflowException, OSError) as e:
+        raise CxrError(f"cannot load {uri} from {store_and_error(e)}; "
+                       "run `cxr retrain` (or `dvc repro` then `cxr promote`) first, or check "
+                       "MLFLOW_TRACKING_URI") from e
+    return model, ModelCard.from_dict(metadata, uri)
