@@ -7,8 +7,11 @@ import csv
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -77,6 +80,35 @@ def make_imagefolder(dest: Path, per_class: int, splits: tuple[str, ...] = ("tra
 @pytest.fixture(scope="session")
 def small_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_imagefolder(tmp_path_factory.mktemp("xray224"), per_class=80)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(store: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[int]:
+    """A real `mlflow server` on 127.0.0.1 over the SQLite store `store` (extra `args`, e.g. an auth app);
+    yields its port once /health answers."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *args],
+                            env=env, cwd=store.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not answer on /health within 120 s")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def project_env() -> dict[str, str]:

@@ -3,9 +3,6 @@ DVC's plots and experiment table, and the MLflow runs seen through a real `mlflo
 
 import json
 import re
-import socket
-import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -18,7 +15,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, make_imagefolder, make_project, ran, sh, tracking_at
+from conftest import ROOT, make_imagefolder, make_project, mlflow_server, ran, sh, tracking_at
 
 VARIANTS = ("linear", "mlp", "tinyvgg", "d_cnn_baseline")  # the ones that train in seconds on a CPU
 EPOCHS = 2
@@ -100,34 +97,12 @@ def test_dvc_plots_and_exp_show_list_every_variant(repo):
             "accuracy", "precision", "recall", "specificity", "f1", "auroc", "average_precision"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(repo):
     """A real `mlflow server` on 127.0.0.1 over the project's store."""
     repo, _ = repo
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                             f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not answer on /health within 120 s")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    with mlflow_server(repo / "mlruns" / "mlflow.db") as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def _api(url: str, endpoint: str, body: dict | None = None, **query: str) -> dict:

@@ -2,16 +2,11 @@
 show in a message, and only a missing alias means "no champion" (a failed login stops promotion)."""
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import tracking_at
+from conftest import free_port, mlflow_server, tracking_at
 from cxr import registry, tracking
 from cxr.errors import CxrError
 
@@ -25,26 +20,9 @@ def server(tmp_path_factory):
     ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{tmp / 'users.db'}\n"
                    f"admin_username = admin\nadmin_password = {PASSWORD}\n"
                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only"}
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
-                             "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"], env=env, cwd=tmp,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(240):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not answer on /health within 120 s")
-    yield port
-    proc.terminate()
-    proc.wait(timeout=30)
+    with mlflow_server(tmp / "mlflow.db", "--app-name", "basic-auth", env=env) as port:
+        yield port
 
 
 def test_credentials_in_the_tracking_uri_are_used_and_never_printed(server, monkeypatch):
@@ -55,10 +33,7 @@ def test_credentials_in_the_tracking_uri_are_used_and_never_printed(server, monk
         tracking.setup("creds")
     assert "401" in str(e.value) or "nauthorized" in str(e.value)
     assert PASSWORD not in str(e.value) and "admin:***@127.0.0.1" in str(e.value)
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
-    with tracking_at(uri.replace(str(server), str(dead))), pytest.raises(CxrError, match="does not answer") as e:
+    with tracking_at(uri.replace(str(server), str(free_port()))), pytest.raises(CxrError, match="does not answer") as e:
         tracking.setup("creds")
     assert PASSWORD not in str(e.value)
 

@@ -22,6 +22,10 @@ from cxr.models import Classifier, build_model
 CARD_VERSION = 1
 
 
+class CardError(CxrError):
+    """A model without a card of this version: made by an older version of the project."""
+
+
 @dataclass(frozen=True)
 class ModelCard:
     """A trained model's settings. `fit` and `draft` come from the arrays it was trained on (the grayscale
@@ -71,7 +75,7 @@ class ModelCard:
         fields = dataclasses.fields(cls)
         missing = [f.name for f in fields if f.name not in d and f.default is f.default_factory is dataclasses.MISSING]
         if d.get("card_version") != CARD_VERSION or missing:
-            raise CxrError(f"{where} has no model card of this version (missing {', '.join(missing) or 'the version'})"
+            raise CardError(f"{where} has no model card of this version (missing {', '.join(missing) or 'the version'})"
                            "; it was made by an older version of this project: run `dvc repro` to retrain it")
         names = {f.name for f in fields}
         kept = {k: v for k, v in d.items() if k in names}

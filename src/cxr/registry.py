@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from cxr import tracking
 from cxr.data.store import classes, load_split, preprocessing
 from cxr.errors import CxrError
-from cxr.inference import ModelCard, load_logged
+from cxr.inference import CardError, ModelCard, load_logged
 from cxr.io import atomic_path, best_on_val, write_json
 from cxr.metrics import metric, paired_bootstrap
 from cxr.params import Params
@@ -32,10 +32,13 @@ def candidate(p: Params, reports: Path) -> dict[str, Any]:
     return {"variant": variant, "val": ev["val"][p.promote.metric], **ev["mlflow"]}
 
 
-def test_probs(uri: str, data: Path, p: Params) -> tuple[torch.Tensor | None, ModelCard, str]:
+def test_probs(uri: str, data: Path, p: Params) -> tuple[torch.Tensor | None, ModelCard | None, str]:
     """The model at `uri`'s probabilities on the current test split and its card; or None and why it cannot
     be scored there (another image size, preprocessing or label set than the data prepared now)."""
-    model, card = load_logged(uri)
+    try:
+        model, card = load_logged(uri)
+    except CardError as e:  # a model of an older version of the project: it cannot be applied as it was
+        return None, None, str(e)
     folder = data / str(card.image_size)
     if not (folder / "test_labels.npy").exists():
         return None, card, f"its image size {card.image_size} is not prepared (add it to gray.extra_sizes, re-run)"
@@ -88,7 +91,7 @@ def promote(p: Params, reports: Path, data: Path, out: Path) -> dict[str, Any]:
     cand = candidate(p, reports)
     cand["version"] = _register(client, name, cand)
     cand_probs, cand_card, why_not = test_probs(f"models:/{name}/{cand['version']}", data, p)
-    if cand_probs is None:
+    if cand_probs is None or cand_card is None:
         raise CxrError(f"cannot score the candidate {cand['variant']}: {why_not}")
     labels = torch.from_numpy(load_split(data / str(cand_card.image_size), "test").labels)
     cand["test"] = metric(key, cand_probs, labels, list(cand_card.classes), cand_card.threshold)
