@@ -112,8 +112,11 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
         with torch.no_grad():
             signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
         # The card: what `cxr predict` and promotion need to apply the model exactly as evaluated here.
+        # Stated requirements: MLflow's own inference loads the model again in a subprocess (11.4 s against
+        # 0.4 s per variant here). The pt2 program needs torch alone, not torchvision.
         info = mlflow.pytorch.log_model(model, name="model", input_example=example, signature=signature,
-                                        metadata=card.to_dict())
+                                        metadata=card.to_dict(),
+                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
         # "val_best", not "val": training logs val/* per epoch, and this is one more point, at the kept weights.
         for split, key in (("test", "test"), ("test_threshold_0_5", "test_at_0.5"), ("val", "val_best")):
             if split in metrics:
