@@ -3,12 +3,15 @@ show in a message, and only a missing alias means "no champion" (a failed login 
 
 import os
 
+import mlflow
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import free_port, mlflow_server, tracking_at
-from cxr import registry, tracking
+from cxr import params, registry, tracking
 from cxr.errors import CxrError
+from cxr.inference import CardError, ModelCard, load_logged
 
 PASSWORD = "s3cret-Pass-9876"
 
@@ -45,3 +48,17 @@ def test_only_a_missing_alias_means_no_champion(server, monkeypatch):
     assert registry._champion(MlflowClient(good), "m") is None  # the registry says: no such alias
     with tracking_at(bad := good.replace(PASSWORD, "not-it")), pytest.raises(CxrError, match="nothing was promoted"):
         registry._champion(MlflowClient(bad), "m")
+
+
+def test_a_model_from_before_the_card_cannot_be_scored_so_a_champion_of_it_is_replaced(tmp_path):
+    # What evaluate logged before the model card: a plain dict without fit's draft or a card version.
+    model = ModelCard("old", "linear", 8, ("NORMAL", "PNEUMONIA"), "stretch", 8, 0.5, 0.25).build().eval()
+    example = np.zeros((2, 1, 8, 8), dtype=np.float32)
+    old_card = {"image_size": 8, "fit": "stretch", "classes": ["NORMAL", "PNEUMONIA"], "threshold": 0.5}
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=["torch"],
+                                        metadata=old_card)
+    probs, card, why = registry.test_probs(info.model_uri, tmp_path, params.Params())
+    assert probs is None and card is None and "has no model card of this version" in why
+    with pytest.raises(CardError, match="run `dvc repro` to retrain it"):
+        load_logged(info.model_uri)
