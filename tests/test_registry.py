@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import free_port, mlflow_server, tracking_at
-from cxr import params, registry, tracking
+from cxr import registry, tracking
 from cxr.errors import CxrError
 from cxr.inference import CardError, ModelCard, load_logged
 
@@ -58,7 +58,7 @@ def test_a_model_from_before_the_card_cannot_be_scored_so_a_champion_of_it_is_re
     with mlflow.start_run():
         info = mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=["torch"],
                                         metadata=old_card)
-    probs, card, why = registry.test_probs(info.model_uri, tmp_path, params.Params())
+    probs, card, why = registry.test_probs(info.model_uri, tmp_path)
     assert probs is None and card is None and "has no model card of this version" in why
     with pytest.raises(CardError, match="run `dvc repro` to retrain it"):
         load_logged(info.model_uri)

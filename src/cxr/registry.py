@@ -32,7 +32,7 @@ def candidate(p: Params, reports: Path) -> dict[str, Any]:
     return {"variant": variant, "val": ev["val"][p.promote.metric], **ev["mlflow"]}
 
 
-def test_probs(uri: str, data: Path, p: Params) -> tuple[torch.Tensor | None, ModelCard | None, str]:
+def test_probs(uri: str, data: Path) -> tuple[torch.Tensor | None, ModelCard | None, str]:
     """The model at `uri`'s probabilities on the current test split and its card; or None and why it cannot
     be scored there (another image size, preprocessing or label set than the data prepared now)."""
     try:
@@ -90,7 +90,7 @@ def promote(p: Params, reports: Path, data: Path, out: Path) -> dict[str, Any]:
     client, name, key = MlflowClient(), p.mlflow.registered_model, p.promote.metric
     cand = candidate(p, reports)
     cand["version"] = _register(client, name, cand)
-    cand_probs, cand_card, why_not = test_probs(f"models:/{name}/{cand['version']}", data, p)
+    cand_probs, cand_card, why_not = test_probs(f"models:/{name}/{cand['version']}", data)
     if cand_probs is None or cand_card is None:
         raise CxrError(f"cannot score the candidate {cand['variant']}: {why_not}")
     labels = torch.from_numpy(load_split(data / str(cand_card.image_size), "test").labels)
@@ -105,7 +105,7 @@ def promote(p: Params, reports: Path, data: Path, out: Path) -> dict[str, Any]:
     elif champ.version == cand["version"]:
         promoted, reason = False, f"the candidate is already the {ALIAS} (version {champ.version})"
     else:
-        probs, card, why_not = test_probs(f"models:/{name}@{ALIAS}", data, p)
+        probs, card, why_not = test_probs(f"models:/{name}@{ALIAS}", data)
         score = None if probs is None else metric(key, probs, labels, list(card.classes), card.threshold)
         before = {"version": champ.version, "variant": champ.tags.get("variant", ""), "test": score}
         if probs is None:
