@@ -8,6 +8,8 @@ import torch
 
 from cxr.task import as_threshold, predicted
 
+RANKING = ("auroc", "average_precision")  # the scores of the ranking, at no threshold
+
 
 def _ratio(num: torch.Tensor | float, den: torch.Tensor | float) -> torch.Tensor:
     """num / den, 0 where den is 0 (torchmetrics' zero_division=0)."""
@@ -100,9 +102,7 @@ def _at_threshold(probs: torch.Tensor, labels: torch.Tensor, threshold: float) -
 
 def scores(probs: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict[str, float | None]:
     s = _at_threshold(probs, labels, threshold)
-    both = labels.unique().numel() == 2  # ranking scores are undefined on one class: null, not a 0
-    ranking = {"auroc": auroc(probs, labels) if both else None,
-               "average_precision": average_precision(probs, labels) if both else None}
+    ranking = {k: metric(k, probs, labels, [], threshold) for k in RANKING}
     return {k: s[k] for k in ("accuracy", "precision", "recall", "specificity", "f1")} | ranking | \
         {k: s[k] for k in ("tn", "fp", "fn", "tp")}
 
@@ -116,13 +116,10 @@ def multiclass_scores(probs: torch.Tensor, labels: torch.Tensor, names: list[str
     out: dict[str, float | None] = {"accuracy": float(tp.sum() / cm.sum())}
     per_class = {"precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn),
                  "specificity": _ratio(tn, tn + fp), "f1": _ratio(2 * tp, 2 * tp + fp + fn)}
-    for metric, values in per_class.items():
-        out[metric] = float(values.mean())
-        out |= {f"{metric}_{name}": float(v) for name, v in zip(names, values, strict=True)}
-    every = labels.unique().numel() == len(names)
-    out["auroc"] = auroc(probs, labels) if every else None
-    out["average_precision"] = average_precision(probs, labels) if every else None
-    return out
+    for key, values in per_class.items():
+        out[key] = float(values.mean())
+        out |= {f"{key}_{name}": float(v) for name, v in zip(names, values, strict=True)}
+    return out | {k: metric(k, probs, labels, names, 0.5) for k in RANKING}
 
 
 def curves(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, list[dict[str, float]]]:
@@ -144,7 +141,7 @@ def curves(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, list[dict[str
 def metric(name: str, probs: torch.Tensor, labels: torch.Tensor, names: list[str], threshold: float) -> float | None:
     """One score (binary at `threshold`, else argmax), computing only what it needs: the bootstrap calls this
     thousands of times."""
-    if name in ("auroc", "average_precision"):
+    if name in RANKING:  # undefined without every class: null, not a 0 (a rate over no cases would be 0)
         if labels.unique().numel() < (probs.shape[1] if probs.ndim == 2 else 2):
             return None
         return (auroc if name == "auroc" else average_precision)(probs, labels)
