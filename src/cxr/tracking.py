@@ -53,7 +53,7 @@ def setup(experiment: str, root: Path | None = None) -> str:
             exp = mlflow.get_experiment_by_name(experiment)
             return exp.experiment_id if exp else mlflow.create_experiment(experiment, artifact_location=location)
     except mlflow.exceptions.MlflowException as e:
-        raise CxrError(f"cannot use the MLflow store at {redact(uri)} ({redact(str(e).splitlines()[0])}); check "
+        raise CxrError(f"cannot use the MLflow store at {store_and_error(e)}; check "
                        "MLFLOW_TRACKING_URI or that the server is up (see README)") from e
 
 
