@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import manifest, shared
-from cxr.data.gray import grayscale, patient_id, to_gray
+from cxr.data.gray import decode, equalize, grayscale, patient_id, to_gray
 from cxr.data.sources import check_npz, download, scan_imagefolder
 from cxr.data.split import split
 from cxr.data.store import load_split
@@ -155,6 +155,46 @@ def test_split_carves_val_by_patient_and_finds_the_real_duplicates(gray224, tmp_
     assert not {m["patient_id"] for m in train.meta} & {m["patient_id"] for m in val.meta}
     again = split(gray224, tmp_path / "s2", SplitParams(val_fraction=0.1), seed=1)
     assert again == report and np.array_equal(load_split(tmp_path / "s2" / "32", "val").images, val.images)
+
+
+def test_patients_crossing_the_sources_splits_are_warned_of_and_pooling_splits_again_by_patient(gray224, tmp_path,
+                                                                                                caplog):
+    kept = split(gray224, tmp_path / "s", SplitParams(), seed=0)
+    crossing = kept["source_patients_across_splits"]
+    assert crossing["train-test"] > 0  # Kaggle's own split, by the patient ids in its file names
+    assert f"{crossing['train-test']} patients have images in more than one of the source's splits" in caplog.text
+    pooled = split(gray224, tmp_path / "p", SplitParams(pool=True, val_fraction=0.1, test_fraction=0.15), seed=0)
+    assert pooled["carved"] == ["test", "val"] and pooled["pooled"]
+    counts = {s: sum(c.values()) for s, c in pooled["counts"].items()}
+    assert sum(counts.values()) == 5840 and 0.12 < counts["test"] / 5840 < 0.18
+    assert "patient_ids_across_splits" in pooled["duplicates"] and not pooled["duplicates"]["patient_ids_across_splits"]
+    # each image's pixels come along from whichever source split it was in
+    source = {m["name"]: (s, i) for s in ("train", "test") for i, m in enumerate(load_split(gray224 / "32", s).meta)}
+    test = load_split(tmp_path / "p" / "32", "test")
+    assert {m["source_split"] for m in test.meta} == {"train", "test"}
+    arrays = {s: np.load(gray224 / "32" / f"{s}_images.npy") for s in ("train", "test")}
+    assert all(np.array_equal(img, arrays[source[m["name"]][0]][source[m["name"]][1]])
+               for img, m in zip(test.images, test.meta, strict=True))
+
+
+@pytest.mark.parametrize("how", ["hist", "clahe"])
+def test_equalize_spreads_a_real_x_rays_gray_levels_and_the_stage_records_it(how, small_folder, tmp_path):
+    path = next((small_folder / "test" / "normal").iterdir())
+    [plain], *_ = decode((str(path), str(path)), [64], "stretch")[:1]
+    [eq], *_ = decode((str(path), str(path)), [64], "stretch", how=how)[:1]
+    assert eq.dtype == np.uint8 and eq.shape == (64, 64) and np.array_equal(eq, equalize(plain, how))
+    assert eq.std() > plain.std()  # contrast spread over the gray range
+    if how == "hist":  # the cumulative histogram becomes about a straight line
+        cdf = np.cumsum(np.bincount(eq.ravel(), minlength=256)) / eq.size
+        assert np.abs(cdf - np.linspace(0, 1, 256)).max() < 0.1
+    grayscale(prepare_raw(tmp_path, small_folder), tmp_path / "gray", GrayParams(image_size=32, equalize=how,
+                                                                                  workers=1))
+    assert json.loads((tmp_path / "gray" / "32" / "preprocessing.json").read_text())["equalize"] == how
+
+
+def prepare_raw(tmp: Path, folder: Path) -> Path:
+    download(DataParams(source="imagefolder", path=str(folder)), tmp / "raw")
+    return tmp / "raw"
 
 
 def test_split_downsample_and_drop_duplicates(gray224, tmp_path):

@@ -106,7 +106,7 @@ def test_a_fixed_threshold_is_a_float32_value_so_both_precisions_agree():
 def test_scores_are_float32_even_inside_an_autocast_region():
     # The CPU twin of evaluation on CUDA, which ran under bf16 autocast: scores kept 8 bits and 624 distinct
     # probabilities collapsed to about 435. Inference turns autocast (and TF32) off whatever the caller set.
-    card = ModelCard("v", "cnn_baseline", 32, ("NORMAL", "PNEUMONIA"), "stretch", 32, 0.5, 0.25)
+    card = ModelCard("v", "cnn_baseline", 32, ("NORMAL", "PNEUMONIA"), "stretch", 32, "none", 0.5, 0.25)
     model = card.build()
     images = np.random.default_rng(0).integers(0, 256, (300, 32, 32), dtype=np.uint8)
     plain = card.probs_of(model, images)
@@ -137,11 +137,11 @@ def test_paired_bootstrap_interval():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CPU twin is the autocast test above)")
 def test_cuda_scores_match_the_cpu_in_float32():
-    card = ModelCard("v", "resnet18", 64, ("NORMAL", "PNEUMONIA"), "stretch", 64, 0.5, 0.25)
+    card = ModelCard("v", "resnet18", 64, ("NORMAL", "PNEUMONIA"), "stretch", 64, "none", 0.5, 0.25)
     model = card.build().eval()
     images = np.random.default_rng(0).integers(0, 256, (624, 64, 64), dtype=np.uint8)
     with torch.autocast("cuda", dtype=torch.bfloat16):  # as the training loop leaves it
         gpu = card.probs_of(model, images)  # the best device: CUDA
-    cpu = torch.cat([card.probabilities(model.cpu()(torch.from_numpy(images[i:i + 128, None]).float() / 255))
+    cpu = torch.cat([card.probabilities(model.cpu()(torch.from_numpy(images[i:i + 128, None]).float() / 255)[None])
                      for i in range(0, 624, 128)]).detach()
     assert gpu.unique().numel() == 624 and torch.allclose(gpu, cpu, atol=1e-5)

@@ -52,7 +52,7 @@ def test_only_a_missing_alias_means_no_champion(server, monkeypatch):
 
 def test_a_model_from_before_the_card_cannot_be_scored_so_a_champion_of_it_is_replaced(tmp_path):
     # What evaluate logged before the model card: a plain dict without fit's draft or a card version.
-    model = ModelCard("old", "linear", 8, ("NORMAL", "PNEUMONIA"), "stretch", 8, 0.5, 0.25).build().eval()
+    model = ModelCard("old", "linear", 8, ("NORMAL", "PNEUMONIA"), "stretch", 8, "none", 0.5, 0.25).build().eval()
     example = np.zeros((2, 1, 8, 8), dtype=np.float32)
     old_card = {"image_size": 8, "fit": "stretch", "classes": ["NORMAL", "PNEUMONIA"], "threshold": 0.5}
     with mlflow.start_run():

@@ -12,6 +12,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from mlflow.models import get_model_info
 from mlflow.tracking import MlflowClient
@@ -24,11 +25,13 @@ from cxr.data.sources import download
 from cxr.data.split import split
 from cxr.data.store import load_split
 from cxr.errors import CxrError
+from cxr.evaluation.ensemble import run_ensemble
 from cxr.evaluation.variant import evaluate_variant
-from cxr.inference import ModelCard
+from cxr.inference import TTA_VIEWS, ModelCard, view
 from cxr.inference import load as load_checkpoint
 from cxr.metrics import choose_threshold, scores
 from cxr.params import DataParams, GrayParams, SplitParams
+from cxr.predict import predict
 from cxr.training.state import fingerprint
 from cxr.training.variant import train_variant
 
@@ -247,3 +250,64 @@ def test_a_non_finite_loss_stops_training_naming_the_variant_and_epoch(data, tmp
     with pytest.raises(CxrError, match=r"^linear: training diverged \(loss (nan|inf)\) in epoch 1; lower its lr"):
         train_variant(p, "linear", data, tmp_path / "m", tmp_path / "r", tmp_path / "ck")
     assert not (tmp_path / "m").exists() and not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def clahe_data(tmp_path_factory):
+    """The same kind of real images, CLAHE-equalized by the grayscale stage: the card must carry it to predict."""
+    tmp = tmp_path_factory.mktemp("eq")
+    folder = make_imagefolder(tmp / "src", per_class=120, with_duplicates=False)
+    download(DataParams(source="imagefolder", path=str(folder)), tmp / "raw")
+    grayscale(tmp / "raw", tmp / "gray", GrayParams(image_size=32, equalize="clahe", workers=2))
+    split(tmp / "gray", tmp / "split", SplitParams(val_fraction=0.2), seed=0)
+    return folder, tmp / "split"
+
+
+def test_an_ensemble_with_tta_and_temperature_is_one_model_that_predict_reproduces(clahe_data, tmp_path):
+    folder, data = clahe_data
+    raw = project_raw(epochs=3)
+    raw["ensembles"] = {"ens": ["tinyvgg", "mlp"]}
+    raw["evaluate"].update(tta=3, calibrate=True)
+    p = params.parse(raw)
+    for v in ("tinyvgg", "mlp"):
+        train_variant(p, v, data, tmp_path / "models" / v, tmp_path / "r" / v, tmp_path / "ck")
+    metrics = run_ensemble(p, "ens", data, tmp_path / "models", tmp_path / "ens", tmp_path / "r" / "ens")
+    val, test = load_split(data / "32", "val"), load_split(data / "32", "test")
+
+    # By hand: per TTA view, the members' probabilities averaged; then the temperature; then the views averaged.
+    members = [load_checkpoint(tmp_path / "models" / v / "model.pt")[0] for v in ("tinyvgg", "mlp")]
+    t = metrics["calibration"]["temperature"]
+
+    def by_hand(images, temperature):
+        x = torch.from_numpy(images[:, None].astype(np.float32) / 255)
+        with torch.no_grad():
+            views = [torch.stack([m(view(x, *v)).reshape(-1).sigmoid() for m in members]).mean(0)
+                     for v in TTA_VIEWS[:3]]
+        return torch.stack([(torch.logit(p, eps=1e-7) / temperature).sigmoid() for p in views]).mean(0)
+
+    rows = list(csv.DictReader((tmp_path / "r" / "ens" / "predictions.csv").open()))
+    probs = torch.tensor([float(r["p_pneumonia"]) for r in rows])
+    assert torch.allclose(probs, by_hand(test.images, t), atol=1e-5)
+    assert metrics["tta"] == 3
+    val_probs = by_hand(val.images, t)  # the threshold comes from these (to float32 rounding)
+    assert metrics["threshold"] == pytest.approx(choose_threshold(val_probs, torch.from_numpy(val.labels), "f1"),
+                                                 abs=1e-4)
+    # Temperature scaling lowers the validation log-loss it was fitted on, and the reports hold the diagram.
+    y = torch.from_numpy(val.labels).float()
+    nll = lambda pr: F.binary_cross_entropy(pr.double().clamp(1e-12, 1 - 1e-12), y.double()).item()  # noqa: E731
+    assert t != 1.0 and nll(by_hand(val.images, t)) <= nll(by_hand(val.images, 1.0))
+    cal = metrics["calibration"]
+    assert {"val_ece_before", "val_ece_after", "test_ece_before", "test_ece_after"} <= set(cal)
+    rel = json.loads((tmp_path / "r" / "ens" / "reliability.json").read_text())
+    assert sum(r["count"] for r in rel) == 2 * (len(val.labels) + len(test.labels))  # before and after
+
+    # One MLflow model, a run of its own; `cxr predict`'s path (decode with CLAHE, TTA, temperature) agrees.
+    run = MlflowClient().get_run(metrics["mlflow"]["run_id"])
+    assert run.info.run_name == "ens" and run.data.params["members"] == "tinyvgg,mlp"
+    assert {"calibration/temperature", "test/auroc"} <= set(run.data.metrics)
+    uri = metrics["mlflow"]["model_uri"]
+    card = ModelCard.from_dict(get_model_info(uri).metadata, uri)
+    assert (card.arch, card.tta, card.equalize, card.temperature) == ("ensemble", 3, "clahe", t)
+    got, errors = predict(uri, [folder / r["name"] for r in rows[:12]])
+    assert not errors and [g["p_pneumonia"] for g in got] == pytest.approx([float(r["p_pneumonia"])
+                                                                            for r in rows[:12]], abs=1e-6)

@@ -13,7 +13,7 @@ from cxr.data.store import Split
 from cxr.errors import CxrError
 from cxr.params import TrainParams
 from cxr.training.loop import fit, make_card
-from cxr.training.parts import augment, make_loss, make_scheduler
+from cxr.training.parts import augment, epoch_order, make_loss, make_scheduler
 from cxr.training.state import StateWriter, read_state
 
 
@@ -33,12 +33,47 @@ def test_augment_off_is_identity_and_flip_only_flips():
 
 
 def test_augment_is_seeded_per_image_and_stays_in_range():
-    x, tp = batch(n=32), TrainParams(aug_rotation=25.0, aug_brightness=0.2, aug_contrast=0.2, aug_hflip=True)
+    x, tp = batch(n=32), TrainParams(aug_rotation=25.0, aug_brightness=0.2, aug_contrast=0.2, aug_hflip=True,
+                                     aug_scale=0.15, aug_translate=0.08, aug_gamma=0.3, aug_noise=0.03)
     a = augment(x, tp, torch.Generator().manual_seed(3))
     assert torch.equal(a, augment(x, tp, torch.Generator().manual_seed(3)))
     assert not torch.equal(a, augment(x, tp, torch.Generator().manual_seed(4)))
     assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
     assert len({round(float((o - i).abs().mean()), 4) for o, i in zip(a, x, strict=True)}) == 32  # each its own
+
+
+def test_gamma_keeps_each_images_order_of_pixels_and_noise_is_small_and_centred():
+    x, off = batch(n=8, size=32), dict(aug_rotation=0.0, aug_brightness=0.0, aug_contrast=0.0)
+    gamma = augment(x, TrainParams(**off, aug_gamma=0.4), torch.Generator().manual_seed(0))
+    assert not torch.allclose(gamma, x, atol=1e-3)
+    for o, i in zip(gamma, x, strict=True):  # a monotone curve: brighter stays brighter
+        assert torch.equal(o.flatten().argsort(), i.flatten().argsort())
+    noisy = augment(x * 0.5 + 0.25, TrainParams(**off, aug_noise=0.05), torch.Generator().manual_seed(0))
+    diff = noisy - (x * 0.5 + 0.25)
+    assert 0 < diff.std() < 0.05 and abs(diff.mean()) < 0.005
+
+
+def test_zoom_and_shift_move_the_content():
+    x = torch.zeros(2, 1, 32, 32)
+    x[:, :, 12:20, 12:20] = 1.0  # a bright square in the middle
+    off = dict(aug_rotation=0.0, aug_brightness=0.0, aug_contrast=0.0)
+    zoomed = augment(x, TrainParams(**off, aug_scale=0.5), torch.Generator().manual_seed(1))
+    assert not torch.allclose(zoomed.sum((1, 2, 3)), x.sum((1, 2, 3)), rtol=0.05)  # zoom changes its area
+    shifted = augment(x, TrainParams(**off, aug_translate=0.2), torch.Generator().manual_seed(1))
+    assert float(shifted.sum()) == pytest.approx(float(x.sum()), rel=0.02)  # same area...
+    cols = torch.arange(32.0)
+    centre = lambda im: float((im.sum(0) * cols).sum() / im.sum())  # noqa: E731  (column centre of mass)
+    moved = [abs(centre(s[0]) - centre(i[0])) for s, i in zip(shifted, x, strict=True)]
+    assert all(m <= 0.2 * 32 + 0.5 for m in moved) and max(moved) > 0.5  # ...elsewhere, by up to 20% of 32 px
+
+
+def test_balanced_sampling_draws_each_class_about_equally():
+    labels = torch.tensor([0] * 1341 + [1] * 3875)  # Kaggle's training split
+    gen = torch.Generator().manual_seed(0)
+    drawn = labels[epoch_order(labels, "balanced", gen)]
+    assert len(drawn) == len(labels) and abs(drawn.float().mean().item() - 0.5) < 0.03
+    order = epoch_order(labels, "shuffle", gen)
+    assert torch.equal(order.sort().values, torch.arange(len(labels)))  # a permutation: each image once
 
 
 def lrs(tp: TrainParams, steps_per_epoch=10, plateau_losses=None):
@@ -118,7 +153,8 @@ def test_freeze_trains_only_the_head_then_everything():
 
 def test_resume_from_a_saved_state_ends_identically_on_cpu():
     tp = TrainParams(arch="cnn5", epochs=4, batch_size=16, patience=9, augment=True, scheduler="cosine",
-                     warmup_epochs=1, model={"filters": [8, 8, 16]})
+                     warmup_epochs=1, model={"filters": [8, 8, 16]}, aug_scale=0.1, aug_gamma=0.2, aug_noise=0.02,
+                     mixup=0.2, sampler="balanced", ema=0.9)
     train, val = tiny_split(64, 0, classes=3), tiny_split(24, 1, classes=3)
     whole, history = run_fit(train, val, tp, seed=5, n_classes=3)
     saved = []
@@ -163,3 +199,18 @@ def test_states_are_written_every_n_epochs_off_the_training_thread(tmp_path):
     assert written == [2, 4]  # every 2nd epoch, none after the last
     assert threading.get_ident() not in threads
     assert read_state(path, "other settings") is None
+
+
+def test_with_ema_the_moving_average_is_evaluated_early_stopped_on_and_kept():
+    tp = TrainParams(arch="cnn5", epochs=3, batch_size=16, patience=0, ema=0.9, lr=0.01,
+                     model={"filters": [8, 8, 16]})
+    train, val = tiny_split(64, 0), tiny_split(32, 1)
+    states = []
+    model, history = run_fit(train, val, tp, seed=0, save_state=states.append)
+    raw, average = states[0]["model"], {k.removeprefix("module."): v for k, v in states[0]["ema"].items()
+                                        if k.startswith("module.")}
+    assert raw.keys() == average.keys() and not torch.equal(raw["net.0.weight"], average["net.0.weight"])
+    x = torch.from_numpy(val.images[:, None].astype(np.float32) / 255)
+    with torch.no_grad():
+        loss = F.binary_cross_entropy_with_logits(model.eval()(x).reshape(-1), torch.from_numpy(val.labels).float())
+    assert loss.item() == pytest.approx(min(r["val_loss"] for r in history), rel=1e-4)

@@ -19,7 +19,12 @@ from cxr import task
 from cxr.errors import CxrError
 from cxr.models import Classifier, build_model
 
-CARD_VERSION = 1
+CARD_VERSION = 2  # 2: equalize and tta
+
+# Test-time augmentation views, (zoom, shift x, shift y) with shifts in fractions of the side: the identity
+# first, then mild versions of the training augmentation's zoom and shift. `tta: n` averages the first n.
+TTA_VIEWS = ((1.0, 0.0, 0.0), (1.08, 0.0, 0.0), (0.93, 0.0, 0.0), (1.0, 0.04, 0.0), (1.0, -0.04, 0.0),
+             (1.0, 0.0, 0.04), (1.0, 0.0, -0.04), (1.08, 0.0, 0.04))
 
 
 class CardError(CxrError):
@@ -37,11 +42,13 @@ class ModelCard:
     classes: tuple[str, ...]
     fit: str  # stretch | pad | crop
     draft: int  # JPEG decode scale: the largest size the grayscale stage made in the same decode
+    equalize: str  # none | hist | clahe, after resizing
     mean: float  # input normalisation, from the training split
     std: float
     settings: dict[str, Any] = field(default_factory=dict)  # the arch's own settings
     threshold: float = 0.5  # binary: positive when P(PNEUMONIA) > threshold (chosen on validation)
-    temperature: float = 1.0  # logits are divided by it before the sigmoid / softmax
+    temperature: float = 1.0  # logits are divided by it before the sigmoid / softmax (fitted on validation)
+    tta: int = 1  # probabilities are averaged over the first `tta` of TTA_VIEWS
 
     @property
     def binary(self) -> bool:
@@ -55,16 +62,22 @@ class ModelCard:
                           **settings)
         return Classifier(net, self.mean, self.std)
 
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return task.probabilities(logits, self.temperature)
+    def probabilities(self, logits: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+        """(views, N, logits) to probabilities: each view's at the temperature, averaged over the views."""
+        t = self.temperature if temperature is None else temperature
+        return torch.stack([task.probabilities(v, t) for v in logits]).mean(0)
 
     def predicted(self, probs: torch.Tensor) -> torch.Tensor:
         return task.predicted(probs, self.threshold)
 
-    def probs_of(self, model: nn.Module, images: np.ndarray) -> torch.Tensor:
-        """Probabilities for uint8 (N, H, W) images, on the best device, in float32, returned on the CPU."""
+    def logits_of(self, model: nn.Module, images: np.ndarray) -> torch.Tensor:
+        """(views, N, logits) for uint8 (N, H, W) images, on the best device, in float32, returned on the CPU."""
         device = pick_device()
-        return self.probabilities(predict_logits(model.to(device), to_device(images, device))).cpu()
+        return predict_logits(model.to(device), to_device(images, device), TTA_VIEWS[:self.tta]).cpu()
+
+    def probs_of(self, model: nn.Module, images: np.ndarray) -> torch.Tensor:
+        """Probabilities for uint8 (N, H, W) images: every view, the temperature, the average."""
+        return self.probabilities(self.logits_of(model, images))
 
     def to_dict(self) -> dict[str, Any]:
         return {"card_version": CARD_VERSION, **dataclasses.asdict(self), "classes": list(self.classes),
@@ -114,13 +127,25 @@ def full_float32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
 
 
+def view(x: torch.Tensor, zoom: float, dx: float, dy: float) -> torch.Tensor:
+    """A float batch (B, 1, H, W) zoomed about its centre and shifted (fractions of the side), zeros outside."""
+    if (zoom, dx, dy) == (1.0, 0.0, 0.0):
+        return x
+    theta = torch.tensor([[1 / zoom, 0.0, -2 * dx], [0.0, 1 / zoom, -2 * dy]], device=x.device).expand(len(x), 2, 3)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """(N, logits) in float32, computed in float32."""
+def predict_logits(model: nn.Module, x: torch.Tensor, views: tuple[tuple[float, float, float], ...] | None = None,
+                   batch_size: int = 512) -> torch.Tensor:
+    """(N, logits) in float32, computed in float32; with `views`, (views, N, logits), one row per view."""
     with contextlib.suppress(NotImplementedError):  # a pt2 program loaded from MLflow: exported in eval mode
         model.eval()
     with full_float32():
-        return torch.cat([model(xb).float() for _, xb in batches(x, batch_size)])
+        out = [torch.cat(rows) for rows in zip(*([model(view(xb, *v)).float() for v in views or [(1.0, 0.0, 0.0)]]
+                                                 for _, xb in batches(x, batch_size)), strict=True)]
+    return torch.stack(out) if views else out[0]
 
 
 def save(path: Path, model: Classifier, card: ModelCard) -> None:

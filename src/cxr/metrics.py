@@ -4,6 +4,9 @@ each train and evaluate stage about a second and a half, as it loads torchvision
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 
 from cxr.task import as_threshold, predicted
@@ -165,3 +168,47 @@ def paired_bootstrap(name: str, a: tuple[torch.Tensor, float], b: tuple[torch.Te
     lo, hi = torch.quantile(d, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return {"difference": metric(name, a[0], labels, names, a[1]) - metric(name, b[0], labels, names, b[1]),
             "ci95_low": lo, "ci95_high": hi, "resamples": len(diffs)}
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, probabilities: Any) -> float:
+    """Temperature scaling (Guo et al. 2017): the T in [1/20, 20] that minimises the negative log-likelihood of
+    `probabilities(logits, T)` (the model's own rule, TTA averaging included) on these labels, by golden-section
+    search on log T (the NLL of one temperature is unimodal in practice and cheap: no retraining)."""
+    labels = labels.cpu().long()
+
+    def nll(log_t: float) -> float:
+        p = probabilities(logits, math.exp(log_t)).double().clamp(1e-12, 1 - 1e-12)
+        if p.ndim == 1:
+            return float(-(labels * p.log() + (1 - labels) * (1 - p).log()).mean())
+        return float(-p[torch.arange(len(labels)), labels].log().mean())
+
+    lo, hi, g = -math.log(20), math.log(20), (math.sqrt(5) - 1) / 2
+    for _ in range(40):  # the bracket shrinks by 0.618 a step: 40 steps leave ~1e-8 of it
+        a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+        lo, hi = (lo, b) if nll(a) < nll(b) else (a, hi)
+    return math.exp((lo + hi) / 2)
+
+
+def reliability(probs: torch.Tensor, labels: torch.Tensor, bins: int = 10) -> list[dict[str, float]]:
+    """Per bin of equal width in confidence (binary: P(PNEUMONIA); more classes: the top probability): the
+    mean confidence, the observed frequency (of PNEUMONIA, or of a correct top class) and the count."""
+    probs, labels = probs.detach().cpu().double(), labels.cpu()
+    if probs.ndim == 1:
+        conf, hit = probs, labels.double()
+    else:
+        conf, top = probs.max(1)
+        hit = (top == labels).double()
+    which = (conf * bins).long().clamp(max=bins - 1)
+    rows = []
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            rows.append({"bin": b, "confidence": float(conf[m].mean()), "frequency": float(hit[m].mean()),
+                         "count": int(m.sum())})
+    return rows
+
+
+def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 10) -> float:
+    """Expected calibration error: the count-weighted mean gap between confidence and frequency of the bins."""
+    rows = reliability(probs, labels, bins)
+    return sum(r["count"] * abs(r["confidence"] - r["frequency"]) for r in rows) / len(labels)

@@ -20,6 +20,7 @@ class ParamsError(CxrError, ValueError):
 
 
 OnBadImage = Literal["error", "skip"]
+Equalize = Literal["none", "hist", "clahe"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class GrayParams:
     image_size: int = 224  # the size variants train at unless they set their own image_size
     extra_sizes: list[int] = field(default_factory=list)  # more sizes for variants, made in the same pass
     fit: Literal["stretch", "pad", "crop"] = "stretch"  # the hub and Kaggle 224 sets are stretched
+    equalize: Equalize = "none"  # contrast normalisation of each resized image: histogram or CLAHE
     workers: int = 0  # 0 = every core
 
     @property
@@ -51,6 +53,7 @@ class SplitParams:
     test_fraction: float = 0.15  # carved from train where the source has no test split
     balance: Literal["none", "downsample"] = "none"
     drop_duplicates: bool = False
+    pool: bool = False  # pool every split of the source and carve train/val/test again, by patient
 
 
 @dataclass(frozen=True)
@@ -69,14 +72,22 @@ class TrainParams:
     class_weights: Literal["none", "balanced"] = "none"  # balanced: n / (classes * n_class), as sklearn
     label_smoothing: float = 0.0
     grad_clip: float = 0.0  # max gradient norm; 0 = off
-    augment: bool = False  # batched on the device: rotation, brightness, contrast, flip
+    augment: bool = False  # batched on the device: the aug_* below, each 0 = off
     aug_rotation: float = 10.0  # degrees, uniform in +-
+    aug_scale: float = 0.0  # zoom, uniform in 1 +- (a random resized crop when above 1)
+    aug_translate: float = 0.0  # shift, uniform in +- this fraction of the side
     aug_brightness: float = 0.1  # added, uniform in +-
     aug_contrast: float = 0.1  # scale around the image mean, uniform in 1 +-
+    aug_gamma: float = 0.0  # x ** exp(u), u uniform in +- this (exposure curves of other machines)
+    aug_noise: float = 0.0  # Gaussian noise, its std uniform in [0, this)
     aug_hflip: bool = False  # off by default: a flip moves the heart to the right
+    mixup: float = 0.0  # mixup's Beta(a, a); 0 = off
+    sampler: Literal["shuffle", "balanced"] = "shuffle"  # balanced: each class drawn equally often (with replacement)
+    ema: float = 0.0  # decay of an exponential moving average of the weights (per step), evaluated and kept; 0 = off
     freeze_epochs: int = 0  # train only the head for this many epochs; >= epochs keeps the base frozen
     patience: int = 3  # early stopping on validation loss (0 = off); the best epoch's weights are kept
     compile: bool = False  # torch.compile the model (CUDA; worth it for long runs)
+    seed_offset: int = 0  # added to the project seed: variants that differ only here are independent ensemble members
     checkpoint_every: int = 1  # epochs between resume states (written on a background thread)
     model: dict[str, Any] = field(default_factory=dict)  # arch settings, checked against the builder
 
@@ -84,6 +95,8 @@ class TrainParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     threshold: Literal["f1", "youden"] | float = "f1"  # chosen on validation, applied to test
+    tta: int = 1  # test-time augmentation: probabilities averaged over this many fixed views (1 = off, up to 8)
+    calibrate: bool = True  # temperature scaling fitted on validation (ECE before and after in the reports)
 
 
 Metric = Literal["accuracy", "precision", "recall", "specificity", "f1", "auroc", "average_precision"]
@@ -116,10 +129,16 @@ class Params:
     split: SplitParams = SplitParams()
     train: TrainParams = TrainParams()
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ensembles: dict[str, list[str]] = field(default_factory=dict)  # name -> member variants (probabilities averaged)
     evaluate: EvaluateParams = EvaluateParams()
     compare: CompareParams = CompareParams()
     mlflow: MlflowParams = MlflowParams()
     promote: PromoteParams = PromoteParams()
+
+    @property
+    def entries(self) -> list[str]:
+        """Every variant, then every ensemble: what is evaluated, ranked and may be promoted."""
+        return [*self.models, *self.ensembles]
 
     def image_size(self, variant: str) -> int:
         return self.variant(variant).image_size or self.gray.image_size
@@ -207,7 +226,8 @@ def _check_train(tp: TrainParams, prefix: str) -> None:
     for key in ("epochs", "batch_size", "checkpoint_every"):
         if getattr(tp, key) < 1:
             raise ParamsError(f"{prefix}.{key}: {getattr(tp, key)} must be 1 or more")
-    for key in ("lr", "weight_decay", "label_smoothing", "grad_clip", "warmup_epochs", "freeze_epochs", "patience"):
+    for key in ("lr", "weight_decay", "label_smoothing", "grad_clip", "warmup_epochs", "freeze_epochs", "patience",
+                "aug_scale", "aug_translate", "aug_gamma", "aug_noise", "mixup", "ema"):
         value = getattr(tp, key)
         if value < 0 or (key == "lr" and value == 0):
             raise ParamsError(f"{prefix}.{key}: {value} must be {'above' if key == 'lr' else 'at least'} 0")
@@ -218,6 +238,12 @@ def _check_train(tp: TrainParams, prefix: str) -> None:
     if tp.label_smoothing >= 1:
         raise ParamsError(f"{prefix}.label_smoothing: {tp.label_smoothing} must be below 1 (1 would make every "
                           "target the same)")
+    for key in ("aug_scale", "ema"):
+        if getattr(tp, key) >= 1:
+            raise ParamsError(f"{prefix}.{key}: {getattr(tp, key)} must be below 1")
+    if tp.sampler == "balanced" and (tp.class_weights != "none" or tp.pos_weight != 1.0):
+        raise ParamsError(f"{prefix}.sampler: balanced sampling already weights the classes; keep pos_weight: 1.0 "
+                          "and class_weights: none with it")
     if tp.class_weights != "none" and tp.pos_weight != 1.0:
         raise ParamsError(f"{prefix}.pos_weight: {tp.pos_weight!r} and class_weights {tp.class_weights} would both "
                           "weight the classes; keep one (pos_weight: 1.0 or class_weights: none)")
@@ -240,6 +266,15 @@ def parse(raw: dict[str, Any]) -> Params:
     for key in ("val_fraction", "test_fraction"):
         if not 0 < getattr(params.split, key) < 0.5:
             raise ParamsError(f"split.{key}: must be between 0 and 0.5")
+    for name, members in params.ensembles.items():
+        if name in params.models or not name.replace("_", "").isalnum() or not name.islower():
+            raise ParamsError(f"ensembles.{name}: needs a snake_case name that no variant in models has")
+        unknown = [m for m in members if m not in params.models]
+        if len(set(members)) < 2 or unknown:
+            raise ParamsError(f"ensembles.{name}: {members!r} must name 2 or more variants of models"
+                              + (f" ({', '.join(map(str, unknown))} is not one)" if unknown else ""))
+    if not 1 <= params.evaluate.tta <= 8:
+        raise ParamsError(f"evaluate.tta: {params.evaluate.tta} must be 1 (off) to 8 views")
     t = params.evaluate.threshold
     if isinstance(t, float) and not 0 < t < 1:
         raise ParamsError(f"evaluate.threshold: {t} must be between 0 and 1 (a probability), or f1 or youden")

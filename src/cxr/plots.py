@@ -39,6 +39,23 @@ def curve_figure(series: dict[str, list[dict[str, float]]], x: str, y: str, titl
     return fig
 
 
+def reliability_figure(rows: list[dict[str, Any]], title: str) -> Figure:
+    """Reliability diagram: observed frequency against mean confidence per bin, one line per split and
+    stage (before / after temperature scaling); on the diagonal is perfect calibration."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.0), layout="constrained")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
+    for split in ("val", "test"):
+        for stage, style in (("before", ":"), ("after", "-")):
+            sel = [r for r in rows if r["split"] == split and r["stage"] == stage]
+            if sel:
+                ax.plot([r["confidence"] for r in sel], [r["frequency"] for r in sel], ls=style, marker="o", ms=3,
+                        label=f"{split} {stage} scaling")
+    ax.legend(fontsize=8)
+    ax.set(xlabel="mean predicted probability", ylabel="observed frequency", title=f"{title}: reliability",
+           xlim=(0, 1), ylim=(0, 1.02))
+    return fig
+
+
 def history_figure(history: list[dict[str, Any]], title: str) -> Figure:
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.4), layout="constrained")
     epochs = [r["epoch"] for r in history]

@@ -1,5 +1,6 @@
 """`cxr predict IMAGE...`: classify images with a registered model (by default the champion), preprocessed
-exactly as the pipeline prepared its training data (the model card's size, fit and JPEG draft scale)."""
+exactly as the pipeline prepared its training data (the model card's size, fit, JPEG draft scale and
+equalisation), then scored as evaluate scored it (TTA views, temperature, threshold)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def read(path: Path, card: ModelCard) -> np.ndarray:
     """One image as the grayscale stage stored it for this model; OSError with the reason when it cannot."""
     if not path.is_file():
         raise OSError("no such file" if not path.exists() else "not a file")
-    result = decode((str(path), str(path)), [card.image_size], card.fit, card.draft)  # the stage's own decode
+    result = decode((str(path), str(path)), [card.image_size], card.fit, card.draft, card.equalize)  # the stage's
     if isinstance(result, str):
         raise OSError(result)
     return result[0][0]

@@ -28,7 +28,7 @@ RESAMPLES = 2000  # bootstrap resamples: the interval's ends move by about 0.001
 
 def candidate(p: Params, reports: Path) -> dict[str, Any]:
     """The variant with the best `promote.metric` on validation (never test), from its evaluation report."""
-    variant, ev = best_on_val(p.models, reports, p.promote.metric)
+    variant, ev = best_on_val(p.entries, reports, p.promote.metric)
     return {"variant": variant, "val": ev["val"][p.promote.metric], **ev["mlflow"]}
 
 
@@ -43,9 +43,10 @@ def test_probs(uri: str, data: Path) -> tuple[torch.Tensor | None, ModelCard | N
     if not (folder / "test_labels.npy").exists():
         return None, card, f"its image size {card.image_size} is not prepared (add it to gray.extra_sizes, re-run)"
     prep = preprocessing(folder)
-    if (card.fit, card.draft) != (prep["fit"], prep["draft"]) or list(card.classes) != classes(folder):
-        return None, card, (f"it was trained on other preprocessing (fit {card.fit}, draft {card.draft}, "
-                            f"{'/'.join(card.classes)})")
+    if (card.fit, card.draft, card.equalize) != (prep["fit"], prep["draft"], prep.get("equalize", "none")) \
+            or list(card.classes) != classes(folder):
+        return None, card, (f"it was trained on other preprocessing (fit {card.fit}, draft {card.draft}, equalize "
+                            f"{card.equalize}, {'/'.join(card.classes)})")
     return card.probs_of(model, load_split(folder, "test").images), card, ""
 
 

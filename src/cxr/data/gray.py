@@ -76,18 +76,32 @@ def _fit(img: Image.Image, size: int, fit: str) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+def equalize(gray: np.ndarray, how: str) -> np.ndarray:
+    """Contrast normalisation of a resized uint8 image, so that machines' exposure differences matter less:
+    global histogram equalisation, or CLAHE (8x8 tiles, clip 2: local, and it does not amplify noise in
+    flat regions as much)."""
+    if how == "hist":
+        return np.asarray(ImageOps.equalize(Image.fromarray(gray)))
+    if how == "clahe":
+        import cv2  # only here: the one user of OpenCV
+
+        return cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(gray)
+    return gray
+
+
 def to_gray(img: Image.Image, size: int, fit: str = "stretch") -> np.ndarray:
     """Any PIL mode to an 8-bit (size, size) gray array."""
     return _fit(_to_l(img, size), size, fit)
 
 
-def decode(item: tuple[Any, ...], sizes: list[int], fit: str,
-           draft: int = 0) -> tuple[list[np.ndarray], int, int, str, str] | str:
+def decode(item: tuple[Any, ...], sizes: list[int], fit: str, draft: int = 0,
+           how: str = "none") -> tuple[list[np.ndarray], int, int, str, str] | str:
     """item is (name, source[, sha256]): source a file path, encoded bytes, or a uint8 array, with its sha256
     if known (the download stage's manifest has it). Returns the gray image at each size (one decode for
     all, at the JPEG scale that covers `draft`, by default the largest size), original width, height, mode
     and the sha256 of the source bytes; or, for an image that cannot be used, the reason, so that the parent
-    decides whether to stop or to skip it. The draft scale changes the pixels: predict passes the stage's."""
+    decides whether to stop or to skip it. The draft scale changes the pixels: predict passes the stage's.
+    `how` equalizes each resized image (see `equalize`)."""
     _, src, *known = item
     try:
         with warnings.catch_warnings():
@@ -106,7 +120,7 @@ def decode(item: tuple[Any, ...], sizes: list[int], fit: str,
             if min(w, h) < MIN_SIDE:
                 return f"{w}x{h} px is too small for an X-ray (under {MIN_SIDE} px a side)"
             gray = _to_l(img, draft or max(sizes))
-            return [_fit(gray, s, fit) for s in sizes], w, h, mode, digest
+            return [equalize(_fit(gray, s, fit), how) for s in sizes], w, h, mode, digest
     except UnidentifiedImageError:
         return "not an image Pillow can read (unknown format)"
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -151,11 +165,11 @@ _OPEN: dict[str, int] = {}  # per process: file descriptors of the output arrays
 
 
 def _convert(job: tuple[int, tuple[Any, ...]], paths: list[str], offsets: list[int], sizes: list[int],
-             fit: str) -> tuple[int, int, str, str] | str:
+             fit: str, how: str) -> tuple[int, int, str, str] | str:
     """Decode job (row, item) and write it into that row of the output array of each size, so that only
     a few bytes travel back to the parent; return (width, height, mode, sha256), or why it is unusable."""
     row, item = job
-    result = decode(item, sizes, fit)
+    result = decode(item, sizes, fit, how=how)
     if isinstance(result, str):
         return result
     grays, *info = result
@@ -173,7 +187,7 @@ def _convert_split(items: list[tuple[int, tuple[Any, ...]]], split: str, out: Pa
     paths = [str(out / str(s) / f"{split}_images.npy") for s in sizes]
     offsets = [np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, s, s)).offset  # header
                for path, s in zip(paths, sizes, strict=True)]  # written; the workers fill the rows
-    work = partial(_convert, paths=paths, offsets=offsets, sizes=sizes, fit=p.fit)
+    work = partial(_convert, paths=paths, offsets=offsets, sizes=sizes, fit=p.fit, how=p.equalize)
     jobs = ((i, item) for i, (_, item) in enumerate(items))
     # Big chunks spare the parent per-message work (a quarter of its time at 224 px); 8 per worker or more
     # keep the workers evenly loaded to the end.
@@ -221,14 +235,14 @@ def grayscale(raw: Path, out: Path, p: GrayParams, on_bad: OnBadImage = "error",
         tmp.mkdir()
         for size in p.sizes:
             (tmp / str(size)).mkdir()
-            write_preprocessing(tmp / str(size), p.fit, max(p.sizes))
+            write_preprocessing(tmp / str(size), p.fit, max(p.sizes), p.equalize)
         # fork: workers inherit the loaded modules, so start-up costs milliseconds
         # Ctrl-C reaches the whole process group: workers ignore it, the parent stops the pool and cleans up
         with mp.get_context("fork").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) if workers > 1 \
                 else contextlib.nullcontext() as pool:
             for split, items in splits:
                 counts[split] = _convert_split(items, split, tmp, p, on_bad, pool, workers, skipped)
-        summary = {"source": info["source"], "sizes": p.sizes, "fit": p.fit, "counts": counts,
+        summary = {"source": info["source"], "sizes": p.sizes, "fit": p.fit, "equalize": p.equalize, "counts": counts,
                    "skipped": len(skipped), "skipped_images": skipped}
         write_json(tmp / "info.json", summary)
         for path in report_tmp:

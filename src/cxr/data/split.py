@@ -148,40 +148,60 @@ def split(gray: Path, out: Path, p: SplitParams, seed: int, labels: str = "binar
         tmp.mkdir()
         for path in report_tmp:
             write_json(path, report)
+        present = splits_in(gray / str(sizes[0]))
         for size in sizes:
             folder = tmp / str(size)
             folder.mkdir()
-            for name, (source, rows) in chosen.items():
-                images = np.load(gray / str(size) / f"{source}_images.npy", mmap_mode="r")
-                save_split(folder, name, Split(np.ascontiguousarray(images[rows.images]), rows.labels, rows.meta))
+            sources = [np.load(gray / str(size) / f"{s}_images.npy", mmap_mode="r") for s in present]
+            starts = np.cumsum([0, *(len(a) for a in sources)])
+            for name, rows in chosen.items():
+                images = np.empty((len(rows.labels), size, size), dtype=np.uint8)
+                for a, start in zip(sources, starts, strict=False):  # rows number the sources one after another
+                    here = (rows.images >= start) & (rows.images < start + len(a))
+                    images[here] = a[rows.images[here] - start]
+                save_split(folder, name, Split(images, rows.labels, rows.meta))
             (folder / "classes.json").write_text(json.dumps(report["classes"]))
             shutil.copy(gray / str(size) / "preprocessing.json", folder)
     log.info("split counts %s; duplicates %s", report["counts"], report["duplicates"]["across_splits"])
     return report
 
 
-def _select(gray: Path, p: SplitParams, seed: int, labels: str) -> tuple[dict[str, Any], dict[str, tuple[str, Split]]]:
-    """The report, and per output split its source split and a Split whose `images` are row numbers in it.
-    Every step reads labels and metadata only, so one selection serves every image size."""
+def _select(gray: Path, p: SplitParams, seed: int, labels: str) -> tuple[dict[str, Any], dict[str, Split]]:
+    """The report, and per output split a Split whose `images` are row numbers in the source's splits, counted
+    one after another (in SPLITS order). Every step reads labels and metadata only, so one selection serves
+    every image size."""
     present = splits_in(gray)
     if "train" not in present:
         raise CxrError(f"the source has no train split (it has {', '.join(present) or 'none'}); "
                        "a source needs train/ images")
     names = CLASSES[labels]
-    splits = {}
+    splits, start = {}, 0
     for s in present:
         data = load_split(gray, s, mmap=True)
-        splits[s] = Split(np.arange(len(data.labels)), data.labels, data.meta)
+        splits[s] = Split(np.arange(start, start + len(data.labels)), data.labels, data.meta)
+        start += len(data.labels)
     if labels == "three_class":
         splits = {s: three_class(d) for s, d in splits.items()}
     report: dict[str, Any] = {"classes": list(names), "source_counts": {s: _counts(d, names) for s, d in
-                                                                        splits.items()}, "carved": []}
+                                                                        splits.items()}, "carved": [],
+                              "pooled": p.pool}
+    crossing = duplicates(splits)["patient_ids_across_splits"]
+    if crossing and not p.pool:
+        log.warning("%d patients have images in more than one of the source's splits (%s): scores on those "
+                    "splits are optimistic, as the model has seen these patients; set split.pool: true to "
+                    "re-split every image by patient", sum(crossing.values()),
+                    ", ".join(f"{k}: {v}" for k, v in crossing.items()))
+    report["source_patients_across_splits"] = crossing
+    if p.pool:  # one pool, carved again below into test and val by patient
+        splits = {"train": Split(np.concatenate([d.images for d in splits.values()]),
+                                 np.concatenate([d.labels for d in splits.values()]),
+                                 [m for d in splits.values() for m in d.meta])}
     for name, fraction in (("test", p.test_fraction), ("val", p.val_fraction)):
         if name not in splits:
             kept, carved = carve(splits["train"], fraction, seed)
             splits[name], splits["train"] = splits["train"].take(carved), splits["train"].take(kept)
             report["carved"].append(name)
-    if "val" in present and len(splits["val"].labels) < MIN_VAL:
+    if "val" in present and not p.pool and len(splits["val"].labels) < MIN_VAL:
         log.warning("the source's val split has only %d images (Kaggle's val/ folder has 16): early stopping, the "
                     "threshold and the choice of model would rest on them; remove that folder (or move its images "
                     "to train/) so that split.val_fraction carves a validation split by patient",
@@ -192,4 +212,4 @@ def _select(gray: Path, p: SplitParams, seed: int, labels: str) -> tuple[dict[st
         splits["train"] = downsample(splits["train"], seed, len(names))
     report["counts"] = {s: _counts(splits[s], names) for s in SPLITS}
     _check_classes(report["counts"])
-    return report, {s: (s if s in present else "train", splits[s]) for s in SPLITS}
+    return report, {s: splits[s] for s in SPLITS}

@@ -64,13 +64,13 @@ def size_dir(folder: str | Path, size: int) -> Path:
     return path
 
 
-def write_preprocessing(folder: Path, fit: str, draft: int) -> None:
+def write_preprocessing(folder: Path, fit: str, draft: int, equalize: str) -> None:
     """Record how the arrays in `folder` were made, for the model card: what predict must repeat."""
-    (folder / "preprocessing.json").write_text(json.dumps({"fit": fit, "draft": draft}))
+    (folder / "preprocessing.json").write_text(json.dumps({"fit": fit, "draft": draft, "equalize": equalize}))
 
 
 def preprocessing(folder: str | Path) -> dict[str, Any]:
-    """{"fit", "draft"} of the arrays in a size folder (see write_preprocessing)."""
+    """{"fit", "draft", "equalize"} of the arrays in a size folder (see write_preprocessing)."""
     path = Path(folder) / "preprocessing.json"
     if not path.exists():
         raise CxrError(f"{path} is missing (data prepared by an older version); run `dvc repro` to rebuild it")

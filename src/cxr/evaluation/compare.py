@@ -19,18 +19,26 @@ Rows = list[dict[str, Any]]
 
 
 def leaderboard(p: Params, reports: Path) -> Rows:
-    """One row per variant, best first by validation `compare.metric` (test is reported, never ranked on):
-    headline test scores, the val scores ranked and selected on, and the MLflow ids."""
+    """One row per variant and ensemble, best first by validation `compare.metric` (test is reported, never
+    ranked on): headline test scores, the val scores ranked and selected on, calibration, and the MLflow ids.
+    An ensemble's epochs and training time are its members' sums."""
     rows = []
-    for variant in p.models:
+    for variant in p.entries:
         ev = read_report(reports / variant / "evaluation.json", variant)
-        train = read_report(reports / variant / "train.json", variant)
-        rows.append({"variant": variant, "arch": p.variant(variant).arch, "image_size": p.image_size(variant),
-                     **{k: _round(ev["test"][k]) for k in HEADLINE},
+        members = p.ensembles.get(variant, [variant])
+        train = [read_report(reports / m / "train.json", m) for m in members]
+        cal = ev.get("calibration", {})
+        rows.append({"variant": variant,
+                     "arch": p.variant(variant).arch if variant in p.models else "ensemble: " + " + ".join(members),
+                     "image_size": p.image_size(members[0]), **{k: _round(ev["test"][k]) for k in HEADLINE},
                      "accuracy_at_0.5": _round(ev.get("test_threshold_0_5", {}).get("accuracy")),
                      **{f"val_{m}": _round(ev["val"][m]) for m in dict.fromkeys((p.compare.metric, p.promote.metric))},
-                     "threshold": _round(ev.get("threshold")), "epochs": train["epochs_run"],
-                     "train_seconds": train["train_seconds"], "run_id": ev["mlflow"]["run_id"],
+                     "threshold": _round(ev.get("threshold")), "tta": ev.get("tta", 1),
+                     "temperature": _round(cal.get("temperature")), "val_ece": _round(cal.get("val_ece_after")),
+                     "test_ece": _round(cal.get("test_ece_after")),
+                     "epochs": sum(t["epochs_run"] for t in train),
+                     "train_seconds": round(sum(t["train_seconds"] for t in train), 2),
+                     "run_id": ev["mlflow"]["run_id"],
                      "model_id": ev["mlflow"]["model_id"]})
     key = f"val_{p.compare.metric}"
     return sorted(rows, key=lambda r: -(r[key] if r[key] is not None else -1.0))
@@ -48,11 +56,12 @@ def markdown(rows: Rows, metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def figures(rows: Rows, reports: Path) -> dict[str, Any]:
+def figures(p: Params, rows: Rows, reports: Path) -> dict[str, Any]:
     """file name -> figure: headline scores side by side, ROC curves overlaid, training curves overlaid."""
     roc = {r["variant"]: read_report(reports / r["variant"] / "roc.json", r["variant"]) for r in rows}
     hist = {r["variant"]: [{k: float(v) if v else math.nan for k, v in row.items()} for row in
-                           read_report(reports / r["variant"] / "history.csv", r["variant"])] for r in rows}
+                           read_report(reports / r["variant"] / "history.csv", r["variant"])] for r in rows
+            if r["variant"] not in p.ensembles}
     return {"metrics.png": bars_figure(rows, list(HEADLINE), "test scores per variant"),
             "roc.png": curve_figure(roc, "fpr", "tpr", "ROC (test), all variants", True),
             "history.png": histories_figure(hist, ("val_loss", "val_auroc", "train_loss"))}
@@ -62,7 +71,7 @@ def compare(p: Params, reports: Path, out: Path) -> str:
     """Write out/{leaderboard.md,leaderboard.csv,leaderboard.json,*.png} and log the comparison run; `out`
     appears only once both are done. Returns the MLflow run id."""
     rows = leaderboard(p, reports)
-    figs = figures(rows, reports)
+    figs = figures(p, rows, reports)
     with atomic_path(out, is_dir=True) as tmp:
         (tmp / "leaderboard.md").write_text(markdown(rows, p.compare.metric))
         write_csv(tmp / "leaderboard.csv", rows)
@@ -84,7 +93,7 @@ def log_comparison(p: Params, rows: Rows, figs: dict[str, Any], reports: Path) -
         for name, fig in figs.items():
             mlflow.log_figure(fig, f"plots/{name}")
         if rows:  # the variant promotion would pick: best on validation
-            best = next(r for r in rows if r["variant"] == best_on_val(p.models, reports, p.promote.metric)[0])
+            best = next(r for r in rows if r["variant"] == best_on_val(p.entries, reports, p.promote.metric)[0])
             mlflow.log_metrics({f"best/{k}": best[k] for k in HEADLINE if best[k] is not None})
             mlflow.set_tag("best_variant", best["variant"])
         client = MlflowClient()

@@ -18,9 +18,18 @@ from mlflow.models import infer_signature
 from cxr import inference, tracking
 from cxr.data.store import Split, load_split, size_dir
 from cxr.io import atomic_paths, write_csv, write_json
-from cxr.metrics import choose_threshold, confusion, curves, multiclass_scores, scores
+from cxr.metrics import (
+    choose_threshold,
+    confusion,
+    curves,
+    ece,
+    fit_temperature,
+    multiclass_scores,
+    reliability,
+    scores,
+)
 from cxr.params import HEADLINE, Params
-from cxr.plots import confusion_figure, curve_figure
+from cxr.plots import confusion_figure, curve_figure, reliability_figure
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +43,20 @@ def _metrics(p_val: torch.Tensor, y_val: torch.Tensor, p_test: torch.Tensor, y_t
     return {"classes": names, "threshold": threshold, "threshold_rule": str(rule),
             "test": scores(p_test, y_test, threshold), "test_threshold_0_5": scores(p_test, y_test, 0.5),
             "val": scores(p_val, y_val, threshold)}
+
+
+def calibrate(card: inference.ModelCard, z_val: torch.Tensor, y_val: torch.Tensor, z_test: torch.Tensor,
+              y_test: torch.Tensor, fit: bool) -> dict[str, Any]:
+    """The temperature (fitted on validation when `fit`, else 1), the expected calibration error of val and
+    test before and after it, and reliability rows per split and stage ({"split", "stage", bin rows})."""
+    t = fit_temperature(z_val, y_val, card.probabilities) if fit else 1.0
+    out: dict[str, Any] = {"temperature": t, "reliability": []}
+    for split, z, y in (("val", z_val, y_val), ("test", z_test, y_test)):
+        for stage, temp in (("before", 1.0), ("after", t)):
+            probs = card.probabilities(z, temp)
+            out[f"{split}_ece_{stage}"] = ece(probs, y)
+            out["reliability"] += [{"split": split, "stage": stage, **r} for r in reliability(probs, y)]
+    return out
 
 
 def _per_class_curves(probs: torch.Tensor, labels: torch.Tensor, names: list[str],
@@ -84,13 +107,18 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
     """Log metrics, figures and the model to the variant's MLflow run, then write
     report_dir/{metrics,evaluation,confusion,roc,pr}.json and predictions.csv."""
     model, card = inference.load(model_dir / "model.pt")
+    card = dataclasses.replace(card, tta=p.evaluate.tta)
     names = list(card.classes)
     data = size_dir(data, card.image_size)
     val, test = load_split(data, "val"), load_split(data, "test")
-    p_val, p_test = card.probs_of(model, val.images), card.probs_of(model, test.images)
+    z_val, z_test = card.logits_of(model, val.images), card.logits_of(model, test.images)  # every TTA view
     model.cpu()
     y_val, y_test = torch.from_numpy(val.labels), torch.from_numpy(test.labels)
-    metrics = _metrics(p_val, y_val, p_test, y_test, names, p.evaluate.threshold)
+    calibration = calibrate(card, z_val, y_val, z_test, y_test, p.evaluate.calibrate)
+    card = dataclasses.replace(card, temperature=calibration["temperature"])
+    p_val, p_test = card.probabilities(z_val), card.probabilities(z_test)
+    metrics = _metrics(p_val, y_val, p_test, y_test, names, p.evaluate.threshold) | {"tta": card.tta}
+    metrics["calibration"] = {k: v for k, v in calibration.items() if k != "reliability"}
     card = dataclasses.replace(card, threshold=metrics.get("threshold", 0.5))
     pred_rows = predictions(test, p_test, card)
     rows = [{"actual": r["label"], "predicted": r["predicted"]} for r in pred_rows]
@@ -98,12 +126,12 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
 
     run_id = json.loads((model_dir / "run.json").read_text())["run_id"]
     tracking.setup(p.mlflow.experiment)
-    names_out = ("metrics", "confusion", "roc", "pr", "evaluation")
+    names_out = ("metrics", "confusion", "roc", "pr", "reliability", "evaluation")
     paths = [*(report_dir / f"{n}.json" for n in names_out), report_dir / "predictions.csv"]
     with atomic_paths(*paths) as tmps, mlflow.start_run(run_id=run_id):
         out = dict(zip([*names_out, "predictions"], tmps, strict=True))
         for name, obj in (("metrics", headline(metrics)), ("confusion", rows), ("roc", curve_rows["roc"]),
-                          ("pr", curve_rows["pr"])):
+                          ("pr", curve_rows["pr"]), ("reliability", calibration["reliability"])):
             write_json(out[name], obj)
         write_csv(out["predictions"], pred_rows)
         if os.environ.get("DVC_STAGE"):
@@ -126,6 +154,9 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
         mlflow.log_dict(metrics, "metrics.json")
         mlflow.log_text(out["predictions"].read_text(), "predictions.csv")
         _log_figures(variant, names, p_test, y_test, card.threshold, card.binary, curve_rows)
+        mlflow.log_metrics({f"calibration/{k}": v for k, v in metrics["calibration"].items()},
+                           model_id=info.model_id)
+        mlflow.log_figure(reliability_figure(calibration["reliability"], variant), "plots/reliability.png")
         metrics["mlflow"] = {"run_id": run_id, "model_id": info.model_id, "model_uri": info.model_uri}
         write_json(out["evaluation"], metrics)
     t = metrics["test"]

@@ -84,4 +84,4 @@ class Classifier(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
-from cxr.models import cnn, simple, vit, zoo  # noqa: E402,F401  (registers the builders)
+from cxr.models import cnn, ensemble, simple, vit, zoo  # noqa: E402,F401  (registers the builders)

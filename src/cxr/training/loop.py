@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from cxr import metrics, task
@@ -24,7 +25,7 @@ from cxr.errors import CxrError
 from cxr.inference import ModelCard, batches, pick_device, predict_logits, to_device
 from cxr.models import Classifier
 from cxr.params import TrainParams
-from cxr.training.parts import Loss, augment, make_loss, make_optimizer, make_scheduler
+from cxr.training.parts import Loss, augment, epoch_order, make_loss, make_optimizer, make_scheduler, mixup
 
 log = logging.getLogger(__name__)
 State = dict[str, Any]
@@ -47,11 +48,12 @@ def mean_std(images: np.ndarray) -> tuple[float, float]:
 
 
 def make_card(tp: TrainParams, train: Split, classes: list[str], variant: str = "model", fit: str = "stretch",
-              draft: int = 0) -> ModelCard:
+              draft: int = 0, equalize: str = "none") -> ModelCard:
     """The card of a model trained with `tp` on `train` (its normalisation comes from there)."""
     size = train.images.shape[-1]
     return ModelCard(variant=variant, arch=tp.arch, image_size=size, classes=tuple(classes), fit=fit,
-                     draft=draft or size, mean=(ms := mean_std(train.images))[0], std=ms[1], settings=tp.model)
+                     draft=draft or size, equalize=equalize, mean=(ms := mean_std(train.images))[0], std=ms[1],
+                     settings=tp.model)
 
 
 def autocast(device: torch.device) -> AbstractContextManager:
@@ -73,23 +75,30 @@ def set_frozen(model: Classifier, frozen: bool) -> None:
 
 def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tp: TrainParams, loss_fn: Loss,
                     opt: torch.optim.Optimizer, sched: Any, sched_every: str, shuffle: torch.Generator,
-                    aug_gen: torch.Generator, desc: str) -> tuple[float, float]:
-    """One pass over the shuffled training images; returns mean loss and accuracy (at p > 0.5)."""
-    order = torch.randperm(len(y), generator=shuffle).to(x.device)
+                    aug_gen: torch.Generator, desc: str, ema: AveragedModel | None = None) -> tuple[float, float]:
+    """One pass over the training images (shuffled, or class-balanced draws); returns mean loss and accuracy
+    (at p > 0.5, of the unmixed labels). `ema` is updated after every step."""
+    order = epoch_order(y, tp.sampler, shuffle).to(x.device)
     loss_sum, correct = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
     for idx, xb in tqdm(batches(x, tp.batch_size, order), total=math.ceil(len(y) / tp.batch_size), desc=desc,
                         unit="batch", leave=False):
         yb = y[idx]
         if tp.augment:
             xb = augment(xb, tp, aug_gen)
+        if tp.mixup:
+            xb, perm, lam = mixup(xb, tp.mixup, shuffle)
         with autocast(x.device):
             logits = model(xb)
         loss = loss_fn(logits, yb)
+        if tp.mixup:
+            loss = lam * loss + (1 - lam) * loss_fn(logits, yb[perm])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if tp.grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), tp.grad_clip)
         opt.step()
+        if ema is not None:
+            ema.update_parameters(model)
         if sched_every == "batch":
             sched.step()
         # Sums stay on the device: no host sync per batch.
@@ -107,11 +116,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss) 
 
 
 def _snapshot(epoch: int, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, history: list, best: float,
-              best_state: State, since_best: int, shuffle: torch.Generator, aug_gen: torch.Generator) -> State:
+              best_state: State, since_best: int, shuffle: torch.Generator, aug_gen: torch.Generator,
+              ema: AveragedModel | None) -> State:
     """The resume state: everything to continue after `epoch` exactly, copied to the CPU (it is written while
     training goes on). The best weights are left out when they are the current ones."""
     return _cpu_copy({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                      "scheduler": sched.state_dict(), "history": history, "best": best,
+                      "scheduler": sched.state_dict(),
+                      "ema": ema.state_dict() if ema is not None else None, "history": history, "best": best,
                       "best_state": best_state if since_best else None, "since_best": since_best,
                       "shuffle_rng": shuffle.get_state(), "aug_rng": aug_gen.get_state(),
                       "torch_rng": torch.get_rng_state(),
@@ -129,9 +140,11 @@ def _cpu_copy(obj: Any) -> Any:
 
 
 def _restore(state: State, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, shuffle: torch.Generator,
-             aug_gen: torch.Generator) -> tuple[int, list, float, State, int]:
+             aug_gen: torch.Generator, ema: AveragedModel | None) -> tuple[int, list, float, State, int]:
     """Load a _snapshot back; returns (first epoch to run, history, best, best_state, since_best)."""
     model.load_state_dict(state["model"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     shuffle.set_state(state["shuffle_rng"])
@@ -139,7 +152,8 @@ def _restore(state: State, model: nn.Module, opt: torch.optim.Optimizer, sched: 
     torch.set_rng_state(state["torch_rng"])
     if torch.cuda.is_available() and "cuda_rng" in state:
         torch.cuda.set_rng_state(state["cuda_rng"])
-    best_state = state["best_state"] if state["best_state"] is not None else copy.deepcopy(model.state_dict())
+    kept = ema.module if ema is not None else model
+    best_state = state["best_state"] if state["best_state"] is not None else copy.deepcopy(kept.state_dict())
     return state["epoch"] + 1, state["history"], state["best"], best_state, state["since_best"]
 
 
@@ -165,10 +179,13 @@ def fit(train: Split, val: Split, tp: TrainParams, card: ModelCard, seed: int,
     sched, sched_every = make_scheduler(tp, opt, math.ceil(len(y_tr) / tp.batch_size))
     shuffle = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    # With EMA on, the average is what is evaluated, early-stopped on and kept (BatchNorm statistics averaged too).
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tp.ema), use_buffers=True) if tp.ema else None
+    kept = ema.module if ema is not None else model
     history: list[dict[str, Any]] = []
-    best, best_state, since_best, start = float("inf"), copy.deepcopy(model.state_dict()), 0, 1
+    best, best_state, since_best, start = float("inf"), copy.deepcopy(kept.state_dict()), 0, 1
     if state:
-        start, history, best, best_state, since_best = _restore(state, model, opt, sched, shuffle, aug_gen)
+        start, history, best, best_state, since_best = _restore(state, model, opt, sched, shuffle, aug_gen, ema)
         log.info("%s: resuming after epoch %d", name, start - 1)
     for epoch in range(start, tp.epochs + 1):
         t0 = time.perf_counter()
@@ -176,13 +193,14 @@ def fit(train: Split, val: Split, tp: TrainParams, card: ModelCard, seed: int,
         if tp.freeze_epochs:
             set_frozen(model, frozen=epoch <= tp.freeze_epochs)
         train_loss, train_acc = train_one_epoch(step_model, x_tr, y_tr, tp, loss_fn, opt, sched, sched_every, shuffle,
-                                                aug_gen, f"{name} epoch {epoch}/{tp.epochs}")
+                                                aug_gen, f"{name} epoch {epoch}/{tp.epochs}", ema)
         if not math.isfinite(train_loss):
             raise CxrError(f"{name}: training diverged (loss {train_loss}) in epoch {epoch}; lower its lr "
                            "or set grad_clip")
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
-               **evaluate(step_model, x_va, y_va, loss_fn), "lr": opt.param_groups[0]["lr"], "seconds": seconds,
+               **evaluate(kept if ema is not None else step_model, x_va, y_va, loss_fn),
+               "lr": opt.param_groups[0]["lr"], "seconds": seconds,
                "images_per_s": len(y_tr) / seconds}
         if sched_every == "epoch":
             sched.step(row["val_loss"])
@@ -191,12 +209,13 @@ def fit(train: Split, val: Split, tp: TrainParams, card: ModelCard, seed: int,
         log.info("%s epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f auroc %s | %.1fs", name, epoch,
                  train_loss, train_acc, row["val_loss"], row["val_accuracy"], auroc, seconds)
         if row["val_loss"] < best:
-            best, best_state, since_best = row["val_loss"], copy.deepcopy(model.state_dict()), 0
+            best, best_state, since_best = row["val_loss"], copy.deepcopy(kept.state_dict()), 0
         else:
             since_best += 1
         stop = bool(tp.patience) and since_best >= tp.patience
         if save_state and not stop and epoch < tp.epochs and epoch % tp.checkpoint_every == 0:
-            save_state(_snapshot(epoch, model, opt, sched, history, best, best_state, since_best, shuffle, aug_gen))
+            save_state(_snapshot(epoch, model, opt, sched, history, best, best_state, since_best, shuffle, aug_gen,
+                                 ema))
         on_epoch(row)
         if stop:
             log.info("%s: early stop, no lower val loss for %d epochs", name, tp.patience)

@@ -86,22 +86,48 @@ def make_scheduler(tp: TrainParams, opt: torch.optim.Optimizer, steps_per_epoch:
 
 
 def augment(x: torch.Tensor, tp: TrainParams, gen: torch.Generator) -> torch.Tensor:
-    """Random rotation (and flip) by one affine resampling, then brightness/contrast jitter, for a whole
-    float batch (B, 1, H, W) in [0, 1] at once on its device."""
-    b = x.shape[0]
+    """X-ray augmentation of a whole float batch (B, 1, H, W) in [0, 1] at once on its device: rotation, zoom,
+    shift (and flip) by one affine resampling, then gamma, contrast, brightness and noise."""
+    b, dev = x.shape[0], x.device
 
-    def uniform() -> torch.Tensor:  # in [-1, 1), one per image
-        return torch.rand(b, device=x.device, generator=gen) * 2 - 1
+    def uniform(scale: float = 1.0) -> torch.Tensor:  # in [-scale, scale), one per image
+        return (torch.rand(b, device=dev, generator=gen) * 2 - 1) * scale
 
-    angle = uniform() * math.radians(tp.aug_rotation)
-    flip = torch.where(torch.rand(b, device=x.device, generator=gen) < 0.5, -1.0, 1.0) if tp.aug_hflip \
-        else torch.ones(b, device=x.device)
-    if tp.aug_rotation or tp.aug_hflip:
-        cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
-        theta = torch.stack([torch.stack([cos * flip, -sin, zero], -1), torch.stack([sin * flip, cos, zero], -1)], 1)
+    angle, zoom = uniform(math.radians(tp.aug_rotation)), 1 + uniform(tp.aug_scale)
+    shift_x, shift_y = uniform(2 * tp.aug_translate), uniform(2 * tp.aug_translate)  # the side spans 2
+    flip = torch.where(torch.rand(b, device=dev, generator=gen) < 0.5, -1.0, 1.0) if tp.aug_hflip \
+        else torch.ones(b, device=dev)
+    if tp.aug_rotation or tp.aug_scale or tp.aug_translate or tp.aug_hflip:
+        cos, sin = angle.cos() / zoom, angle.sin() / zoom  # theta maps output to input: 1/zoom magnifies
+        theta = torch.stack([torch.stack([cos * flip, -sin, shift_x], -1), torch.stack([sin * flip, cos, shift_y], -1)],
+                            1)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    contrast = (1 + uniform() * tp.aug_contrast).view(b, 1, 1, 1)
-    brightness = (uniform() * tp.aug_brightness).view(b, 1, 1, 1)
+    if tp.aug_gamma:
+        x = x.clamp(1e-4, 1).pow(uniform(tp.aug_gamma).exp().view(b, 1, 1, 1))
+    contrast = (1 + uniform(tp.aug_contrast)).view(b, 1, 1, 1)
+    brightness = uniform(tp.aug_brightness).view(b, 1, 1, 1)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return ((x - mean) * contrast + mean + brightness).clamp_(0, 1)
+    x = (x - mean) * contrast + mean + brightness
+    if tp.aug_noise:
+        sigma = torch.rand(b, 1, 1, 1, device=dev, generator=gen) * tp.aug_noise
+        x = x + sigma * torch.randn(x.shape, device=dev, generator=gen)
+    return x.clamp_(0, 1)
+
+
+def epoch_order(labels: torch.Tensor, sampler: str, gen: torch.Generator) -> torch.Tensor:
+    """One epoch's indices: a permutation, or (balanced) as many draws with replacement, each class equally
+    likely, so every batch is about half NORMAL without weighting the loss."""
+    if sampler == "shuffle":
+        return torch.randperm(len(labels), generator=gen)
+    counts = torch.bincount(labels.cpu())
+    weights = (1.0 / counts.double())[labels.cpu()]
+    return torch.multinomial(weights, len(labels), replacement=True, generator=gen)
+
+
+def mixup(x: torch.Tensor, alpha: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup (Zhang et al. 2018): the batch blended with a shuffled copy of itself; returns (mixed, the copy's
+    order, the weight of the batch). The loss is blended with the same weight."""
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())  # seeded by the torch seed (kept in states)
+    perm = torch.randperm(x.shape[0], generator=gen, device="cpu").to(x.device)
+    return lam * x + (1 - lam) * x[perm], perm, lam

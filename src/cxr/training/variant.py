@@ -71,7 +71,7 @@ def train_variant(p: Params, variant: str, data: Path, model_dir: Path, report_d
         writer = StateWriter(state_file, {"fingerprint": fp, "run_id": run.info.run_id})
         t0 = time.perf_counter()
         try:
-            model, history = fit(train, val, tp, card, p.seed, on_epoch, state, writer)
+            model, history = fit(train, val, tp, card, p.seed + tp.seed_offset, on_epoch, state, writer)
         finally:
             writer.wait()  # a state being written is finished (or its error raised) before we go on
         best = min(history, key=lambda r: r["val_loss"])
