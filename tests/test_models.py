@@ -17,7 +17,9 @@ from cxr.models import Classifier, build_model, list_models, register_model
 @pytest.mark.parametrize("arch", list_models())
 def test_forward_backward_finite(arch, num_classes):
     torch.manual_seed(0)
-    model = Classifier(build_model(arch, num_classes=num_classes, image_size=32), mean=0.5, std=0.25)
+    settings = {"members": [{"arch": a, "settings": {}, "mean": 0.4, "std": 0.2} for a in ("tinyvgg", "mlp")]} \
+        if arch == "ensemble" else {}
+    model = Classifier(build_model(arch, num_classes=num_classes, image_size=32, **settings), mean=0.5, std=0.25)
     out = model(torch.rand(4, 1, 32, 32))
     assert out.shape == (4, num_classes)
     y = torch.tensor([0, 1, 0, 1])

@@ -115,3 +115,25 @@ def test_bad_params_stop_dvc_repro_in_the_first_stage_with_one_line(tmp_path):
     assert errors == ["error: models.big: arch 'vgg16' cannot take 16 px images (Given input size: (512x1x1). "
                       "Calculated output size: (512x0x0). Output size is too small); give it a larger image_size"]
     assert not (repo / "data" / "raw").exists() and not (repo / "dvc.lock").exists()
+
+
+def test_the_cpu_best_recipe_becomes_dvc_overrides_that_give_exactly_its_params(tmp_path):
+    import importlib.util
+
+    from dvc.utils.hydra import apply_overrides  # what `dvc exp run -S` applies
+
+    spec = importlib.util.spec_from_file_location("cpu_best", ROOT / "tools" / "cpu_best.py")
+    cpu_best = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cpu_best)
+    recipe = yaml.safe_load((ROOT / "configs" / "cpu-best.yaml").read_text())
+    data = tmp_path / "shared data" / "it's here"  # a space and a quote survive the override grammar
+    data.mkdir(parents=True)
+    file = tmp_path / "params.yaml"
+    file.write_text((ROOT / "params.yaml").read_text())
+    apply_overrides(str(file), cpu_best.overrides(recipe, str(data)))
+    p = params.load(file)
+    assert set(p.models) == set(recipe["models"]) and p.ensembles == recipe["ensembles"]
+    assert p.gray.image_size == recipe["gray"]["image_size"] and p.evaluate.tta == recipe["evaluate"]["tta"]
+    assert p.variant("xr_s1").arch == "xrnet" and p.variant("xr_s1").seed_offset == 1
+    assert (p.data.source, p.data.path) == ("imagefolder", str(data))
+    check_variants(p)  # every member builds at the recipe's size

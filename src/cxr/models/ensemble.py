@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cxr.errors import CxrError
 from cxr.models import Classifier, build_model, register_model
 
 
@@ -30,6 +31,8 @@ class Ensemble(nn.Module):
 def ensemble(*, num_classes: int, in_chans: int, image_size: int, members: list[dict[str, Any]] = ()) -> nn.Module:
     """`members`: per member its arch, arch settings and input normalisation ({"arch", "settings", "mean",
     "std"}), as in its model card; the weights are loaded afterwards."""
+    if not members:
+        raise CxrError("an ensemble needs members: list its variants under ensembles.<name> in params.yaml")
     return Ensemble([Classifier(build_model(m["arch"], num_classes=num_classes, in_chans=in_chans,
                                             image_size=image_size, **m["settings"]), m["mean"], m["std"])
                      for m in members])
