@@ -17,7 +17,7 @@ from torch import nn
 
 from cxr import task
 from cxr.errors import CxrError
-from cxr.models import Classifier, build_model
+from cxr.models import Classifier, build_model, without_download
 
 CARD_VERSION = 2  # 2: equalize and tta
 
@@ -57,9 +57,8 @@ class ModelCard:
     def build(self) -> Classifier:
         """The network with this card's shape and normalisation, untrained. `pretrained` only shapes the start
         of training: saved weights replace it, so a rebuild never downloads."""
-        settings = {**self.settings, "pretrained": False} if "pretrained" in self.settings else self.settings
         net = build_model(self.arch, num_classes=task.n_logits(len(self.classes)), image_size=self.image_size,
-                          **settings)
+                          **without_download(self.settings))
         return Classifier(net, self.mean, self.std)
 
     def probabilities(self, logits: torch.Tensor, temperature: float | None = None) -> torch.Tensor:

@@ -15,6 +15,7 @@ from cxr.errors import CxrError
 from cxr.evaluation.variant import evaluate_variant
 from cxr.inference import ModelCard
 from cxr.io import atomic_path
+from cxr.models import without_download
 from cxr.params import Params
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,7 @@ def assemble(name: str, members: dict[str, tuple[Any, ModelCard]]) -> tuple[Any,
             raise CxrError(f"ensembles.{name}: {other} and {first} differ in {', '.join(diff)} "
                            f"({getattr(c, diff[0])!r} vs {getattr(card, diff[0])!r}); an ensemble's members must "
                            "take the same input")
-    settings = {"members": [{"arch": c.arch, "settings": {**c.settings, "pretrained": False}
-                             if "pretrained" in c.settings else c.settings, "mean": c.mean, "std": c.std}
+    settings = {"members": [{"arch": c.arch, "settings": without_download(c.settings), "mean": c.mean, "std": c.std}
                             for _, c in members.values()]}
     ens = ModelCard(variant=name, arch="ensemble", image_size=card.image_size, classes=card.classes, fit=card.fit,
                     draft=card.draft, equalize=card.equalize, mean=0.0, std=1.0, settings=settings)

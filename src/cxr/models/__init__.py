@@ -44,6 +44,12 @@ def model_settings(arch: str) -> dict[str, Any]:
     return {k: p.default for k, p in sig.parameters.items() if k not in COMMON_ARGS}
 
 
+def without_download(settings: dict[str, Any]) -> dict[str, Any]:
+    """An arch's settings with `pretrained` off: to rebuild a trained model (its saved weights replace
+    ImageNet's) or to check a shape, never to fetch weights."""
+    return {**settings, "pretrained": False} if "pretrained" in settings else settings
+
+
 def build_model(arch: str, *, num_classes: int = 1, in_chans: int = 1, image_size: int, **kwargs: Any) -> nn.Module:
     """Build a registered arch. num_classes is the number of logits (1 for binary BCE)."""
     allowed = model_settings(arch)
@@ -59,7 +65,7 @@ def check_variants(p: Params, names: Iterable[str] | None = None) -> None:
     num_classes = 3 if p.data.labels == "three_class" else 1
     for name in names or p.models:
         tp, size = p.variant(name), p.image_size(name)
-        settings = {**tp.model, "pretrained": False} if tp.model.get("pretrained") else tp.model
+        settings = without_download(tp.model)
         try:
             with torch.device("meta"):
                 build_model(tp.arch, num_classes=num_classes, image_size=size, **settings)(
