@@ -14,9 +14,9 @@ log = logging.getLogger("cxr.download")
 
 def main(args: argparse.Namespace) -> None:
     p = params.load(args.params)
-    check_variants(p)  # the first stage: a bad variant fails here, before the data stages' work
+    check_variants(p)  # the first stage: a bad variant that runs fails here, before the data stages' work
     # A warning, not an error: the other variants can still be trained (`dvc repro --keep-going`).
-    pretrained = {n: p.variant(n).arch for n in p.models if p.variant(n).model.get("pretrained")}
+    pretrained = {n: p.variant(n).arch for n in p.variants if p.variant(n).model.get("pretrained")}
     for arch, why in unavailable_weights(pretrained.values()).items():
         names = ", ".join(n for n, a in pretrained.items() if a == arch)
         log.warning("%s will fail at train: %s; put the file there (set TORCH_HOME to move it), set pretrained: "

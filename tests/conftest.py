@@ -119,9 +119,9 @@ def project_env() -> dict[str, str]:
     return env
 
 
-def sh(repo: Path, *cmd: str, ok: bool = True) -> str:
-    """Run a command in `repo` with project_env(); assert its exit status; return its output."""
-    res = subprocess.run(cmd, cwd=repo, env=project_env(), text=True, capture_output=True)
+def sh(repo: Path, *cmd: str, ok: bool = True, env: dict[str, str] | None = None) -> str:
+    """Run a command in `repo` with project_env() (and `env`); assert its exit status; return its output."""
+    res = subprocess.run(cmd, cwd=repo, env=project_env() | (env or {}), text=True, capture_output=True)
     assert (res.returncode == 0) == ok, f"{' '.join(cmd)} gave {res.returncode}:\n{res.stdout[-3000:]}\n" \
                                         f"{res.stderr[-3000:]}"
     return res.stdout + res.stderr
@@ -133,8 +133,9 @@ def ran(log: str) -> set[str]:
 
 
 def make_project(repo: Path, models: dict[str, Any], **sections: dict[str, Any]) -> Path:
-    """A git + DVC repo holding the project's pipeline and params.yaml with `models` and the given sections
-    merged in (as lightning-hydra-template's tests reuse the production config, shrunk)."""
+    """A git + DVC repo holding the project's pipeline and params.yaml, running just the variants `models`
+    (merged into every definition), with the given sections merged in (as lightning-hydra-template's tests
+    reuse the production config, shrunk)."""
     repo.mkdir(parents=True)
     for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "stages", "src", "data/external/README.md"):
         src, dst = ROOT / name, repo / name
@@ -142,7 +143,7 @@ def make_project(repo: Path, models: dict[str, Any], **sections: dict[str, Any])
         (shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
          if src.is_dir() else shutil.copy(src, dst))
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["models"] = models
+    raw["models"], raw["variants"] = {**raw["models"], **models}, list(models)
     for name, values in sections.items():
         raw[name] = {**raw[name], **values}
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -151,3 +152,26 @@ def make_project(repo: Path, models: dict[str, Any], **sections: dict[str, Any])
                 ("git", "commit", "-qm", "pipeline")):
         sh(repo, *cmd)
     return repo
+
+
+def hub_export(dest: Path, per_class: dict[str, int]) -> Path:
+    """The hub dataset's parquet export ({config}/{split}/0000.parquet, config `full`, its schema), built from
+    the first real Kaggle train images of each class: per_class images of each class per split."""
+    import datasets
+
+    features = datasets.Features({"image_file_path": datasets.Value("string"), "image": datasets.Image(),
+                                  "labels": datasets.ClassLabel(names=["NORMAL", "PNEUMONIA"])})
+    root = shared("chest_xray_224")
+    by_class = {c: [r for r in manifest("chest_xray_224") if r["split"] == "train" and r["label"] == c]
+                for c in ("NORMAL", "PNEUMONIA")}
+    start = 0
+    for split, n in per_class.items():
+        rows = [r for c in by_class for r in by_class[c][start:start + n]]
+        start += n
+        (dest / "full" / split).mkdir(parents=True)
+        datasets.Dataset.from_dict({  # Roboflow's file names, as in the hub dataset
+            "image_file_path": [f"/x/{Path(r['path']).stem}_jpeg.rf.0.jpg" for r in rows],
+            "image": [str(root / r["path"]) for r in rows],
+            "labels": [int(r["label"] == "PNEUMONIA") for r in rows]}, features=features,
+        ).to_parquet(str(dest / "full" / split / "0000.parquet"))
+    return dest

@@ -1,6 +1,9 @@
 """download, grayscale and split on real X-rays, on images of every mode, and on bad input."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -10,11 +13,12 @@ from PIL import Image
 
 from conftest import manifest, shared
 from cxr.data.gray import decode, equalize, grayscale, patient_id, to_gray
-from cxr.data.sources import check_npz, download, scan_imagefolder
+from cxr.data.sources import check_npz, download, offline_hint, scan_imagefolder
 from cxr.data.split import split
 from cxr.data.store import load_split
 from cxr.errors import CxrError
 from cxr.params import DataParams, GrayParams, SplitParams
+from fakehub import SHA, FakeHub
 
 
 def prepare(tmp: Path, source: str, path: Path, size: int = 32, workers: int = 2) -> Path:
@@ -46,10 +50,11 @@ def test_imagefolder_errors(tmp_path):
 def test_hub_unreachable_fails_fast_with_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a closed port: refused at once
     t0 = time.perf_counter()
-    with pytest.raises(CxrError, match="cannot reach the Hugging Face hub.*data.source=imagefolder"):
-        download(DataParams(source="hub"), tmp_path / "raw")
+    with pytest.raises(CxrError, match="cannot reach the Hugging Face hub.*make quick DATA=/abs/path"):
+        download(DataParams(source="hub"), tmp_path / "raw")  # no GPU here: the CPU profile is suggested
     assert time.perf_counter() - t0 < 10
     assert list(tmp_path.iterdir()) == []
+    assert "dvc exp run -S data.source=imagefolder -S data.path=" in offline_hint(cuda=True)  # a GPU: the full run
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16", "1", "CMYK"])
@@ -110,25 +115,34 @@ def test_npz_pneumoniamnist(tmp_path):
         check_npz(tmp_path / "bad.npz")
 
 
-def test_hub_format_from_a_dataset_built_here(tmp_path):
-    """The hub route after download: a DatasetDict in the parquet export's schema, saved to disk."""
+def test_the_hub_source_end_to_end_from_a_local_hub(tmp_path):
+    """The default source, offline: a parquet export in the hub dataset's layout ({config}/{split}/0000.parquet)
+    and schema, built here from real X-rays and served by a local hub at HF_ENDPOINT; the download stage's own
+    code fetches it (in a fresh process, since huggingface_hub reads HF_ENDPOINT at import), then grayscale."""
     import datasets
 
     rows = [r for r in manifest("chest_xray_224") if r["split"] == "test"][::40]
     features = datasets.Features({"image_file_path": datasets.Value("string"), "image": datasets.Image(),
                                   "labels": datasets.ClassLabel(names=["NORMAL", "PNEUMONIA"])})
-    root = shared("chest_xray_224")
-
-    def build(part):
-        return datasets.Dataset.from_dict({
+    root, export = shared("chest_xray_224"), tmp_path / "export"
+    for name, part in (("train", rows[:8]), ("validation", rows[8:12]), ("test", rows[12:])):
+        (export / "full" / name).mkdir(parents=True)
+        datasets.Dataset.from_dict({  # Roboflow's names, as in the hub dataset
             "image_file_path": [f"/x/{Path(r['path']).stem}_jpeg.rf.0.jpg" for r in part],
             "image": [str(root / r["path"]) for r in part],
-            "labels": [int(r["label"] == "PNEUMONIA") for r in part]}, features=features)
-
+            "labels": [int(r["label"] == "PNEUMONIA") for r in part]}, features=features,
+        ).to_parquet(str(export / "full" / name / "0000.parquet"))
     raw = tmp_path / "raw"
-    datasets.DatasetDict({"train": build(rows[:8]), "validation": build(rows[8:12]),
-                          "test": build(rows[12:])}).save_to_disk(str(raw / "hub"))
-    (raw / "source.json").write_text(json.dumps({"source": "hub"}))
+    with FakeHub(export, "keremberke/chest-xray-classification", "refs/convert/parquet") as hub:
+        code = ("import sys; from pathlib import Path; from cxr.data.sources import download; "
+                "from cxr.params import DataParams; print(download(DataParams(source='hub'), Path(sys.argv[1])))")
+        res = subprocess.run([sys.executable, "-c", code, str(raw)], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")})
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert {f"GET /datasets/keremberke/chest-xray-classification/resolve/{SHA}/full/{s}/0000.parquet"
+            for s in ("train", "validation", "test")} <= set(hub.log)
+    source = json.loads((raw / "source.json").read_text())
+    assert source["counts"] == {"train": 8, "validation": 4, "test": len(rows) - 12}
     counts = grayscale(raw, tmp_path / "gray", GrayParams(image_size=32, workers=1))["counts"]
     assert counts == {"train": 8, "val": 4, "test": len(rows) - 12}
     meta = load_split(tmp_path / "gray" / "32", "train").meta

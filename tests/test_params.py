@@ -70,6 +70,26 @@ def test_bad_values_name_the_key(path, value, message):
         params.parse(r)
 
 
+def test_variants_pick_which_definitions_run():
+    r = raw()
+    r["variants"] = ["tinyvgg", "linear"]
+    r["gray"]["extra_sizes"] = []  # d_vit_b16_pretrained's 224 px need not be prepared when it does not run
+    r["train"]["scheduler"] = "cosine"
+    r["train"]["warmup_epochs"] = 1  # nor may b_cnn5's plateau scheduler refuse a default it does not use
+    p = params.parse(r)
+    assert p.variants == ["tinyvgg", "linear"] and p.entries == ["tinyvgg", "linear"]
+    assert "d_vit_b16_pretrained" in p.models
+    for variants, message in ((["tinyvg"], "variants: 'tinyvg' is not defined under models; did you mean 'tinyvgg'?"),
+                              (["mlp", "mlp"], "variants: ['mlp', 'mlp'] names a variant twice"),
+                              (["mlp", "b_cnn5"], "models.b_cnn5.warmup_epochs: not with scheduler plateau")):
+        with pytest.raises(ParamsError, match=re.escape(message)):
+            params.parse({**r, "variants": variants})
+    r["ensembles"] = {"ens": ["tinyvgg", "mlp"]}
+    with pytest.raises(ParamsError, match=re.escape("ensembles.ens: ['tinyvgg', 'mlp'] must name 2 or more of the "
+                                                    "variants that run (mlp is not in variants: add it there)")):
+        params.parse(r)
+
+
 def test_unknown_keys_are_rejected_with_the_allowed_ones():
     r = raw()
     r["train"]["epoch"] = 3
@@ -99,7 +119,7 @@ def test_variant_names_must_be_snake_case():
 def test_a_variant_the_arch_cannot_build_is_refused_in_milliseconds(variant, message):
     r = raw()
     r["gray"]["extra_sizes"] = [16, 40]
-    r["models"] = {"x": variant}
+    r["models"], r["variants"] = {"x": variant}, ["x"]
     p = params.parse(r)
     t0 = time.perf_counter()
     with pytest.raises(ParamsError, match=message):
@@ -117,23 +137,44 @@ def test_bad_params_stop_dvc_repro_in_the_first_stage_with_one_line(tmp_path):
     assert not (repo / "data" / "raw").exists() and not (repo / "dvc.lock").exists()
 
 
-def test_the_cpu_best_recipe_becomes_dvc_overrides_that_give_exactly_its_params(tmp_path):
-    import importlib.util
-
+@pytest.mark.parametrize("profile", ["quick", "cpu-best"])
+def test_a_profile_becomes_dvc_overrides_that_give_exactly_its_params_and_keep_the_comments(profile, tmp_path):
     from dvc.utils.hydra import apply_overrides  # what `dvc exp run -S` applies
 
-    spec = importlib.util.spec_from_file_location("cpu_best", ROOT / "tools" / "cpu_best.py")
-    cpu_best = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cpu_best)
-    recipe = yaml.safe_load((ROOT / "configs" / "cpu-best.yaml").read_text())
+    from cxr.profiles import overrides
+
+    recipe = yaml.safe_load((ROOT / "configs" / f"{profile}.yaml").read_text())
     data = tmp_path / "shared data" / "it's here"  # a space and a quote survive the override grammar
     data.mkdir(parents=True)
     file = tmp_path / "params.yaml"
     file.write_text((ROOT / "params.yaml").read_text())
-    apply_overrides(str(file), cpu_best.overrides(recipe, str(data)))
-    p = params.load(file)
-    assert set(p.models) == set(recipe["models"]) and p.ensembles == recipe["ensembles"]
-    assert p.gray.image_size == recipe["gray"]["image_size"] and p.evaluate.tta == recipe["evaluate"]["tta"]
-    assert p.variant("xr_s1").arch == "xrnet" and p.variant("xr_s1").seed_offset == 1
+    apply_overrides(str(file), overrides(recipe, str(data)))
+    p, before = params.load(file), params.load(ROOT / "params.yaml")
+    assert p.variants == recipe["variants"] and p.ensembles == recipe["ensembles"]
+    assert set(before.models) | set(recipe.get("models", {})) == set(p.models)  # definitions kept, others added
+    for section in ("gray", "train", "evaluate"):
+        for key, value in recipe.get(section, {}).items():
+            assert getattr(getattr(p, section), key) == value, f"{section}.{key}"
     assert (p.data.source, p.data.path) == ("imagefolder", str(data))
-    check_variants(p)  # every member builds at the recipe's size
+    assert "# The variants that run" in file.read_text()  # DVC keeps params.yaml's comments
+    check_variants(p)  # every variant builds at the profile's size
+    if profile == "cpu-best":
+        assert p.variant("xr_s1").arch == "xrnet" and p.variant("xr_s1").seed_offset == 1
+
+
+def test_a_failed_profile_leaves_params_yaml_and_the_lock_as_they_were(tmp_path):
+    repo = make_project(tmp_path / "repo", {"linear": {"arch": "linear"}})
+    for name in ("tools/profile.py", "configs/quick.yaml"):
+        (repo / name).parent.mkdir(exist_ok=True)
+        (repo / name).write_text((ROOT / name).read_text())
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "profile")
+    before = (repo / "params.yaml").read_bytes()
+    data = tmp_path / "data" / "train" / "NORMAL"
+    data.mkdir(parents=True)
+    out = sh(repo, "python", "tools/profile.py", "quick", "--data", str(data.parent.parent), "-S", "train.epochs=0",
+             ok=False)
+    assert "train.epochs: 0 must be 1 or more" in out  # the first stage's one line
+    assert out.strip().splitlines()[-1].startswith("error: dvc exp run failed (exit ")
+    assert (repo / "params.yaml").read_bytes() == before and not (repo / "dvc.lock").exists()
+    assert "no profile 'fast'" in sh(repo, "python", "tools/profile.py", "fast", ok=False)

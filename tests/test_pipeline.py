@@ -38,8 +38,14 @@ def test_pipeline_runs_then_is_a_noop_then_reruns_one_variant(repo):
         f"{s}@{v}" for s in ("train", "evaluate") for v in VARIANTS}
     assert ran(log) == expected
     for v in (*VARIANTS, "ens"):
-        test = json.loads((repo / "reports" / v / "metrics.json").read_text())["test"]
+        test = json.loads((repo / "reports" / v / "evaluation.json").read_text())["test"]
         assert {"accuracy", "precision", "recall", "specificity", "f1", "auroc"} <= set(test)
+    # The compare stage prints the leaderboard's headline columns, best on val first, and where the rest is.
+    printed = log[log.index("Leaderboard: test scores"):].splitlines()
+    assert printed[1].split() == ["variant", "val", "auroc", "test", "acc", "sens", "spec", "test", "AUROC",
+                                  "threshold"]
+    assert sorted(line.split()[0] for line in printed[2:7]) == sorted([*VARIANTS, "ens"])
+    assert printed[7].startswith("Full table and figures: comparison/leaderboard.md")
     board = (repo / "comparison" / "leaderboard.md").read_text()
     assert all(f"| {v} |" in board for v in VARIANTS) and "| ens | ensemble: tinyvgg + d_cnn_baseline |" in board
     rows = json.loads((repo / "comparison" / "leaderboard.json").read_text())
@@ -74,6 +80,33 @@ def test_pipeline_runs_then_is_a_noop_then_reruns_one_variant(repo):
     children = [sorted(r.info.run_name for r in variant_runs if r.data.tags.get("mlflow.parentRunId") == c.info.run_id)
                 for c in compares]
     assert children == [sorted([*VARIANTS, "ens"]), ["ens", "mlp"]]
+    # What the UI shows: the runs table (a model-training experiment), parents named after the DVC experiment
+    # and described by the leaderboard, variant runs described and with the split as their dataset.
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    for c in compares:
+        assert c.info.run_name == c.data.tags["dvc_exp_name"] and c.info.run_name != "compare"
+        assert c.data.tags["mlflow.note.content"].startswith("**Leaderboard**")
+    digest = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["split"]["outs"][0]["md5"][:12]
+    for r in variant_runs:
+        note = r.data.tags["mlflow.note.content"]
+        assert note.startswith(f"**{r.info.run_name}**") and "\n\nTest (" in note and "AUROC" in note
+        if r.info.run_name != "ens":
+            assert "from scratch" in note and "train /" in note
+            [dataset] = [d.dataset for d in r.inputs.dataset_inputs]
+            assert dataset.digest == digest and dataset.name.endswith(" 32px")
+
+    # `variants` picks which definitions run: with a subset, DVC would train and evaluate nothing again, and
+    # the other variant's stages are gone from the pipeline (a dry run: no need to run it).
+    text = (repo / "params.yaml").read_text()
+    subset = [v for v in VARIANTS if v != "mlp"]
+    (repo / "params.yaml").write_text(yaml.safe_dump({**yaml.safe_load(text), "variants": subset}, sort_keys=False))
+    try:
+        stages = sh(repo, "dvc", "stage", "list", "--name-only").split()
+        assert "train@mlp" not in stages and {f"train@{v}" for v in subset} <= set(stages)
+        dry = sh(repo, "dvc", "repro", "--dry")
+        assert not any(s.startswith(("train@", "evaluate@")) for s in ran(dry)) and "compare" in ran(dry)
+    finally:
+        (repo / "params.yaml").write_text(text)
 
 
 def test_dvc_plots_and_exp_show_list_every_variant(repo):
@@ -92,11 +125,35 @@ def test_dvc_plots_and_exp_show_list_every_variant(repo):
     diff = json.loads(sh(repo, "dvc", "plots", "diff", exps[-1]["rev"], "--json", "--targets",
                          "reports/mlp/roc.json"))["data"]
     assert len(diff["reports/mlp/roc.json"][0]["revisions"]) == 2
-    # `dvc exp show`: the headline test scores of each variant are columns.
+    # `dvc exp show`: one metrics file, the compare stage's scores: each variant's test AUROC first.
     metrics = first[0]["data"]["metrics"]
-    for v in VARIANTS:
-        assert set(metrics[f"reports/{v}/metrics.json"]["data"]["test"]) == {
-            "accuracy", "precision", "recall", "specificity", "f1", "auroc", "average_precision"}
+    assert list(metrics) == ["comparison/scores.json"]
+    data = metrics["comparison/scores.json"]["data"]
+    assert list(data) == ["auroc", "val_auroc", "acc", "sens", "spec"]
+    assert all(set(d) == {*VARIANTS, "ens"} for d in data.values())
+    # README's command for a narrow terminal (the scores alone): at 120 columns every variant's test AUROC is
+    # a column. (DVC shows every key of params.yaml; past ~20 columns its table folds them all into "…".)
+    table = sh(repo, "dvc", "exp", "show", "--no-pager", "--drop", "^(?!Experiment|auroc|val_auroc|acc)",
+               env={"COLUMNS": "120"})
+    header = next(line for line in table.splitlines() if "Experiment" in line)
+    assert all(f"auroc.{v}" in header for v in [*VARIANTS, "ens"]), table
+
+
+def test_dvc_plots_show_draws_every_chart_offline(repo):
+    """The page `make setup` builds (tools/plots/dvc_plots.html) carries Vega itself: no script from a CDN."""
+    repo, _ = repo
+    template = ROOT / "tools" / "plots" / "dvc_plots.html"
+    if not template.exists():
+        pytest.skip("tools/plots/dvc_plots.html is not built: `make setup` builds it where npm is installed")
+    sh(repo, "dvc", "plots", "show", "--html-template", str(template), "-o", "page")
+    page = (repo / "page" / "index.html").read_text()
+    assert "<script src=" not in page and "cdn.jsdelivr" not in page  # nothing to fetch
+    vega = [k for k, v in json.loads(sh(repo, "dvc", "plots", "show", "--json"))["data"].items()
+            if v[0]["type"] == "vega"]
+    assert len(vega) == 4 * len(VARIANTS) + 3  # history, confusion, ROC, PR; the ensemble has no history
+    assert "vegaEmbed=" in page and page.count("vegaEmbed('#") == len(vega)  # the library, then each chart
+    for name in ("metrics", "roc", "history"):
+        assert f"comparison_{name}.png" in page or f"comparison/{name}.png" in page
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,9 @@ candidate within the test set's noise keeps the champion, a clearly better one p
 with the champion gives what its evaluation gave."""
 
 import csv
+import io
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import make_imagefolder, make_project, sh, tracking_at
+from cxr.__main__ import main as cxr_main
 from cxr.data.gray import decode
 from cxr.inference import load_logged
 from cxr.predict import read
@@ -28,7 +31,7 @@ def project(tmp_path_factory):
 
 def retrain(repo, variant: dict) -> tuple[dict, str]:
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["models"] = {"cand": variant}
+    params["models"]["cand"], params["variants"] = variant, ["cand"]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(repo, "cxr", "retrain", "--summary", "summary.md")
     return json.loads((repo / "promotion.json").read_text()), (repo / "summary.md").read_text()
@@ -39,7 +42,8 @@ def card_of(repo):
         return load_logged("models:/chest-xray-classifier@champion")[1]
 
 
-def test_retrain_promotes_first_keeps_the_champion_on_noise_promotes_a_clearly_better_one(project):
+def test_retrain_promotes_first_keeps_the_champion_on_noise_promotes_a_clearly_better_one(project, monkeypatch,
+                                                                                          capsys):
     folder, repo = project
     first, text = retrain(repo, {"arch": "tinyvgg", "epochs": 1, "lr": 1.0e-4})
     assert first["decision"] == "promoted" and first["reason"] == "no champion yet"
@@ -90,6 +94,30 @@ def test_retrain_promotes_first_keeps_the_champion_on_noise_promotes_a_clearly_b
     stored = np.load(repo / "data" / "split" / "64" / "test_images.npy")[:20]
     assert np.array_equal(np.stack([read(path, card_of(repo)) for path in paths]), stored)
     assert not np.array_equal(np.stack([decode((str(x), str(x)), [64], "stretch")[0][0] for x in paths]), stored)
+
+    # Folders (recursively) and quoted globs; a header naming the model and its threshold; CSV.
+    table = sh(repo, "cxr", "predict", str(paths[0].parent), str(folder / "test" / "*" / paths[1].name)).splitlines()
+    assert table[0].startswith("models:/chest-xray-classifier@champion: cand (") and "threshold" in table[0]
+    assert table[1].split() == ["image", "P(pneumonia)", "decision"]
+    in_folder = sorted(x for x in paths[0].parent.iterdir())
+    assert [line.split()[0] for line in table[2:]] == [*map(str, in_folder), str(paths[1])]
+    by_path = {str(folder / r["name"]): r for r in rows}
+    for line in table[2:]:
+        path, prob, decision = line.split()
+        if path in by_path:
+            assert float(prob) == pytest.approx(float(by_path[path]["p_pneumonia"]), abs=1e-4)
+            assert decision == by_path[path]["predicted"]
+    # --csv, in this process (the same `cxr` entry point, without another start-up of torch and MLflow)
+    uri = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(sys, "argv", ["cxr", "predict", "--csv", *map(str, paths[:3])])
+    with tracking_at(uri):
+        cxr_main()
+    as_csv = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["path"] for r in as_csv] == list(map(str, paths[:3])) and {"p_pneumonia", "class"} <= set(as_csv[0])
+    assert [float(r["p_pneumonia"]) for r in as_csv] == pytest.approx([float(r["p_pneumonia"]) for r in rows[:3]],
+                                                                       abs=1e-6)
 
     bad = repo / "corrupt.jpeg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

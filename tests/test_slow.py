@@ -58,7 +58,7 @@ def test_the_cpu_best_recipe_on_a_smaller_budget_holds_up_on_the_official_test_s
     for section in ("gray", "train", "evaluate"):
         raw[section].update(recipe[section])
     raw["gray"].update(image_size=96)
-    raw["models"], raw["ensembles"] = {"xr": {"epochs": 5}}, {}
+    raw["models"], raw["variants"], raw["ensembles"] = {"xr": {"epochs": 5}}, ["xr"], {}
     p = params.parse(raw)
     train_variant(p, "xr", tmp / "split", tmp_path / "m", tmp_path / "r", tmp_path / "ck")
     metrics = evaluate_variant(p, "xr", tmp / "split", tmp_path / "m", tmp_path / "r")

@@ -15,7 +15,7 @@ LEVELS = {
     1: ("cxr.models", "cxr.data", "cxr.metrics", "cxr.plots"),
     2: ("cxr.inference",),
     3: ("cxr.training", "cxr.evaluation", "cxr.registry", "cxr.predict"),
-    4: ("cxr.retrain", "cxr.__main__"),
+    4: ("cxr.retrain", "cxr.profiles", "cxr.__main__"),
 }
 
 

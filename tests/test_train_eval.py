@@ -92,7 +92,10 @@ def test_evaluate_writes_metrics_and_the_mlflow_model_predicts_the_same(data, tm
     p = project_params()
     train_variant(p, "tinyvgg", data, tmp_path / "m", tmp_path / "r", tmp_path / "ck")
     metrics = evaluate_variant(p, "tinyvgg", data, tmp_path / "m", tmp_path / "r")
-    on_disk = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    on_disk = json.loads((tmp_path / "r" / "evaluation.json").read_text())
+    headline = json.loads((tmp_path / "r" / "metrics.json").read_text())  # what DVC and the README show
+    assert headline == {"test": {k: on_disk["test"][k] for k in ("accuracy", "recall", "specificity", "auroc")},
+                        "val": {"auroc": on_disk["val"]["auroc"]}}
     test = load_split(data / "32", "test")
     # The per-image predictions, scored independently (scikit-learn), give the reported test scores.
     rows = list(csv.DictReader((tmp_path / "r" / "predictions.csv").open()))
@@ -174,7 +177,7 @@ def test_three_class_task_end_to_end(data, tmp_path):
 
 def test_a_killed_training_stage_resumes_into_the_same_mlflow_run(data, tmp_path):
     raw = project_raw(epochs=25, patience=99)
-    raw["models"] = {"cnn": {"arch": "cnn5", "filters": [8, 16, 16], "augment": True}}
+    raw["models"], raw["variants"] = {"cnn": {"arch": "cnn5", "filters": [8, 16, 16], "augment": True}}, ["cnn"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
 
     def stage(out: str) -> subprocess.Popen:
@@ -308,6 +311,6 @@ def test_an_ensemble_with_tta_and_temperature_is_one_model_that_predict_reproduc
     uri = metrics["mlflow"]["model_uri"]
     card = ModelCard.from_dict(get_model_info(uri).metadata, uri)
     assert (card.arch, card.tta, card.equalize, card.temperature) == ("ensemble", 3, "clahe", t)
-    got, errors = predict(uri, [folder / r["name"] for r in rows[:12]])
+    got, errors, _ = predict(uri, [folder / r["name"] for r in rows[:12]])
     assert not errors and [g["p_pneumonia"] for g in got] == pytest.approx([float(r["p_pneumonia"])
                                                                             for r in rows[:12]], abs=1e-6)

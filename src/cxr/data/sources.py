@@ -22,8 +22,19 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"}
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
-OFFLINE_HINT = ("or use a local copy: dvc exp run -S data.source=imagefolder -S data.path=/abs/path/chest_xray "
-                "(Kaggle {train,val,test}/{NORMAL,PNEUMONIA} folders) or -S data.source=npz -S data.path=/abs/x.npz")
+LOCAL = "a Kaggle-style {train,val,test}/{NORMAL,PNEUMONIA} folder or a MedMNIST .npz"
+
+
+def offline_hint(cuda: bool | None = None) -> str:
+    """How to go on without the hub, as a command that fits this machine: the full run on a GPU, the CPU
+    profile without one."""
+    if cuda is None:
+        import torch
+        cuda = torch.cuda.is_available()
+    if cuda:
+        return (f"or use a local copy ({LOCAL}): dvc exp run -S data.source=imagefolder -S data.path=/abs/path "
+                "(data.source=npz for a .npz)")
+    return f"or use a local copy ({LOCAL}): make quick DATA=/abs/path (no GPU here: the CPU profile)"
 
 
 def sha256_file(path: Path) -> str:
@@ -110,17 +121,20 @@ def check_hub_reachable(timeout: float = 5.0) -> None:
         socket.create_connection((url.hostname, port), timeout=timeout).close()
     except OSError as e:
         raise CxrError(f"cannot reach the Hugging Face hub at {endpoint} ({e.__class__.__name__}: {e}); "
-                       f"check the network, {OFFLINE_HINT}") from e
+                       f"check the network, {offline_hint()}") from e
 
 
 def download_hub(p: DataParams, out: Path) -> dict[str, int]:
     check_hub_reachable()
     import datasets  # heavy import, only for this source
 
+    # The parquet export holds one folder per config ({config}/{split}/0000.parquet) and no dataset card to
+    # declare them: the config is a data_dir there (name= would find only "default").
+    where = {"data_dir": p.hub_config} if p.hub_revision.startswith("refs/convert/") else {"name": p.hub_config}
     try:
-        ds = datasets.load_dataset(p.hub_repo, name=p.hub_config, revision=p.hub_revision)
+        ds = datasets.load_dataset(p.hub_repo, revision=p.hub_revision, **where)
     except ConnectionError as e:
-        raise CxrError(f"download of {p.hub_repo} failed ({e}); {OFFLINE_HINT}") from e
+        raise CxrError(f"download of {p.hub_repo} failed ({e}); {offline_hint()}") from e
     except FileNotFoundError as e:  # datasets' DatasetNotFoundError, or a config/revision it cannot find
         raise CxrError(f"data.hub_repo {p.hub_repo!r} (config {p.hub_config!r}, revision {p.hub_revision!r}) is not "
                        f"on the hub, or is private or gated ({' '.join(str(e).split())[:160]}); check the id, or "

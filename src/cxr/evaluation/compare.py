@@ -32,7 +32,8 @@ def leaderboard(p: Params, reports: Path) -> Rows:
                      "arch": p.variant(variant).arch if variant in p.models else "ensemble: " + " + ".join(members),
                      "image_size": p.image_size(members[0]), **{k: _round(ev["test"][k]) for k in HEADLINE},
                      "accuracy_at_0.5": _round(ev.get("test_threshold_0_5", {}).get("accuracy")),
-                     **{f"val_{m}": _round(ev["val"][m]) for m in dict.fromkeys((p.compare.metric, p.promote.metric))},
+                     **{f"val_{m}": _round(ev["val"][m])
+                        for m in dict.fromkeys(("auroc", p.compare.metric, p.promote.metric))},
                      "threshold": _round(ev.get("threshold")), "tta": ev.get("tta", 1),
                      "temperature": _round(cal.get("temperature")), "val_ece": _round(cal.get("val_ece_after")),
                      "test_ece": _round(cal.get("test_ece_after")),
@@ -56,6 +57,40 @@ def markdown(rows: Rows, metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+SUMMARY = {"accuracy": "test acc", "recall": "sens", "specificity": "spec", "auroc": "test AUROC"}
+# comparison/scores.json, the only DVC metrics file: `dvc exp show` names its columns auroc.<variant> (test),
+# val_auroc.<variant>, acc.<variant>..., short and unique, each variant's test AUROC first, to fit 120 columns.
+SCORES = {"auroc": "auroc", "val_auroc": "val_auroc", "acc": "accuracy", "sens": "recall", "spec": "specificity"}
+
+
+def scores(rows: Rows) -> dict[str, dict[str, float | None]]:
+    return {name: {r["variant"]: r.get(key) for r in rows} for name, key in SCORES.items()}
+
+
+def summary(rows: Rows, metric: str, out: Path) -> str:
+    """The leaderboard's headline columns as a plain-text table, and where the rest is: what the compare stage
+    prints at the end of a run."""
+    head = ["variant", f"val {metric}", *SUMMARY.values(), "threshold"]
+    body = [[r["variant"], r[f"val_{metric}"], *(r[k] for k in SUMMARY), r["threshold"]] for r in rows]
+    cells = [head, *[["-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)) for v in row]
+                     for row in body]]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+             for row in cells]
+    return "\n".join([f"Leaderboard: test scores at the threshold chosen on val, best first by val {metric}", *lines,
+                      f"Full table and figures: {out}/leaderboard.md, {out}/*.png; every run in MLflow: make ui"])
+
+
+def note(rows: Rows, metric: str) -> str:
+    """The parent run's description: the headline columns as a markdown table (the full one is an artifact)."""
+    head = ["variant", f"val {metric}", *SUMMARY.values()]
+    lines = [f"**Leaderboard**: test scores at the threshold chosen on val, best first by val {metric} "
+             "(all columns: leaderboard.md)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join("" if v is None else str(v) for v in
+                                (r["variant"], r[f"val_{metric}"], *(r[k] for k in SUMMARY))) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def figures(p: Params, rows: Rows, reports: Path) -> dict[str, Any]:
     """file name -> figure: headline scores side by side, ROC curves overlaid, training curves overlaid."""
     roc = {r["variant"]: read_report(reports / r["variant"] / "roc.json", r["variant"]) for r in rows}
@@ -63,7 +98,8 @@ def figures(p: Params, rows: Rows, reports: Path) -> dict[str, Any]:
                            read_report(reports / r["variant"] / "history.csv", r["variant"])] for r in rows
             if r["variant"] not in p.ensembles}
     return {"metrics.png": bars_figure(rows, list(HEADLINE), "test scores per variant"),
-            "roc.png": curve_figure(roc, "fpr", "tpr", "ROC (test), all variants", True),
+            "roc.png": curve_figure(roc, "fpr", "tpr", "ROC (test), all variants", True,
+                                    {r["variant"]: r["auroc"] for r in rows}),
             "history.png": histories_figure(hist, ("val_loss", "val_auroc", "train_loss"))}
 
 
@@ -76,6 +112,7 @@ def compare(p: Params, reports: Path, out: Path) -> str:
         (tmp / "leaderboard.md").write_text(markdown(rows, p.compare.metric))
         write_csv(tmp / "leaderboard.csv", rows)
         write_json(tmp / "leaderboard.json", rows)
+        write_json(tmp / "scores.json", scores(rows))
         for name, fig in figs.items():
             fig.savefig(tmp / name, dpi=110)
         return log_comparison(p, rows, figs, reports)
@@ -86,8 +123,9 @@ def log_comparison(p: Params, rows: Rows, figs: dict[str, Any], reports: Path) -
     yet (trained since the last compare) becomes its child, so the UI nests one pipeline run's variants."""
     root = tracking.project_root()
     experiment_id = tracking.setup(p.mlflow.experiment, root)
-    with mlflow.start_run(experiment_id=experiment_id, run_name="compare",
-                          tags={**tracking.run_tags("compare", root), "cxr.kind": "comparison"}) as run:
+    # Named after the DVC experiment, described by the leaderboard: the parent row the UI shows first.
+    tags = {**tracking.run_tags("compare", root), "cxr.kind": "comparison", tracking.NOTE: note(rows, p.compare.metric)}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=tracking.pipeline_run_name(), tags=tags) as run:
         mlflow.log_dict(rows, "leaderboard.json")
         mlflow.log_text(markdown(rows, p.compare.metric), "leaderboard.md")
         for name, fig in figs.items():

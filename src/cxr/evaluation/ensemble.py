@@ -48,7 +48,9 @@ def run_ensemble(p: Params, name: str, data: Path, models: Path, model_dir: Path
     model, card = assemble(name, members)
     root = tracking.project_root()
     experiment_id = tracking.setup(p.mlflow.experiment, root)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tracking.run_tags(name, root)) as run:
+    note = f"**{name}**: ensemble of {', '.join(members)} (their probabilities averaged)"
+    tags = tracking.run_tags(name, root) | {tracking.NOTE: note}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
         mlflow.log_params({"variant": name, "arch": "ensemble", "members": ",".join(members), "seed": p.seed,
                            "image_size": card.image_size})
         with atomic_path(model_dir, is_dir=True) as tmp:

@@ -19,6 +19,8 @@ from cxr import inference, tracking
 from cxr.data.store import Split, load_split, size_dir
 from cxr.io import atomic_paths, write_csv, write_json
 from cxr.metrics import (
+    auroc,
+    average_precision,
     choose_threshold,
     confusion,
     curves,
@@ -28,7 +30,7 @@ from cxr.metrics import (
     reliability,
     scores,
 )
-from cxr.params import HEADLINE, Params
+from cxr.params import Params
 from cxr.plots import confusion_figure, curve_figure, reliability_figure
 
 log = logging.getLogger(__name__)
@@ -69,11 +71,25 @@ def _per_class_curves(probs: torch.Tensor, labels: torch.Tensor, names: list[str
     return out | {"micro average": overall}
 
 
+COLUMNS = {"test": ("accuracy", "recall", "specificity", "auroc"), "val": ("auroc",)}
+
+
 def headline(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The figures `dvc metrics`/`dvc exp show` list as columns: the headline scores on test and val (the
-    rest, per class and at t=0.5, is in evaluation.json)."""
-    out: dict[str, Any] = {s: {k: metrics[s][k] for k in HEADLINE} for s in ("test", "val")}
-    return out | ({"threshold": metrics["threshold"]} if "threshold" in metrics else {})
+    """The figures `dvc metrics`/`dvc exp show` list as columns, few enough to read at 120 columns: test
+    accuracy, sensitivity (recall), specificity and AUROC, and val AUROC (everything else is in
+    evaluation.json, MLflow and the leaderboard)."""
+    return {s: {k: metrics[s][k] for k in keys} for s, keys in COLUMNS.items()}
+
+
+def scores_note(metrics: dict[str, Any], n_test: int) -> str:
+    """One line of the headline scores, for descriptions in MLflow."""
+    def f(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.3f}"
+    t = metrics.get("threshold")
+    at = f" at threshold {t:.3f} (chosen on val)" if t is not None else ""
+    test = metrics["test"]
+    return (f"Test ({n_test} images){at}: accuracy {f(test['accuracy'])}, sensitivity {f(test['recall'])}, "
+            f"specificity {f(test['specificity'])}, AUROC {f(test['auroc'])}. Val AUROC {f(metrics['val']['auroc'])}.")
 
 
 def _log_figures(variant: str, names: list[str], p_test: torch.Tensor, y_test: torch.Tensor, threshold: float,
@@ -85,10 +101,13 @@ def _log_figures(variant: str, names: list[str], p_test: torch.Tensor, y_test: t
         mlflow.log_figure(confusion_figure(confusion(p_test, y_test), names, f"{variant} test, t=0.5"),
                           "plots/confusion_matrix_t0.5.png")
     per_class = _per_class_curves(p_test, y_test, names, curve_rows)
+    exact = {"test": (auroc(p_test, y_test), average_precision(p_test, y_test))} if binary else {}
     mlflow.log_figure(curve_figure({k: c["roc"] for k, c in per_class.items()}, "fpr", "tpr",
-                                   f"{variant} ROC (test)", True), "plots/roc.png")
+                                   f"{variant} ROC (test)", True, {k: v[0] for k, v in exact.items()}),
+                      "plots/roc.png")
     mlflow.log_figure(curve_figure({k: c["pr"] for k, c in per_class.items()}, "recall", "precision",
-                                   f"{variant} PR (test)"), "plots/pr.png")
+                                   f"{variant} PR (test)", False, {k: v[1] for k, v in exact.items()}, "AP"),
+                      "plots/pr.png")
 
 
 def predictions(test: Split, probs: torch.Tensor, card: inference.ModelCard) -> list[dict[str, Any]]:
@@ -136,6 +155,9 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
         write_csv(out["predictions"], pred_rows)
         if os.environ.get("DVC_STAGE"):
             mlflow.set_tag("dvc_stage_evaluate", os.environ["DVC_STAGE"])
+        # The description: training's first paragraph (what the variant is), then the scores of this evaluation.
+        note = mlflow.MlflowClient().get_run(run_id).data.tags.get(tracking.NOTE, f"**{variant}**")
+        mlflow.set_tag(tracking.NOTE, note.split("\n\n")[0] + "\n\n" + scores_note(metrics, len(test.labels)))
         example = test.images[:2, None].astype(np.float32) / 255.0  # batch of 2: keeps the batch dim dynamic
         with torch.no_grad():
             signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
@@ -160,6 +182,6 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
         metrics["mlflow"] = {"run_id": run_id, "model_id": info.model_id, "model_uri": info.model_uri}
         write_json(out["evaluation"], metrics)
     t = metrics["test"]
-    auroc = "n/a (one class)" if t["auroc"] is None else f"{t['auroc']:.3f}"
-    log.info("%s test: acc %.3f f1 %.3f auroc %s", variant, t["accuracy"], t["f1"], auroc)
+    shown = "n/a (one class)" if t["auroc"] is None else f"{t['auroc']:.3f}"
+    log.info("%s test: acc %.3f f1 %.3f auroc %s", variant, t["accuracy"], t["f1"], shown)
     return metrics

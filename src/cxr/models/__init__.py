@@ -63,7 +63,7 @@ def check_variants(p: Params, names: Iterable[str] | None = None) -> None:
     """Build each variant on the meta device and pass a batch through it, so that an unknown arch or setting,
     or an image size the arch cannot take, fails in milliseconds (no memory, no weights) before any work."""
     num_classes = 3 if p.data.labels == "three_class" else 1
-    for name in names or p.models:
+    for name in p.variants if names is None else names:
         tp, size = p.variant(name), p.image_size(name)
         settings = without_download(tp.model)
         try:

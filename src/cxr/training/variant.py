@@ -34,6 +34,26 @@ def _mlflow_params(p: Params, variant: str) -> dict[str, Any]:
     return {"variant": variant, "seed": p.seed, **flat}
 
 
+def data_source(p: Params) -> tuple[str, str]:
+    """Where the data came from (a URL or an absolute path) and a short name for it."""
+    if p.data.source == "hub":
+        return f"https://huggingface.co/datasets/{p.data.hub_repo}", p.data.hub_repo.split("/")[-1]
+    path = Path(p.data.path).resolve()
+    return str(path), path.name
+
+
+def describe(p: Params, variant: str, n_train: int, n_val: int) -> str:
+    """The run's description in the MLflow UI: what the variant is and what it was trained on (evaluate adds
+    its scores)."""
+    tp = p.variant(variant)
+    weights = "ImageNet weights" if tp.model.get("pretrained") else "from scratch"
+    aids = [name for name, on in (("augmentation", tp.augment), (f"EMA {tp.ema}", tp.ema), ("balanced sampling",
+            tp.sampler == "balanced"), (f"label smoothing {tp.label_smoothing}", tp.label_smoothing)) if on]
+    return (f"**{variant}**: `{tp.arch}` {weights}, {p.image_size(variant)} px, up to {tp.epochs} epochs, "
+            f"{tp.optimizer} lr {tp.lr:g}{', ' + ', '.join(aids) if aids else ''}. Data: {data_source(p)[1]} "
+            f"({p.data.source}), {n_train} train / {n_val} val images.")
+
+
 def train_variant(p: Params, variant: str, data: Path, model_dir: Path, report_dir: Path,
                   checkpoints: Path) -> dict[str, Any]:
     """Train `variant` on data/<size>/{train,val}; write model_dir/{model.pt,run.json} and
@@ -61,6 +81,9 @@ def train_variant(p: Params, variant: str, data: Path, model_dir: Path, report_d
             mlflow.log_params({"device": str(pick_device()), "train_images": len(train.labels),
                                "val_images": len(val.labels), "image_size": card.image_size,
                                "classes": ",".join(names), "fit": card.fit, "draft": card.draft})
+            source, name = data_source(p)
+            tracking.log_dataset(source, f"{name} {card.image_size}px", tracking.data_digest(root), "training")
+            mlflow.set_tag(tracking.NOTE, describe(p, variant, len(train.labels), len(val.labels)))
 
         def on_epoch(row: dict[str, Any]) -> None:
             mlflow.log_metrics({f"{k.replace('_', '/', 1)}": v for k, v in row.items()
