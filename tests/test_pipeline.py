@@ -86,6 +86,7 @@ def test_pipeline_runs_then_is_a_noop_then_reruns_one_variant(repo):
     for c in compares:
         assert c.info.run_name == c.data.tags["dvc_exp_name"] and c.info.run_name != "compare"
         assert c.data.tags["mlflow.note.content"].startswith("**Leaderboard**")
+        assert {f"auroc.{v}" for v in VARIANTS} <= set(c.data.metrics)  # the columns of `dvc exp show`
     digest = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["split"]["outs"][0]["md5"][:12]
     for r in variant_runs:
         note = r.data.tags["mlflow.note.content"]

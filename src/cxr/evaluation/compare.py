@@ -134,6 +134,10 @@ def log_comparison(p: Params, rows: Rows, figs: dict[str, Any], reports: Path) -
             best = next(r for r in rows if r["variant"] == best_on_val(p.entries, reports, p.promote.metric)[0])
             mlflow.log_metrics({f"best/{k}": best[k] for k in HEADLINE if best[k] is not None})
             mlflow.set_tag("best_variant", best["variant"])
+        # The same columns as `dvc exp show` (auroc.<variant>, val_auroc.<variant>...): in the UI's chart view
+        # each is one bar chart across pipeline runs, e.g. how tinyvgg's test AUROC moved from run to run.
+        mlflow.log_metrics({f"{name}.{variant}": value for name, column in scores(rows).items()
+                            for variant, value in column.items() if value is not None})
         client = MlflowClient()
         for r in rows:
             if "mlflow.parentRunId" not in client.get_run(r["run_id"]).data.tags:
