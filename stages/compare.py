@@ -6,13 +6,11 @@ from pathlib import Path
 
 from cxr import cli, params
 from cxr.evaluation.compare import compare, summary
-from cxr.io import read_report
 
 
 def main(args: argparse.Namespace) -> None:
     p = params.load(args.params)
-    compare(p, Path(args.reports), Path(args.out))
-    print(summary(read_report(Path(args.out) / "leaderboard.json", "compare"), p.compare.metric, Path(args.out)))
+    print(summary(compare(p, Path(args.reports), Path(args.out)), p.compare.metric, Path(args.out)))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import sys
 from pathlib import Path
@@ -14,7 +12,7 @@ from cxr.errors import CxrError
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from cxr.predict import IMAGE_SUFFIXES, expand, predict
+    from cxr.predict import IMAGE_SUFFIXES, expand, predict, render
 
     p = params.load(args.params)
     uri = args.model or f"models:/{p.mlflow.registered_model}@champion"
@@ -23,29 +21,7 @@ def _predict(args: argparse.Namespace) -> None:
     if not paths:
         raise CxrError(f"no images in {' '.join(args.images)} ({'/'.join(sorted(IMAGE_SUFFIXES))} files)")
     rows, errors, card = predict(uri, paths)
-    if args.json:
-        for r in rows:
-            print(json.dumps(r))
-    elif args.csv:
-        flat = [{k: v for k, v in r.items() if k != "probabilities"} | {f"p_{c.lower()}": v for c, v in
-                                                                          r.get("probabilities", {}).items()}
-                for r in rows]
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(flat[0]) if flat else ["path"], lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(flat)
-    else:
-        rule = f", threshold {card.threshold:.4f} on P(pneumonia) (chosen on val)" if card.binary else ""
-        print(f"{uri}: {card.variant} ({card.arch}, {card.image_size} px, TTA {card.tta}{rule})")
-        width = max(len(r["path"]) for r in rows) if rows else 4
-        if card.binary:
-            print(f"{'image':<{width}}  P(pneumonia)  decision")
-            for r in rows:
-                print(f"{r['path']:<{width}}  {r['p_pneumonia']:>12.4f}  {r['class']}")
-        else:
-            print(f"{'image':<{width}}  " + "  ".join(f"P({c.lower()})" for c in card.classes) + "  decision")
-            for r in rows:
-                print(f"{r['path']:<{width}}  " + "  ".join(f"{r['probabilities'][c]:>{len(c) + 3}.4f}"
-                                                            for c in card.classes) + f"  {r['class']}")
+    sys.stdout.write(render(rows, card, uri, "json" if args.json else "csv" if args.csv else "table"))
     if errors:
         raise CxrError("; ".join(errors) + ("" if len(errors) == 1 else f" ({len(errors)} images)"))
 

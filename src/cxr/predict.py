@@ -4,7 +4,10 @@ equalisation), then scored as evaluate scored it (TTA views, temperature, thresh
 
 from __future__ import annotations
 
+import csv
 import glob
+import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +66,29 @@ def predict(uri: str, paths: list[Path]) -> tuple[list[dict[str, Any]], list[str
             row |= {"probability": pr[k], "probabilities": dict(zip(card.classes, pr, strict=True))}
         rows.append(row)
     return rows, errors, card
+
+
+def render(rows: list[dict[str, Any]], card: ModelCard, uri: str, fmt: str) -> str:
+    """`cxr predict`'s output: "json" (an object per line), "csv" (a header, a row per image) or "table" (the
+    model and its threshold, then image, P(pneumonia) and decision per line)."""
+    if fmt == "json":
+        return "".join(json.dumps(r) + "\n" for r in rows)
+    if fmt == "csv":
+        flat = [{k: v for k, v in r.items() if k != "probabilities"}
+                | {f"p_{c.lower()}": v for c, v in r.get("probabilities", {}).items()} for r in rows]
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(flat[0]) if flat else ["path"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(flat)
+        return out.getvalue()
+    rule = f", threshold {card.threshold:.4f} on P(pneumonia) (chosen on val)" if card.binary else ""
+    lines = [f"{uri}: {card.variant} ({card.arch}, {card.image_size} px, TTA {card.tta}{rule})"]
+    width = max((len(r["path"]) for r in rows), default=5)
+    if card.binary:
+        lines.append(f"{'image':<{width}}  P(pneumonia)  decision")
+        lines += [f"{r['path']:<{width}}  {r['p_pneumonia']:>12.4f}  {r['class']}" for r in rows]
+    else:
+        lines.append(f"{'image':<{width}}  " + "  ".join(f"P({c.lower()})" for c in card.classes) + "  decision")
+        lines += [f"{r['path']:<{width}}  " + "  ".join(f"{r['probabilities'][c]:>{len(c) + 3}.4f}"
+                                                        for c in card.classes) + f"  {r['class']}" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -20,6 +20,12 @@ from cxr.errors import CxrError
 from cxr.evaluation.compare import summary
 
 CONFIGS = Path("configs")
+DVC = [sys.executable, "-m", "dvc"]  # this environment's DVC
+
+
+def tool_env() -> dict[str, str]:
+    """The environment with this interpreter's folder first on PATH, so that DVC's stages run its `python`."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def hydra(value: Any) -> str:
@@ -72,14 +78,14 @@ def run(profile: str, data: str = "", name: str = "", extra: tuple[str, ...] = (
     """Run the profile as the DVC experiment `name` (default: the profile's) and return its minutes. DVC
     skips what is unchanged (its run cache) unless `force`; the experiment of the same name is replaced."""
     name = name or profile
-    cmd = [sys.executable, "-m", "dvc", "exp", "run", "-n", name, *(["--force"] if force else [])]
+    cmd = [*DVC, "exp", "run", "-n", name, *(["--force"] if force else [])]
     for o in [*overrides(load(profile), data), *extra]:
         cmd += ["-S", o]
     # `dvc exp run -S` writes the overrides into params.yaml and leaves them there; a failed stage also loses
     # its previous outputs. Keep both files' bytes to put back.
     kept = {f: f.read_bytes() if f.exists() else None for f in (Path("params.yaml"), Path("dvc.lock"))}
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    subprocess.run([*cmd[:3], "exp", "remove", name], capture_output=True, env=env)  # it may not exist
+    env = tool_env()
+    subprocess.run([*DVC, "exp", "remove", name], capture_output=True, env=env)  # it may not exist
     t0, skipped = time.perf_counter(), False
     try:
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1, env=env) as proc:
@@ -93,7 +99,7 @@ def run(profile: str, data: str = "", name: str = "", extra: tuple[str, ...] = (
     if proc.returncode:
         lock = kept[Path("dvc.lock")]
         Path("dvc.lock").write_bytes(lock) if lock is not None else Path("dvc.lock").unlink(missing_ok=True)
-        subprocess.run([*cmd[:3], "checkout", "--quiet"], env=env)  # the previous outputs, from DVC's cache
+        subprocess.run([*DVC, "checkout", "--quiet"], env=env)  # the previous outputs, from DVC's cache
         raise CxrError(f"dvc exp run failed (exit {proc.returncode}) after {minutes:.1f} min, see above; "
                        "params.yaml, dvc.lock and the outputs are as they were before it")
     if skipped:  # nothing changed since the last run: its leaderboard, as the compare stage prints it

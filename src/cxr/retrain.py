@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +19,8 @@ log = logging.getLogger(__name__)
 
 def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """DVC of this environment; its stages' `python` is this interpreter too."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     log.info("dvc %s", " ".join(args))
-    res = subprocess.run([sys.executable, "-m", "dvc", *args], env=env, text=True,
+    res = subprocess.run([*profiles.DVC, *args], env=profiles.tool_env(), text=True,
                          stdout=None if check else subprocess.PIPE, stderr=None if check else subprocess.PIPE)
     if check and res.returncode:
         raise CxrError(f"`dvc {' '.join(args)}` failed (exit {res.returncode}); its output above says why")

@@ -67,11 +67,16 @@ def scores(rows: Rows) -> dict[str, dict[str, float | None]]:
     return {name: {r["variant"]: r.get(key) for r in rows} for name, key in SCORES.items()}
 
 
+def _headline(rows: Rows, metric: str, *extra: str) -> tuple[list[str], list[list[Any]]]:
+    """The leaderboard's headline columns (and `extra` ones): a header and one row of values per entry."""
+    head = ["variant", f"val {metric}", *SUMMARY.values(), *extra]
+    return head, [[r["variant"], r[f"val_{metric}"], *(r[k] for k in [*SUMMARY, *extra])] for r in rows]
+
+
 def summary(rows: Rows, metric: str, out: Path) -> str:
     """The leaderboard's headline columns as a plain-text table, and where the rest is: what the compare stage
     prints at the end of a run."""
-    head = ["variant", f"val {metric}", *SUMMARY.values(), "threshold"]
-    body = [[r["variant"], r[f"val_{metric}"], *(r[k] for k in SUMMARY), r["threshold"]] for r in rows]
+    head, body = _headline(rows, metric, "threshold")
     cells = [head, *[["-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)) for v in row]
                      for row in body]]
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
@@ -83,11 +88,10 @@ def summary(rows: Rows, metric: str, out: Path) -> str:
 
 def note(rows: Rows, metric: str) -> str:
     """The parent run's description: the headline columns as a markdown table (the full one is an artifact)."""
-    head = ["variant", f"val {metric}", *SUMMARY.values()]
+    head, body = _headline(rows, metric)
     lines = [f"**Leaderboard**: test scores at the threshold chosen on val, best first by val {metric} "
              "(all columns: leaderboard.md)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join("" if v is None else str(v) for v in
-                                (r["variant"], r[f"val_{metric}"], *(r[k] for k in SUMMARY))) + " |" for r in rows]
+    lines += ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in body]
     return "\n".join(lines)
 
 
@@ -103,9 +107,9 @@ def figures(p: Params, rows: Rows, reports: Path) -> dict[str, Any]:
             "history.png": histories_figure(hist, ("val_loss", "val_auroc", "train_loss"))}
 
 
-def compare(p: Params, reports: Path, out: Path) -> str:
-    """Write out/{leaderboard.md,leaderboard.csv,leaderboard.json,*.png} and log the comparison run; `out`
-    appears only once both are done. Returns the MLflow run id."""
+def compare(p: Params, reports: Path, out: Path) -> Rows:
+    """Write out/{leaderboard.md,leaderboard.csv,leaderboard.json,scores.json,*.png} and log the comparison
+    run; `out` appears only once both are done. Returns the leaderboard's rows."""
     rows = leaderboard(p, reports)
     figs = figures(p, rows, reports)
     with atomic_path(out, is_dir=True) as tmp:
@@ -115,7 +119,8 @@ def compare(p: Params, reports: Path, out: Path) -> str:
         write_json(tmp / "scores.json", scores(rows))
         for name, fig in figs.items():
             fig.savefig(tmp / name, dpi=110)
-        return log_comparison(p, rows, figs, reports)
+        log_comparison(p, rows, figs, reports)
+    return rows
 
 
 def log_comparison(p: Params, rows: Rows, figs: dict[str, Any], reports: Path) -> str:
