@@ -86,14 +86,14 @@ def run(profile: str, data: str = "", name: str = "", extra: tuple[str, ...] = (
     kept = {f: f.read_bytes() if f.exists() else None for f in (Path("params.yaml"), Path("dvc.lock"))}
     env = tool_env()
     subprocess.run([*DVC, "exp", "remove", name], capture_output=True, env=env)  # it may not exist
-    t0, skipped = time.perf_counter(), False
+    t0, skipped, proc = time.perf_counter(), False, None
     try:
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1, env=env) as proc:
             for line in proc.stdout or ():  # echoed as it comes; the compare stage prints the leaderboard
                 sys.stdout.write(line)
                 skipped |= line.startswith("Stage 'compare' didn't change")
     finally:
-        if not keep_params or proc.returncode:
+        if not keep_params or proc is None or proc.returncode:  # None: dvc did not start
             Path("params.yaml").write_bytes(kept[Path("params.yaml")] or b"")
     minutes = (time.perf_counter() - t0) / 60
     if proc.returncode:

@@ -71,13 +71,13 @@ def _per_class_curves(probs: torch.Tensor, labels: torch.Tensor, names: list[str
     return out | {"micro average": overall}
 
 
-COLUMNS = {"test": ("accuracy", "recall", "specificity", "auroc"), "val": ("auroc",)}
+COLUMNS = {"test": ("accuracy", "recall", "specificity", "f1", "auroc"), "val": ("auroc",)}
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The figures `dvc metrics`/`dvc exp show` list as columns, few enough to read at 120 columns: test
-    accuracy, sensitivity (recall), specificity and AUROC, and val AUROC (everything else is in
-    evaluation.json, MLflow and the leaderboard)."""
+    """reports/<v>/metrics.json: test accuracy, sensitivity (recall), specificity, F1 and AUROC, and val
+    AUROC (everything else is in evaluation.json, MLflow and the leaderboard; the DVC metrics are compare's
+    scores.json)."""
     return {s: {k: metrics[s][k] for k in keys} for s, keys in COLUMNS.items()}
 
 
