@@ -54,11 +54,12 @@ class ModelCard:
     def binary(self) -> bool:
         return len(self.classes) == 2
 
-    def build(self) -> Classifier:
+    def build(self, start: bool = False) -> Classifier:
         """The network with this card's shape and normalisation, untrained. `pretrained` only shapes the start
-        of training: saved weights replace it, so a rebuild never downloads."""
+        of training (`start`: ImageNet weights where the settings ask for them); saved weights replace it, so a
+        rebuild never downloads."""
         net = build_model(self.arch, num_classes=task.n_logits(len(self.classes)), image_size=self.image_size,
-                          **without_download(self.settings))
+                          **(self.settings if start else without_download(self.settings)))
         return Classifier(net, self.mean, self.std)
 
     def probabilities(self, logits: torch.Tensor, temperature: float | None = None) -> torch.Tensor:

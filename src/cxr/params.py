@@ -87,6 +87,8 @@ class TrainParams:
     freeze_epochs: int = 0  # train only the head for this many epochs; >= epochs keeps the base frozen
     patience: int = 3  # early stopping on validation loss (0 = off); the best epoch's weights are kept
     compile: bool = False  # torch.compile the model (CUDA; worth it for long runs)
+    devices: int | Literal["auto"] = 1  # data-parallel processes (torchrun, one per GPU); auto = every visible GPU
+    sync_batchnorm: bool = False  # with devices > 1: BatchNorm statistics over the whole batch, not each GPU's part
     seed_offset: int = 0  # added to the project seed: variants that differ only here are independent ensemble members
     checkpoint_every: int = 1  # epochs between resume states (written on a background thread)
     model: dict[str, Any] = field(default_factory=dict)  # arch settings, checked against the builder
@@ -224,6 +226,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def _check_train(tp: TrainParams, prefix: str) -> None:
+    if tp.devices != "auto" and tp.devices < 1:
+        raise ParamsError(f"{prefix}.devices: {tp.devices} must be 1 or more, or auto")
     for key in ("epochs", "batch_size", "checkpoint_every"):
         if getattr(tp, key) < 1:
             raise ParamsError(f"{prefix}.{key}: {getattr(tp, key)} must be 1 or more")

@@ -1,6 +1,7 @@
 """Train one variant, torchvision-style: `train_one_epoch` and `evaluate` are small, `fit` wires them with early
 stopping (best weights kept). Batches are sliced from a uint8 tensor on the device and augmented there; bf16
-autocast on CUDA for training steps only (evaluation is float32, as everywhere)."""
+autocast and channels_last on CUDA for training steps only (evaluation is float32, as everywhere). Under torchrun
+each process trains on its shard of every batch (cxr.training.ddp)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ from tqdm import tqdm
 from cxr import metrics, task
 from cxr.data.store import Split
 from cxr.errors import CxrError
-from cxr.inference import ModelCard, batches, pick_device, predict_logits, to_device
+from cxr.inference import ModelCard, predict_logits, to_device
 from cxr.models import Classifier
 from cxr.params import TrainParams
+from cxr.training import ddp
 from cxr.training.parts import Loss, augment, epoch_order, make_loss, make_optimizer, make_scheduler, mixup
 
 log = logging.getLogger(__name__)
@@ -56,9 +58,9 @@ def make_card(tp: TrainParams, train: Split, classes: list[str], variant: str = 
                      settings=tp.model)
 
 
-def autocast(device: torch.device) -> AbstractContextManager:
-    # bf16 needs no loss scaling; on CPU autocast is slower than float32, so it stays off there.
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device: torch.device, bf16: bool) -> AbstractContextManager:
+    # bf16 needs no loss scaling. On CPU it is slower than float32: there only the tests turn it on.
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def set_frozen(model: Classifier, frozen: bool) -> None:
@@ -75,36 +77,50 @@ def set_frozen(model: Classifier, frozen: bool) -> None:
 
 def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tp: TrainParams, loss_fn: Loss,
                     opt: torch.optim.Optimizer, sched: Any, sched_every: str, shuffle: torch.Generator,
-                    aug_gen: torch.Generator, desc: str, ema: AveragedModel | None = None) -> tuple[float, float]:
+                    aug_gen: torch.Generator, desc: str, ema: AveragedModel | None = None,
+                    cuda_path: bool = False) -> tuple[float, float]:
     """One pass over the training images (shuffled, or class-balanced draws); returns mean loss and accuracy
-    (at p > 0.5, of the unmixed labels). `ema` is updated after every step."""
-    order = epoch_order(y, tp.sampler, shuffle).to(x.device)
-    loss_sum, correct = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
-    for idx, xb in tqdm(batches(x, tp.batch_size, order), total=math.ceil(len(y) / tp.batch_size), desc=desc,
-                        unit="batch", leave=False):
-        yb = y[idx]
+    (at p > 0.5, of the unmixed labels). `ema` is updated after every step. `y` holds every label and `x` this
+    rank's shard of the images (all of them in one process). `cuda_path`: bf16 autocast and channels_last."""
+    world = ddp.world_size()
+    order = epoch_order(y, tp.sampler, shuffle).to(y.device)  # the same on every rank: one generator, one seed
+    loss_sum, correct, seen = (torch.zeros((), device=y.device) for _ in range(3))
+    for start in tqdm(range(0, len(order), tp.batch_size), desc=desc, unit="batch", leave=False,
+                      disable=ddp.rank() > 0):
+        idx = order[start:start + tp.batch_size]
+        rows = ddp.mine(idx) if world > 1 else None
+        if rows is not None and torch.bincount(idx % world, minlength=world).min() == 0:
+            continue  # a last batch too small to give every rank an image (DDP needs each to step)
+        xb = x[idx if rows is None else idx[rows] // world].float().div_(255.0)
+        if cuda_path:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        yb = y[idx] if rows is None else y[idx[rows]]
         if tp.augment:
-            xb = augment(xb, tp, aug_gen)
+            xb = augment(xb, tp, aug_gen, rows, len(idx))
         if tp.mixup:
-            xb, perm, lam = mixup(xb, tp.mixup, shuffle)
-        with autocast(x.device):
+            xb, perm, lam = mixup(xb, tp.mixup, shuffle, rows, len(idx))
+        with autocast(x.device, cuda_path):
             logits = model(xb)
-        loss = loss_fn(logits, yb)
+        # Over the whole batch's weight, times the ranks (DDP averages their gradients): the one-process loss.
+        norm = loss_fn.norm(y[idx]) / world
+        loss = loss_fn(logits, yb, norm)
         if tp.mixup:
-            loss = lam * loss + (1 - lam) * loss_fn(logits, yb[perm])
+            loss = lam * loss + (1 - lam) * loss_fn(logits, yb[perm], norm)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if tp.grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), tp.grad_clip)
         opt.step()
         if ema is not None:
-            ema.update_parameters(model)
+            ema.update_parameters(ddp.unwrap(model))
         if sched_every == "batch":
             sched.step()
-        # Sums stay on the device: no host sync per batch.
-        loss_sum += loss.detach() * len(yb)
+        # Sums stay on the device: no host sync per batch, and one all-reduce per epoch.
+        loss_sum += loss.detach() / world * len(idx)
         correct += (task.predicted(task.probabilities(logits.detach())) == yb).sum()
-    return loss_sum.item() / len(y), correct.item() / len(y)
+        seen += len(idx) / world
+    loss_sum, correct, seen = ddp.all_sum(loss_sum, correct.float(), seen)
+    return loss_sum.item() / seen.item(), correct.item() / seen.item()
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss) -> dict[str, float | None]:
@@ -125,6 +141,7 @@ def _snapshot(epoch: int, model: nn.Module, opt: torch.optim.Optimizer, sched: A
                       "ema": ema.state_dict() if ema is not None else None, "history": history, "best": best,
                       "best_state": best_state if since_best else None, "since_best": since_best,
                       "shuffle_rng": shuffle.get_state(), "aug_rng": aug_gen.get_state(),
+                      "aug_device": aug_gen.device.type,
                       "torch_rng": torch.get_rng_state(),
                       **({"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})})
 
@@ -148,7 +165,12 @@ def _restore(state: State, model: nn.Module, opt: torch.optim.Optimizer, sched: 
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     shuffle.set_state(state["shuffle_rng"])
-    aug_gen.set_state(state["aug_rng"])
+    if state.get("aug_device", aug_gen.device.type) == aug_gen.device.type:
+        aug_gen.set_state(state["aug_rng"])
+    else:  # CUDA and CPU generators are different algorithms: the state cannot cross, a fixed new seed can
+        aug_gen.manual_seed(int(state["shuffle_rng"].sum()) + state["epoch"])
+        log.info("resuming on %s a state written on %s: augmentation reseeded", aug_gen.device.type,
+                 state["aug_device"])
     torch.set_rng_state(state["torch_rng"])
     if torch.cuda.is_available() and "cuda_rng" in state:
         torch.cuda.set_rng_state(state["cuda_rng"])
@@ -159,21 +181,30 @@ def _restore(state: State, model: nn.Module, opt: torch.optim.Optimizer, sched: 
 
 def fit(train: Split, val: Split, tp: TrainParams, card: ModelCard, seed: int,
         on_epoch: Callable[[dict[str, Any]], None] = lambda row: None, state: State | None = None,
-        save_state: Callable[[State], None] | None = None) -> tuple[Classifier, list[dict[str, Any]]]:
+        save_state: Callable[[State], None] | None = None,
+        cuda_path: bool | None = None) -> tuple[Classifier, list[dict[str, Any]]]:
     """Train, evaluate on val each epoch, stop after `patience` epochs without a lower val loss (0: never),
     and return the model with the best epoch's weights and the per-epoch history. `save_state` gets a
-    resumable state after each epoch; passing that back as `state` continues from there (identically on CPU)."""
-    name = card.variant
+    resumable state after each epoch; passing that back as `state` continues from there (identically on CPU).
+    `cuda_path` (default: on CUDA) trains in bf16 autocast with channels_last, as on a GPU. Under torchrun
+    every rank calls this; the returned model is the same everywhere, and a plain one (no DDP, no
+    SyncBatchNorm), so its card and file are those of a one-device run."""
+    name, world, rank = card.variant, ddp.world_size(), ddp.rank()
     seed_everything(seed)
-    device = pick_device()
-    x_tr, x_va = to_device(train.images, device), to_device(val.images, device)
+    device = ddp.device()
+    cuda_path = device.type == "cuda" if cuda_path is None else cuda_path
+    torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest kernels once (training only)
+    x_tr, x_va = to_device(train.images[ddp.shard(len(train.labels))], device), to_device(val.images, device)
     y_tr, y_va = torch.from_numpy(train.labels).to(device), torch.from_numpy(val.labels).to(device)
-    model = card.build().to(device)
-    if device.type == "cuda":
+    model = card.build(start=True).to(device)
+    if tp.sync_batchnorm and world > 1:
+        model = ddp.sync_batchnorm(model)
+    if cuda_path:
         model = model.to(memory_format=torch.channels_last)
     if tp.freeze_epochs and not hasattr(model.net, "head_name"):
         raise CxrError(f"{name}: arch {tp.arch!r} has no pretrained base to freeze; set freeze_epochs: 0")
-    step_model = torch.compile(model) if tp.compile else model
+    step_model = ddp.wrap(model, find_unused=bool(tp.freeze_epochs))
+    step_model = torch.compile(step_model) if tp.compile else step_model
     loss_fn = make_loss(tp, train.labels, len(card.classes), device)
     opt = make_optimizer(tp, model)
     sched, sched_every = make_scheduler(tp, opt, math.ceil(len(y_tr) / tp.batch_size))
@@ -182,43 +213,51 @@ def fit(train: Split, val: Split, tp: TrainParams, card: ModelCard, seed: int,
     # With EMA on, the average is what is evaluated, early-stopped on and kept (BatchNorm statistics averaged too).
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tp.ema), use_buffers=True) if tp.ema else None
     kept = ema.module if ema is not None else model
+    # Every rank evaluates all of val: the same weights give the same scores, with no gather.
+    val_model = kept if ema is not None or world > 1 else step_model
     history: list[dict[str, Any]] = []
     best, best_state, since_best, start = float("inf"), copy.deepcopy(kept.state_dict()), 0, 1
     if state:
         start, history, best, best_state, since_best = _restore(state, model, opt, sched, shuffle, aug_gen, ema)
         log.info("%s: resuming after epoch %d", name, start - 1)
+    if world > 1:  # dropout: one seed would give every rank's k-th image rank 0's k-th mask
+        torch.manual_seed(seed + 7919 * (rank + 1) + start)
     for epoch in range(start, tp.epochs + 1):
         t0 = time.perf_counter()
         step_model.train()
         if tp.freeze_epochs:
             set_frozen(model, frozen=epoch <= tp.freeze_epochs)
         train_loss, train_acc = train_one_epoch(step_model, x_tr, y_tr, tp, loss_fn, opt, sched, sched_every, shuffle,
-                                                aug_gen, f"{name} epoch {epoch}/{tp.epochs}", ema)
+                                                aug_gen, f"{name} epoch {epoch}/{tp.epochs}", ema, cuda_path)
         if not math.isfinite(train_loss):
             raise CxrError(f"{name}: training diverged (loss {train_loss}) in epoch {epoch}; lower its lr "
                            "or set grad_clip")
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
-               **evaluate(kept if ema is not None else step_model, x_va, y_va, loss_fn),
-               "lr": opt.param_groups[0]["lr"], "seconds": seconds,
+               **evaluate(val_model, x_va, y_va, loss_fn), "lr": opt.param_groups[0]["lr"], "seconds": seconds,
                "images_per_s": len(y_tr) / seconds}
+        row["val_loss"] = ddp.from_rank0(row["val_loss"])  # one decision, taken on every rank alike
         if sched_every == "epoch":
             sched.step(row["val_loss"])
         history.append(row)
         auroc = "n/a" if row["val_auroc"] is None else f"{row['val_auroc']:.3f}"
-        log.info("%s epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f auroc %s | %.1fs", name, epoch,
-                 train_loss, train_acc, row["val_loss"], row["val_accuracy"], auroc, seconds)
+        if rank == 0:
+            log.info("%s epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f auroc %s | %.1fs", name, epoch,
+                     train_loss, train_acc, row["val_loss"], row["val_accuracy"], auroc, seconds)
         if row["val_loss"] < best:
             best, best_state, since_best = row["val_loss"], copy.deepcopy(kept.state_dict()), 0
         else:
             since_best += 1
         stop = bool(tp.patience) and since_best >= tp.patience
-        if save_state and not stop and epoch < tp.epochs and epoch % tp.checkpoint_every == 0:
+        if rank == 0 and save_state and not stop and epoch < tp.epochs and epoch % tp.checkpoint_every == 0:
             save_state(_snapshot(epoch, model, opt, sched, history, best, best_state, since_best, shuffle, aug_gen,
                                  ema))
-        on_epoch(row)
+        if rank == 0:
+            on_epoch(row)
         if stop:
-            log.info("%s: early stop, no lower val loss for %d epochs", name, tp.patience)
+            if rank == 0:
+                log.info("%s: early stop, no lower val loss for %d epochs", name, tp.patience)
             break
-    model.load_state_dict(best_state)
-    return model.cpu(), history
+    out = card.build()  # plain modules and contiguous weights, whatever trained them
+    out.load_state_dict(best_state)
+    return out, history

@@ -13,9 +13,6 @@ from torch import nn
 from cxr.errors import CxrError
 from cxr.params import TrainParams
 
-Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
 def class_weights(tp: TrainParams, labels: np.ndarray, n_classes: int) -> torch.Tensor | None:
     if tp.class_weights == "none":
         return None
@@ -23,6 +20,21 @@ def class_weights(tp: TrainParams, labels: np.ndarray, n_classes: int) -> torch.
     if (counts == 0).any():
         raise CxrError(f"class_weights balanced: the training split lacks a class (counts {counts.tolist()})")
     return torch.tensor(len(labels) / (n_classes * counts), dtype=torch.float32)
+
+
+class Loss:
+    """Per-image losses, weighted: called, their mean over the batch; with `norm`, their sum over `norm`, which
+    a rank holding part of a global batch takes from the whole batch's labels (`norm(y)`), so the ranks' losses
+    add up to the one-process loss."""
+
+    def __init__(self, terms: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], weights: torch.Tensor | None):
+        self.terms, self.weights = terms, weights
+
+    def norm(self, y: torch.Tensor) -> torch.Tensor:
+        return y.new_tensor(len(y), dtype=torch.float32) if self.weights is None else self.weights[y].sum()
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:
+        return self.terms(logits, y).sum() / (self.norm(y) if norm is None else norm)
 
 
 def make_loss(tp: TrainParams, labels: np.ndarray, n_classes: int, device: torch.device) -> Loss:
@@ -34,19 +46,17 @@ def make_loss(tp: TrainParams, labels: np.ndarray, n_classes: int, device: torch
     if n_classes > 2:
         if tp.pos_weight != 1.0:
             raise CxrError("pos_weight is for binary labels; with data.labels three_class use class_weights")
-        return lambda logits, y: F.cross_entropy(logits.float(), y, weight=weights, label_smoothing=smooth)
+        return Loss(lambda logits, y: F.cross_entropy(logits.float(), y, weight=weights, label_smoothing=smooth,
+                                                      reduction="none"), weights)
     pos_weight = torch.tensor(_pos_weight(tp, labels), device=device)
 
     def bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         target = y.float() * (1 - smooth) + smooth / 2
         per = F.binary_cross_entropy_with_logits(logits.reshape(-1).float(), target, pos_weight=pos_weight,
                                                  reduction="none")
-        if weights is None:
-            return per.mean()
-        w = weights[y]
-        return (per * w).sum() / w.sum()
+        return per if weights is None else per * weights[y]
 
-    return bce
+    return Loss(bce, weights)
 
 
 def _pos_weight(tp: TrainParams, labels: np.ndarray) -> float:
@@ -85,17 +95,24 @@ def make_scheduler(tp: TrainParams, opt: torch.optim.Optimizer, steps_per_epoch:
     return torch.optim.lr_scheduler.LambdaLR(opt, factor), "batch"
 
 
-def augment(x: torch.Tensor, tp: TrainParams, gen: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, tp: TrainParams, gen: torch.Generator, rows: torch.Tensor | None = None,
+            n: int = 0) -> torch.Tensor:
     """X-ray augmentation of a whole float batch (B, 1, H, W) in [0, 1] at once on its device: rotation, zoom,
-    shift (and flip) by one affine resampling, then gamma, contrast, brightness and noise."""
+    shift (and flip) by one affine resampling, then gamma, contrast, brightness and noise. With `rows`, x holds
+    those rows of an n-image batch: the whole batch's random numbers are drawn and these rows' kept, so every
+    image gets what it would in one process and the generator stays the same on every rank."""
     b, dev = x.shape[0], x.device
+    n = b if rows is None else n
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t if rows is None else t[rows]
 
     def uniform(scale: float = 1.0) -> torch.Tensor:  # in [-scale, scale), one per image
-        return (torch.rand(b, device=dev, generator=gen) * 2 - 1) * scale
+        return pick((torch.rand(n, device=dev, generator=gen) * 2 - 1) * scale)
 
     angle, zoom = uniform(math.radians(tp.aug_rotation)), 1 + uniform(tp.aug_scale)
     shift_x, shift_y = uniform(2 * tp.aug_translate), uniform(2 * tp.aug_translate)  # the side spans 2
-    flip = torch.where(torch.rand(b, device=dev, generator=gen) < 0.5, -1.0, 1.0) if tp.aug_hflip \
+    flip = pick(torch.where(torch.rand(n, device=dev, generator=gen) < 0.5, -1.0, 1.0)) if tp.aug_hflip \
         else torch.ones(b, device=dev)
     if tp.aug_rotation or tp.aug_scale or tp.aug_translate or tp.aug_hflip:
         cos, sin = angle.cos() / zoom, angle.sin() / zoom  # theta maps output to input: 1/zoom magnifies
@@ -110,8 +127,8 @@ def augment(x: torch.Tensor, tp: TrainParams, gen: torch.Generator) -> torch.Ten
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * contrast + mean + brightness
     if tp.aug_noise:
-        sigma = torch.rand(b, 1, 1, 1, device=dev, generator=gen) * tp.aug_noise
-        x = x + sigma * torch.randn(x.shape, device=dev, generator=gen)
+        sigma = pick(torch.rand(n, 1, 1, 1, device=dev, generator=gen)) * tp.aug_noise
+        x = x + sigma * pick(torch.randn((n, *x.shape[1:]), device=dev, generator=gen))
     return x.clamp_(0, 1)
 
 
@@ -125,9 +142,14 @@ def epoch_order(labels: torch.Tensor, sampler: str, gen: torch.Generator) -> tor
     return torch.multinomial(weights, len(labels), replacement=True, generator=gen)
 
 
-def mixup(x: torch.Tensor, alpha: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+def mixup(x: torch.Tensor, alpha: float, gen: torch.Generator, rows: torch.Tensor | None = None,
+          n: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Mixup (Zhang et al. 2018): the batch blended with a shuffled copy of itself; returns (mixed, the copy's
-    order, the weight of the batch). The loss is blended with the same weight."""
+    order, the weight of the batch). The loss is blended with the same weight. With `rows` (x is those rows of
+    an n-image batch), partners are drawn among x's rows; the generator advances as for the whole batch."""
     lam = float(torch.distributions.Beta(alpha, alpha).sample())  # seeded by the torch seed (kept in states)
-    perm = torch.randperm(x.shape[0], generator=gen, device="cpu").to(x.device)
+    perm = torch.randperm(x.shape[0] if rows is None else n, generator=gen, device="cpu")
+    if rows is not None:
+        perm = torch.argsort(perm[rows.cpu()])
+    perm = perm.to(x.device)
     return lam * x + (1 - lam) * x[perm], perm, lam

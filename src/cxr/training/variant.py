@@ -15,12 +15,12 @@ import mlflow
 
 from cxr import inference, tracking
 from cxr.data.store import classes, load_split, preprocessing, size_dir
-from cxr.inference import pick_device
 from cxr.io import atomic_path, atomic_paths, write_csv, write_json
 from cxr.models import build_model, check_variants
 from cxr.params import Params
 from cxr.plots import history_figure
 from cxr.task import n_logits
+from cxr.training import ddp
 from cxr.training.loop import fit, make_card
 from cxr.training.state import StateWriter, fingerprint, read_state
 
@@ -67,10 +67,13 @@ def train_variant(p: Params, variant: str, data: Path, model_dir: Path, report_d
     card = make_card(tp, train, names, variant, **preprocessing(data))
     if tp.model.get("pretrained"):  # and missing ImageNet weights (offline): only a real build reads them
         build_model(tp.arch, num_classes=n_logits(len(names)), image_size=card.image_size, **tp.model)
-    # how often states are written does not change what they hold
-    settings = dataclasses.asdict(tp) | {"seed": p.seed, "checkpoint_every": None}
+    # how often states are written does not change what they hold, nor (batches being global) how many devices
+    settings = dataclasses.asdict(tp) | {"seed": p.seed, "checkpoint_every": None, "devices": None}
     state_file = checkpoints / "state.pt"
     state = read_state(state_file, fp := fingerprint(settings, data))
+    if ddp.rank() > 0:  # under torchrun, rank 0 alone tracks, writes states and outputs
+        fit(train, val, tp, card, p.seed + tp.seed_offset, state=state)
+        return {}
     root = tracking.project_root()
     experiment_id = tracking.setup(p.mlflow.experiment, root)
     run_args = {"run_id": state["run_id"]} if state else {
@@ -78,7 +81,9 @@ def train_variant(p: Params, variant: str, data: Path, model_dir: Path, report_d
     with mlflow.start_run(**run_args) as run:
         if not state:
             mlflow.log_params(_mlflow_params(p, variant))
-            mlflow.log_params({"device": str(pick_device()), "train_images": len(train.labels),
+            device = ddp.device()
+            mlflow.log_params({"device": f"{device.type} x{ddp.world_size()}" if ddp.world_size() > 1 else str(device),
+                               "train_images": len(train.labels),
                                "val_images": len(val.labels), "image_size": card.image_size,
                                "classes": ",".join(names), "fit": card.fit, "draft": card.draft})
             source, name = data_source(p)

@@ -1,0 +1,36 @@
+"""Worker for tests/test_scale.py: `fit` on real X-rays (the first images of each class of the Kaggle train
+split, at 32 px), run as one process or under torchrun; rank 0 saves the weights and history to argv[1].
+argv[2] is the TrainParams as JSON."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cxr.data.store import Split
+from cxr.params import TrainParams
+from cxr.training import ddp
+from cxr.training.loop import fit, make_card
+
+
+def real_split(root: Path, start: int, per_class: int) -> Split:
+    rows = [r for r in csv.DictReader((root / "MANIFEST.csv").open()) if r["split"] == "train"]
+    picked = [r for c in ("NORMAL", "PNEUMONIA") for r in [r for r in rows if r["label"] == c][start:start + per_class]]
+    images = np.stack([np.asarray(Image.open(root / r["path"]).convert("L").resize((32, 32), Image.BILINEAR))
+                       for r in picked])
+    labels = np.array([int(r["label"] == "PNEUMONIA") for r in picked])
+    return Split(images, labels, [{} for _ in picked])
+
+
+if __name__ == "__main__":
+    out, tp = Path(sys.argv[1]), TrainParams(**json.loads(sys.argv[2]))
+    root = Path(sys.argv[3])
+    train, val = real_split(root, 0, 48), real_split(root, 48, 16)
+    with ddp.process_group():
+        model, history = fit(train, val, tp, make_card(tp, train, ["NORMAL", "PNEUMONIA"]), seed=3)
+        if ddp.rank() == 0:
+            torch.save({"weights": model.state_dict(), "history": history, "world": ddp.world_size()}, out)
