@@ -43,8 +43,8 @@ def assert_same(one: dict, two: dict) -> None:
      "class_weights": "balanced", "scheduler": "cosine", "ema": 0.9, "patience": 1},
     # BatchNorm with sync_batchnorm: the statistics are the whole batch's, as in one process (dropout off: each
     # rank draws its own masks)
-    {"arch": "cnn5", "model": {"filters": [8, 8, 16, 16, 16], "dropout": 0.0}, "epochs": 2, "batch_size": 16, "augment": True,
-     "sync_batchnorm": True, "patience": 0},
+    {"arch": "cnn5", "model": {"filters": [8, 8, 16, 16, 16], "dropout": 0.0}, "epochs": 2, "batch_size": 16,
+     "augment": True, "sync_batchnorm": True, "patience": 0},
 ], ids=["no-batchnorm", "sync-batchnorm"])
 def test_two_ranks_at_half_the_batch_train_the_one_process_weights(tmp_path, settings):
     one = run(tmp_path / "one.pt", settings | {"devices": 1}, 1)

@@ -13,6 +13,7 @@ from torch import nn
 from cxr.errors import CxrError
 from cxr.params import TrainParams
 
+
 def class_weights(tp: TrainParams, labels: np.ndarray, n_classes: int) -> torch.Tensor | None:
     if tp.class_weights == "none":
         return None
