@@ -1,6 +1,7 @@
 """The training settings: augmentation, schedules, losses, freezing, and resuming from a saved state."""
 
 import copy
+import dataclasses
 import io
 import threading
 
@@ -214,3 +215,71 @@ def test_with_ema_the_moving_average_is_evaluated_early_stopped_on_and_kept():
     with torch.no_grad():
         loss = F.binary_cross_entropy_with_logits(model.eval()(x).reshape(-1), torch.from_numpy(val.labels).float())
     assert loss.item() == pytest.approx(min(r["val_loss"] for r in history), rel=1e-4)
+
+
+def test_the_cuda_path_runs_on_cpu_in_bf16_autocast_with_channels_last():
+    """The GPU's training settings, on the CPU: convolutions get channels_last input and give bf16 in training
+    steps, evaluation stays float32, and the model that comes out is plain float32 and contiguous."""
+    seen = set()
+
+    def hook(module, inputs, output):
+        if isinstance(module, torch.nn.Conv2d) and module.in_channels > 1:  # 1 channel is both layouts at once
+            seen.add((module.training, output.dtype, inputs[0].is_contiguous(memory_format=torch.channels_last)))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        model, history = run_fit(tiny_split(64, 0), tiny_split(32, 1), TrainParams(
+            arch="tinyvgg", epochs=3, batch_size=16, patience=0), seed=0, cuda_path=True)
+    finally:
+        handle.remove()
+    assert seen == {(True, torch.bfloat16, True), (False, torch.float32, True)}
+    assert all(p.dtype == torch.float32 and p.is_contiguous() for p in model.parameters())
+    assert history[-1]["val_accuracy"] >= 0.9  # it learns: brightness tells the class
+
+
+def test_compile_with_inductor_on_cpu_trains_what_eager_trains():
+    tp = TrainParams(arch="mlp", epochs=2, batch_size=16, patience=0, model={"hidden_units": 16})
+    train, val = tiny_split(64, 0, size=16), tiny_split(16, 1, size=16)
+    eager, h1 = run_fit(train, val, tp, seed=0)
+    compiled, h2 = run_fit(train, val, dataclasses.replace(tp, compile=True), seed=0)
+    assert [r["val_loss"] for r in h2] == pytest.approx([r["val_loss"] for r in h1], rel=1e-4)
+    for a, b in zip(eager.state_dict().values(), compiled.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_state_written_on_a_gpu_resumes_on_the_cpu_with_augmentation_reseeded(caplog):
+    tp = TrainParams(arch="tinyvgg", epochs=3, batch_size=16, patience=0, augment=True)
+    train, val = tiny_split(48, 0), tiny_split(16, 1)
+    saved = []
+
+    def stop_after_one(row):
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_fit(train, val, tp, seed=2, on_epoch=stop_after_one, save_state=saved.append)
+    # What a CUDA run writes: a Philox generator state (16 bytes) for augmentation, and the CUDA RNG's.
+    state = saved[-1] | {"aug_device": "cuda", "aug_rng": torch.zeros(16, dtype=torch.uint8),
+                         "cuda_rng": torch.zeros(16, dtype=torch.uint8)}
+    with caplog.at_level("INFO"):
+        _, history = run_fit(train, val, tp, seed=2, state=state)
+    assert "written on cuda: augmentation reseeded" in caplog.text
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+
+
+def test_pretrained_variants_start_from_the_imagenet_weights(tmp_path, monkeypatch):
+    """With the weights file in torch's hub cache (here a stand-in, built in the test, under the file name
+    torchvision looks for), training starts from it: a base kept frozen ends with exactly its weights."""
+    import torchvision
+
+    from cxr.models.zoo import _weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    imagenet = torchvision.models.resnet18()
+    file = _weights("resnet18")[1]
+    file.parent.mkdir(parents=True)
+    torch.save(imagenet.state_dict(), file)
+    tp = TrainParams(arch="resnet18", epochs=1, freeze_epochs=1, batch_size=16, model={"pretrained": True})
+    model, _ = run_fit(tiny_split(32, 0), tiny_split(16, 1), tp, seed=0)
+    for name in ("layer1.0.conv1.weight", "layer4.1.bn2.running_var", "layer3.0.downsample.0.weight"):
+        assert torch.equal(model.net.state_dict()[name], imagenet.state_dict()[name]), name
