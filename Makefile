@@ -25,7 +25,7 @@ $(PLOTS): tools/plots/package-lock.json tools/plots/build.py $(VENV)/.installed
 	$(BIN)/python tools/plots/build.py && $(BIN)/dvc config --local plots.html_template ../$(PLOTS); then :; \
 	else echo "warning: no npm, or it failed: dvc plots show will load Vega from its CDN (blank charts offline)"; fi
 
-.PHONY: setup repro quick cpu-best test test-all ui
+.PHONY: setup repro quick cpu-best test test-all test-scale ui team-up team-down postgres
 setup: $(VENV)/.installed $(ACTIONLINT) $(PLOTS)
 
 # The full run, as params.yaml says (every variant, 224 px, pretrained weights): meant for a GPU.
@@ -44,6 +44,20 @@ test: setup
 
 test-all: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH python -m pytest -m ''
+
+# Several processes (DDP over gloo) and the team services (PostgreSQL, an MLflow server, a DVC remote).
+test-scale: setup postgres
+	PATH=$(CURDIR)/$(BIN):$$PATH python -m pytest -m scale
+
+# The team's services on this machine (tools/team.py; README "Team setup"). PostgreSQL comes from Debian.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
+	{ [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; } || \
+	{ echo "error: PostgreSQL is missing: sudo apt-get install postgresql"; exit 1; }
+team-up: setup postgres
+	$(BIN)/python tools/team.py up
+team-down:
+	$(BIN)/python tools/team.py down
 
 # One web worker and no GenAI job runners: 2 processes and about 0.5 GB instead of 10 and 1.5 GB. The URL opens
 # the experiments in "Model training" mode (runs tables, not GenAI traces).

@@ -1,9 +1,11 @@
 """Worker for tests/test_scale.py: `fit` on real X-rays (the first images of each class of the Kaggle train
 split, at 32 px), run as one process or under torchrun; rank 0 saves the weights and history to argv[1].
-argv[2] is the TrainParams as JSON."""
+argv[2] is the TrainParams as JSON, argv[3] the shared chest_xray_224 folder. SAVE_STATE=FILE keeps the first
+resume state there; RESUME_STATE=FILE starts from one."""
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +32,13 @@ if __name__ == "__main__":
     out, tp = Path(sys.argv[1]), TrainParams(**json.loads(sys.argv[2]))
     root = Path(sys.argv[3])
     train, val = real_split(root, 0, 48), real_split(root, 48, 16)
+    states: list[dict] = []
+    resume = os.environ.get("RESUME_STATE")
     with ddp.process_group():
-        model, history = fit(train, val, tp, make_card(tp, train, ["NORMAL", "PNEUMONIA"]), seed=3)
+        model, history = fit(train, val, tp, make_card(tp, train, ["NORMAL", "PNEUMONIA"]), seed=3,
+                             state=torch.load(resume, weights_only=True) if resume else None,
+                             save_state=states.append)
         if ddp.rank() == 0:
             torch.save({"weights": model.state_dict(), "history": history, "world": ddp.world_size()}, out)
+            if os.environ.get("SAVE_STATE"):
+                torch.save(states[0], os.environ["SAVE_STATE"])

@@ -17,3 +17,13 @@ def test_data_speed_prints_every_method_and_the_breakdown():
     assert "ours / report A" in out and "Where the time goes" in out
     breakdown = re.search(r"^\| chest_xray_fullres_sample \|((?: [\d.]+ \|)+)$", out, re.M)
     assert breakdown and len(breakdown.group(1).split("|")) - 1 == 6, out
+
+
+@pytest.mark.slow
+def test_the_gpu_decode_bench_runs_its_code_on_the_cpu_and_matches_the_stage():
+    """bench/decode_gpu.py's device path (decode_jpeg, resize on the device) with the CPU as the device: the
+    images come out within a gray level or two of the grayscale stage's on average."""
+    folder = shared("chest_xray_fullres_sample")
+    out = sh(ROOT, sys.executable, "bench/decode_gpu.py", "--device", "cpu", "--limit", "12", "--folder", str(folder))
+    row = re.search(r"^\| decode_jpeg on cpu \| [\d,]+ \| [\d.]+x \| ([\d.]+) \| \d+ \|$", out, re.M)
+    assert row and float(row[1]) < 3, out

@@ -1,28 +1,35 @@
 """Beyond one process: data-parallel training under torchrun (gloo, 2 CPU processes) gives the one-process
 result, and the train stage launches it itself. Run with `make test-scale` (marker `scale`)."""
 
+import csv
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import mlflow
+import psycopg2
 import pytest
 import torch
 import yaml
 
-from conftest import ROOT, make_imagefolder, make_project, ran, sh, shared, tracking_at
+from conftest import ROOT, free_port, make_imagefolder, make_project, ran, sh, shared, tracking_at
 from cxr import inference
 from cxr.training import ddp
 
 pytestmark = pytest.mark.scale
 
 
-def run(out: Path, settings: dict, nproc: int) -> dict:
+def run(out: Path, settings: dict, nproc: int, env: dict | None = None) -> dict:
     worker = [str(ROOT / "tests" / "ddp_fit.py"), str(out), json.dumps(settings), str(shared("chest_xray_224"))]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     res = subprocess.run([*(launcher if nproc > 1 else [sys.executable]), *worker], capture_output=True, text=True,
-                         cwd=ROOT, timeout=600)
+                         cwd=ROOT, timeout=600, env=os.environ | (env or {}))
     assert res.returncode == 0, res.stderr[-3000:]
     return torch.load(out, weights_only=False)
 
@@ -52,16 +59,28 @@ def test_two_ranks_at_half_the_batch_train_the_one_process_weights(tmp_path, set
     assert_same(one, two)
 
 
+def test_a_state_from_one_process_resumes_on_two_ranks_and_ends_as_one_process_does(tmp_path):
+    settings = {"arch": "tinyvgg", "epochs": 3, "batch_size": 16, "augment": True, "scheduler": "cosine",
+                "patience": 0}
+    state = tmp_path / "state.pt"
+    one = run(tmp_path / "one.pt", settings, 1, {"SAVE_STATE": str(state)})  # and the state after epoch 1
+    assert torch.load(state, weights_only=True)["epoch"] == 1
+    resumed = run(tmp_path / "two.pt", settings | {"devices": 2}, 2, {"RESUME_STATE": str(state)})
+    assert_same(one, resumed)
+
+
 def test_the_train_stage_launches_torchrun_and_a_resnet_with_sync_batchnorm_trains_and_evaluates(tmp_path):
-    """`train.devices: 2` in params.yaml: `dvc repro` runs the stage, which starts torchrun with 2 (gloo) ranks;
-    rank 0 alone logs the MLflow run and writes the model, a plain ResNet that evaluate and predict load."""
+    """README "Several GPUs": `-S ++models.<v>.devices=2 -S ++models.<v>.sync_batchnorm=true`; the train stage starts
+    torchrun with 2 ranks (gloo here); rank 0 alone logs the MLflow run and writes the model, a plain ResNet that
+    evaluate and predict load."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    resnet = {"arch": "resnet18", "epochs": 2, "batch_size": 32, "devices": 2, "sync_batchnorm": True}
+    resnet = {"arch": "resnet18", "epochs": 2, "batch_size": 32}
     repo = make_project(tmp_path / "repo", {"linear": raw["models"]["linear"], "resnet": resnet},
                         gray={"image_size": 32, "extra_sizes": []})
     folder = make_imagefolder(tmp_path / "src", per_class=40)
     store = tmp_path / "mlflow.db"
-    log = sh(repo, "dvc", "exp", "run", "-S", "data.source=imagefolder", "-S", f"data.path={folder}",
+    log = sh(repo, "dvc", "exp", "run", "-S", "++models.resnet.devices=2", "-S", "++models.resnet.sync_batchnorm=true",
+             "-S", "data.source=imagefolder", "-S", f"data.path={folder}",
              env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"})
     assert "launching 2 processes" in log and log.count("resnet epoch 2:") == 1  # rank 0 alone reports
     assert {"train@resnet", "evaluate@resnet"} <= ran(log)
@@ -72,3 +91,81 @@ def test_the_train_stage_launches_torchrun_and_a_resnet_with_sync_batchnorm_trai
     with tracking_at(f"sqlite:///{store}"):
         runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.variant = 'resnet'")
     assert len(runs) == 1 and runs.iloc[0]["params.device"] == "cpu x2" and runs.iloc[0]["params.train.devices"] == "2"
+
+
+@pytest.fixture(scope="module")
+def team():
+    """`make team-up` (README "Team setup") on free ports, in a folder the postgres user can reach; yields the
+    environment a clone sets and the remote's path; `make team-down` after."""
+    folder = Path(tempfile.mkdtemp(prefix="cxr-team-", dir="/var/tmp"))
+    env = {"CXR_TEAM_DIR": str(folder), "CXR_TEAM_PG_PORT": str(free_port()), "CXR_TEAM_MLFLOW_PORT": str(free_port())}
+    out = sh(ROOT, "make", "-s", "team-up", env=env)
+    try:
+        yield {"MLFLOW_TRACKING_URI": re.search(r"MLFLOW_TRACKING_URI=(\S+)", out)[1]}, \
+            re.search(r"dvc remote add --default team (\S+)", out)[1], env
+    finally:
+        sh(ROOT, "make", "-s", "team-down", env=env)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def wait_for_queue(repo: Path, env: dict, timeout: float = 600) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = sh(repo, "dvc", "queue", "status", env=env)
+        if not re.search(r"\b(Queued|Running)\b", status):
+            return status
+        time.sleep(5)
+    pytest.fail(f"dvc queue still busy after {timeout} s:\n{status}")
+
+
+def test_a_team_shares_runs_models_and_data_through_the_server_and_the_remote(tmp_path, team):
+    """README "Team setup": one person queues two experiments (`dvc queue start -j 2`) into the team's MLflow
+    server, adopts one, pushes data and code, and promotes; a teammate's clone pulls, finds `dvc repro` a
+    no-op, and predicts with the champion, all through the server and the remote."""
+    env, remote, services = team
+    origin = tmp_path / "origin.git"
+    sh(tmp_path, "git", "init", "-q", "--bare", "--initial-branch=main", str(origin))
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    a = make_project(tmp_path / "a", {v: raw["models"][v] for v in ("linear", "mlp")},
+                     gray={"image_size": 32, "extra_sizes": []}, train={"epochs": 2})
+    sh(a, "git", "remote", "add", "origin", str(origin))  # the team's repository
+    folder = make_imagefolder(tmp_path / "src", per_class=30)
+    sh(a, "dvc", "remote", "add", "--default", "team", remote)
+    sh(a, "git", "commit", "-qm", "team remote", ".dvc/config")
+    for seed in (1, 2):
+        sh(a, "dvc", "exp", "run", "--queue", "-n", f"seed{seed}", "-S", "data.source=imagefolder",
+           "-S", f"data.path={folder}", "-S", f"seed={seed}", env=env)
+    sh(a, "dvc", "queue", "start", "-j", "2", env=env)
+    status = wait_for_queue(a, env)
+    failed = re.findall(r"^\w+\s+(\S+)\s.*\bFailed\b", status, re.M)
+    assert not failed, status + "".join(sh(a, "dvc", "queue", "logs", name)[-3000:] for name in failed)
+
+    with tracking_at(env["MLFLOW_TRACKING_URI"]):
+        runs = mlflow.search_runs(experiment_names=["chest-xray"], filter_string="tags.variant = 'mlp'")
+        assert len(runs) == 2  # one per experiment, both in the server's PostgreSQL
+        plots = mlflow.artifacts.download_artifacts(run_id=runs.iloc[0]["run_id"], artifact_path="plots",
+                                                    dst_path=str(tmp_path / "dl"))
+        assert (Path(plots) / "confusion_matrix.png").stat().st_size > 1000  # served by the server, not a path
+    with psycopg2.connect(host="127.0.0.1", port=services["CXR_TEAM_PG_PORT"], user="mlflow", dbname="mlflow",
+                          password=(Path(services["CXR_TEAM_DIR"]) / "password").read_text()) as db, db.cursor() as c:
+        c.execute("SELECT count(*) FROM runs WHERE name = 'mlp'")
+        assert c.fetchone()[0] == 2  # the server's store is the PostgreSQL database
+
+    sh(a, "dvc", "exp", "apply", "seed1")
+    sh(a, "git", "add", "-A")
+    sh(a, "git", "commit", "-qm", "seed 1")
+    sh(a, "dvc", "push")
+    sh(a, "git", "push", "-q", "origin", "HEAD:main")
+    assert "promoted" in sh(a, "cxr", "promote", env=env)
+
+    b = tmp_path / "b"
+    sh(tmp_path, "git", "clone", "-q", str(origin), str(b))
+    sh(b, "dvc", "pull", env=env)
+    assert not ran(sh(b, "dvc", "repro", env=env))  # everything came from the remote
+    image = next(folder.glob("test/normal/*"))
+    [row] = [json.loads(line) for line in sh(b, "cxr", "predict", "--json", str(image), env=env).splitlines()
+             if line.startswith("{")]
+    # the champion's probability for this test image, as its evaluation wrote it
+    evaluated = [float(r["p_pneumonia"]) for f in b.glob("reports/*/predictions.csv")
+                 for r in csv.DictReader(f.open()) if r["name"].endswith(image.name)]
+    assert any(abs(row["p_pneumonia"] - p) < 1e-5 for p in evaluated), (row, evaluated)

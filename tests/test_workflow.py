@@ -8,7 +8,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, hub_export, make_project, project_env
+from conftest import ROOT, hub_export, make_project, project_env, sh
 from fakehub import FakeHub
 
 WORKFLOW = ROOT / ".github" / "workflows" / "retrain.yml"
@@ -79,3 +79,10 @@ def test_the_retrain_step_runs_here_as_on_a_cpu_runner(tmp_path):
     assert all((repo / path).exists() for paths in uploads for path in paths)
     client = MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
     assert str(client.get_model_version_by_alias("chest-xray-classifier", "champion").version) == "1"
+    # The push step with a folder as the team's remote (a secret on GitHub): what dvc.lock names is there.
+    [push] = [s for s in job["steps"] if s.get("id") == "push"]
+    remote = tmp_path / "remote"
+    res = subprocess.run(["bash", "-e", "-c", push["run"]], cwd=repo, env=env | {"DVC_REMOTE_URL": str(remote)},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "up to date" in sh(repo, "dvc", "status", "--cloud")

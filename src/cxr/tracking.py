@@ -60,7 +60,13 @@ def setup(experiment: str, root: Path | None = None) -> str:
         with lock:
             exp = mlflow.get_experiment_by_name(experiment)
             if exp is None:
-                return mlflow.create_experiment(experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
+                try:
+                    return mlflow.create_experiment(experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
+                except mlflow.exceptions.MlflowException:
+                    # Against a server no file lock serialises queued experiments: another one made it first.
+                    exp = mlflow.get_experiment_by_name(experiment)
+                    if exp is None:
+                        raise
             for key, value in EXPERIMENT_TAGS.items():  # an experiment made before these tags existed
                 if key not in exp.tags:
                     mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
@@ -142,7 +148,15 @@ def log_dataset(source: str, name: str, digest: str, context: str) -> None:
         with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are the local one
             warnings.simplefilter("ignore")
             src = resolve_dataset_source(source)
-    mlflow.log_input(MetaDataset(src, name=name, digest=digest.removesuffix(".dir")[:12] or None), context=context)
+    dataset = MetaDataset(src, name=name, digest=digest.removesuffix(".dir")[:12] or None)
+    try:
+        mlflow.log_input(dataset, context=context)
+    except mlflow.exceptions.MlflowException as e:
+        # Two runs logging one dataset at once race in the server's get-or-create (PostgreSQL: a duplicate
+        # "dataset_pk"); once the other's row is there, logging again links this run to it.
+        if "dataset_pk" not in str(e):
+            raise
+        mlflow.log_input(dataset, context=context)
 
 
 def run_tags(variant: str, root: Path) -> dict[str, str]:
