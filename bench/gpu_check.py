@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported: one table, no progress bars
+
 import numpy as np
 import torch
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -85,9 +86,31 @@ def shard(n: int) -> slice:
     return slice(rank(), n, world_size())
 
 
-def mine(idx: torch.Tensor) -> torch.Tensor:
-    """Of a global batch's image indices, the positions of those in this rank's shard."""
-    return torch.nonzero(idx % world_size() == rank()).flatten()
+class Step(NamedTuple):
+    local: torch.Tensor  # this rank's images, as indices into its shard (on the device)
+    labels: torch.Tensor  # the same images' indices into the whole split, for their labels (on the device)
+    rows: torch.Tensor | None  # their positions in the batch (on the device); None in one process
+    batch: torch.Tensor  # the whole batch's indices into the split (on the CPU)
+
+
+def steps(order: torch.Tensor, batch_size: int, device: torch.device) -> list[Step]:
+    """An epoch's steps over `order` (the whole split's indices, on the CPU), worked out on the CPU and copied
+    to the device in one go: no device sync per step. A last batch too small to give every rank an image is
+    left out (DDP needs every rank to step)."""
+    world, me = world_size(), rank()
+    batches = list(order.split(batch_size))
+    if world == 1:
+        return [Step(b, b, None, c) for b, c in zip(order.to(device).split(batch_size), batches, strict=True)]
+    plan = []
+    for b in batches:
+        owner = b % world
+        if torch.bincount(owner, minlength=world).min() == 0:
+            continue
+        rows = torch.nonzero(owner == me).flatten()
+        plan.append((b[rows] // world, b[rows], rows, b))
+    sizes = [len(p[0]) for p in plan]
+    moved = [torch.cat([p[i] for p in plan]).to(device).split(sizes) for i in range(3)]
+    return [Step(*parts, p[3]) for *parts, p in zip(*moved, plan, strict=True)]
 
 
 def all_sum(*values: torch.Tensor) -> list[torch.Tensor]:

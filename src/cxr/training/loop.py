@@ -83,26 +83,24 @@ def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tp: Trai
     (at p > 0.5, of the unmixed labels). `ema` is updated after every step. `y` holds every label and `x` this
     rank's shard of the images (all of them in one process). `cuda_path`: bf16 autocast and channels_last."""
     world = ddp.world_size()
-    order = epoch_order(y, tp.sampler, shuffle).to(y.device)  # the same on every rank: one generator, one seed
+    labels = y.cpu()  # the epoch's plan is made on the CPU (one copy of the labels, not one sync per step)
+    order = epoch_order(labels, tp.sampler, shuffle)  # the same on every rank: one generator, one seed
     loss_sum, correct, seen = (torch.zeros((), device=y.device) for _ in range(3))
-    for start in tqdm(range(0, len(order), tp.batch_size), desc=desc, unit="batch", leave=False,
-                      disable=ddp.rank() > 0):
-        idx = order[start:start + tp.batch_size]
-        rows = ddp.mine(idx) if world > 1 else None
-        if rows is not None and torch.bincount(idx % world, minlength=world).min() == 0:
-            continue  # a last batch too small to give every rank an image (DDP needs each to step)
-        xb = x[idx if rows is None else idx[rows] // world].float().div_(255.0)
+    for step in tqdm(ddp.steps(order, tp.batch_size, y.device), desc=desc, unit="batch", leave=False,
+                     disable=ddp.rank() > 0):
+        rows, n = step.rows, len(step.batch)
+        xb = x[step.local].float().div_(255.0)
         if cuda_path:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        yb = y[idx] if rows is None else y[idx[rows]]
+        yb = y[step.labels]
         if tp.augment:
-            xb = augment(xb, tp, aug_gen, rows, len(idx))
+            xb = augment(xb, tp, aug_gen, rows, n)
         if tp.mixup:
-            xb, perm, lam = mixup(xb, tp.mixup, shuffle, rows, len(idx))
+            xb, perm, lam = mixup(xb, tp.mixup, shuffle, rows, n)
         with autocast(x.device, cuda_path):
             logits = model(xb)
         # Over the whole batch's weight, times the ranks (DDP averages their gradients): the one-process loss.
-        norm = loss_fn.norm(y[idx]) / world
+        norm = loss_fn.norm(labels[step.batch]) / world
         loss = loss_fn(logits, yb, norm)
         if tp.mixup:
             loss = lam * loss + (1 - lam) * loss_fn(logits, yb[perm], norm)
@@ -116,9 +114,9 @@ def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tp: Trai
         if sched_every == "batch":
             sched.step()
         # Sums stay on the device: no host sync per batch, and one all-reduce per epoch.
-        loss_sum += loss.detach() / world * len(idx)
+        loss_sum += loss.detach() / world * n
         correct += (task.predicted(task.probabilities(logits.detach())) == yb).sum()
-        seen += len(idx) / world
+        seen += n / world
     loss_sum, correct, seen = ddp.all_sum(loss_sum, correct.float(), seen)
     return loss_sum.item() / seen.item(), correct.item() / seen.item()
 

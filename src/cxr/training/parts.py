@@ -25,17 +25,21 @@ def class_weights(tp: TrainParams, labels: np.ndarray, n_classes: int) -> torch.
 
 class Loss:
     """Per-image losses, weighted: called, their mean over the batch; with `norm`, their sum over `norm`, which
-    a rank holding part of a global batch takes from the whole batch's labels (`norm(y)`), so the ranks' losses
-    add up to the one-process loss."""
+    a rank holding part of a global batch takes from the whole batch's labels (`norm(labels)`, on the CPU: no
+    device sync), so that the ranks' losses add up to the one-process loss."""
 
     def __init__(self, terms: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], weights: torch.Tensor | None):
         self.terms, self.weights = terms, weights
+        self._cpu_weights = weights.cpu() if weights is not None else None
 
-    def norm(self, y: torch.Tensor) -> torch.Tensor:
-        return y.new_tensor(len(y), dtype=torch.float32) if self.weights is None else self.weights[y].sum()
+    def norm(self, labels: torch.Tensor) -> float:
+        return float(len(labels)) if self._cpu_weights is None else float(self._cpu_weights[labels].sum())
 
-    def __call__(self, logits: torch.Tensor, y: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:
-        return self.terms(logits, y).sum() / (self.norm(y) if norm is None else norm)
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor, norm: float | None = None) -> torch.Tensor:
+        terms = self.terms(logits, y)
+        if norm is not None:
+            return terms.sum() / norm
+        return terms.mean() if self.weights is None else terms.sum() / self.weights[y].sum()
 
 
 def make_loss(tp: TrainParams, labels: np.ndarray, n_classes: int, device: torch.device) -> Loss:
