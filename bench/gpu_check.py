@@ -98,7 +98,8 @@ def pipeline(logs: Path) -> Row:
     board = [line for line in res.stdout.splitlines() if re.match(r"^(linear|mlp|tinyvgg|resnet18)\s", line)]
     result = "ok: " + "; ".join(" ".join(line.split()[:4]) for line in board) if res.returncode == 0 else \
         f"failed (exit {res.returncode}), see pipeline.log"
-    return ("pipeline end to end (64 px, 2 epochs)", result, f"{time.perf_counter() - t0:.0f}")
+    return ("pipeline end to end (64 px, 2 epochs; variant, val AUROC, test acc, sens)", result,
+            f"{time.perf_counter() - t0:.0f}")
 
 
 def main() -> None:

@@ -85,4 +85,4 @@ def test_the_retrain_step_runs_here_as_on_a_cpu_runner(tmp_path):
     res = subprocess.run(["bash", "-e", "-c", push["run"]], cwd=repo, env=env | {"DVC_REMOTE_URL": str(remote)},
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "up to date" in sh(repo, "dvc", "status", "--cloud")
+    assert "are in sync" in sh(repo, "dvc", "status", "--cloud")
