@@ -28,6 +28,7 @@ def server(tmp_path_factory):
         yield port
 
 
+@pytest.mark.scale  # a shared server with logins: `make test-scale` (CI runs it too)
 def test_credentials_in_the_tracking_uri_are_used_and_never_printed(server, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with tracking_at(uri := f"http://admin:{PASSWORD}@127.0.0.1:{server}"):

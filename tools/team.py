@@ -41,7 +41,13 @@ def pg_bin(name: str) -> str:
 
 
 def as_postgres(*cmd: str) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *cmd] if ROOT else list(cmd)
+    if not ROOT:
+        return list(cmd)
+    # in /usr/sbin, which a bare environment's PATH (env -i, cron) leaves out
+    runuser = shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin")
+    if not runuser:
+        fail("runuser (util-linux) is missing: it starts PostgreSQL as the postgres user when run as root")
+    return [runuser, "-u", "postgres", "--", *cmd]
 
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:

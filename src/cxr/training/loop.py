@@ -86,8 +86,8 @@ def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tp: Trai
     labels = y.cpu()  # the epoch's plan is made on the CPU (one copy of the labels, not one sync per step)
     order = epoch_order(labels, tp.sampler, shuffle)  # the same on every rank: one generator, one seed
     loss_sum, correct, seen = (torch.zeros((), device=y.device) for _ in range(3))
-    for step in tqdm(ddp.steps(order, tp.batch_size, y.device), desc=desc, unit="batch", leave=False,
-                     disable=ddp.rank() > 0):
+    quiet = {"disable": True} if ddp.rank() > 0 else {}  # one bar; and TQDM_DISABLE still works (not overridden)
+    for step in tqdm(ddp.steps(order, tp.batch_size, y.device), desc=desc, unit="batch", leave=False, **quiet):
         rows, n = step.rows, len(step.batch)
         xb = x[step.local].float().div_(255.0)
         if cuda_path:
