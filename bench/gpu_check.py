@@ -33,15 +33,17 @@ SHARED = Path(os.environ.get("CXR_SHARED_DATA", ROOT.parent / "shared" / "data")
 Row = tuple[str, str, str]  # check, result, seconds
 
 
-def step(logs: Path, name: str, cmd: list[str], timeout: float) -> tuple[str, float]:
+def step(logs: Path, name: str, cmd: list[str], timeout: float, cwd: Path = ROOT,
+         env: dict[str, str] | None = None) -> tuple[str, float, bool]:
+    """Run a command; keep its output in logs/<name>.log; return (output, seconds, whether it exited 0)."""
     t0 = time.perf_counter()
     try:
-        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-        out = res.stdout + res.stderr + f"\nexit {res.returncode}\n"
+        res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+        out, ok = res.stdout + res.stderr + f"\nexit {res.returncode}\n", res.returncode == 0
     except subprocess.TimeoutExpired as e:
-        out = f"{e.stdout or ''}{e.stderr or ''}\ntimed out after {timeout} s\n"
+        out, ok = f"{e.stdout or ''}{e.stderr or ''}\ntimed out after {timeout} s\n", False
     (logs / f"{name}.log").write_text(out)
-    return out, time.perf_counter() - t0
+    return out, time.perf_counter() - t0, ok
 
 
 def pytest_result(out: str) -> str:
@@ -90,16 +92,12 @@ def pipeline(logs: Path) -> Row:
     models = {v: raw["models"][v] for v in ("linear", "mlp", "tinyvgg")} | {"resnet18": {"arch": "resnet18"}}
     repo = make_project(Path(tempfile.mkdtemp(prefix="gpu-check-")) / "repo", models,
                         gray={"image_size": 64, "extra_sizes": []}, train={"epochs": 2})
-    t0 = time.perf_counter()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the scratch project's own store
-    res = subprocess.run(["dvc", "exp", "run", "-S", "data.source=imagefolder", "-S", f"data.path={data}"],
-                         cwd=repo, capture_output=True, text=True, timeout=600, env=env)
-    (logs / "pipeline.log").write_text(res.stdout + res.stderr)
-    board = [line for line in res.stdout.splitlines() if re.match(r"^(linear|mlp|tinyvgg|resnet18)\s", line)]
-    result = "ok: " + "; ".join(" ".join(line.split()[:4]) for line in board) if res.returncode == 0 else \
-        f"failed (exit {res.returncode}), see pipeline.log"
-    return ("pipeline end to end (64 px, 2 epochs; variant, val AUROC, test acc, sens)", result,
-            f"{time.perf_counter() - t0:.0f}")
+    out, s, ok = step(logs, "pipeline", ["dvc", "exp", "run", "-S", "data.source=imagefolder", "-S",
+                                         f"data.path={data}"], 600, repo, env)
+    board = [line for line in out.splitlines() if re.match(r"^(linear|mlp|tinyvgg|resnet18)\s", line)]
+    result = "ok: " + "; ".join(" ".join(line.split()[:4]) for line in board) if ok else "failed, see pipeline.log"
+    return ("pipeline end to end (64 px, 2 epochs; variant, val AUROC, test acc, sens)", result, f"{s:.0f}")
 
 
 def main() -> None:
@@ -114,18 +112,18 @@ def main() -> None:
     name = torch.cuda.get_device_name() if gpus else "no GPU: CPU"
     rows: list[Row] = []
 
-    out, s = step(args.logs, "gpu_tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p",
+    out, s, _ = step(args.logs, "gpu_tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p",
                                            "no:cacheprovider", "tests/"], 300)
     rows.append(("gpu-marked tests", pytest_result(out), f"{s:.0f}"))
     rows += train_speed([int(b) for b in args.batches.split(",")], args.images)
     rows.append(pipeline(args.logs))
     if gpus >= 2:
-        out, s = step(args.logs, "ddp_nccl", [sys.executable, "-m", "pytest", "-q", "-m", "scale", "-k",
+        out, s, _ = step(args.logs, "ddp_nccl", [sys.executable, "-m", "pytest", "-q", "-m", "scale", "-k",
                                               "two_ranks", "-p", "no:cacheprovider", "tests/test_scale.py"], 300)
         rows.append(("DDP, 2 ranks over NCCL = 1 process", pytest_result(out), f"{s:.0f}"))
     else:
         rows.append(("DDP over NCCL", f"skipped: {gpus} GPU(s)", "0"))
-    out, s = step(args.logs, "decode", [sys.executable, "bench/decode_gpu.py"], 300)
+    out, s, _ = step(args.logs, "decode", [sys.executable, "bench/decode_gpu.py"], 300)
     dev = re.search(r"^\| decode_jpeg on \w+ \| ([\d,]+) \| ([\d.]+x) \| ([\d.]+) \|", out, re.M)
     stage = re.search(r"^\| stage \(Pillow, every core\) \| ([\d,]+) \|", out, re.M)
     rows.append(("grayscale: nvJPEG vs the stage (img/s)", f"{dev[1]} vs {stage[1]} ({dev[2]}), mean abs diff "
