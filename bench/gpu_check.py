@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,7 @@ def pipeline(logs: Path) -> Row:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the scratch project's own store
     out, s, ok = step(logs, "pipeline", ["dvc", "exp", "run", "-S", "data.source=imagefolder", "-S",
                                          f"data.path={data}"], 600, repo, env)
+    shutil.rmtree(repo.parent, ignore_errors=True)  # its output is in the log; its arrays and cache are not needed
     board = [line for line in out.splitlines() if re.match(r"^(linear|mlp|tinyvgg|resnet18)\s", line)]
     result = "ok: " + "; ".join(" ".join(line.split()[:4]) for line in board) if ok else "failed, see pipeline.log"
     return ("pipeline end to end (64 px, 2 epochs; variant, val AUROC, test acc, sens)", result, f"{s:.0f}")
