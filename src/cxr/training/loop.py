@@ -85,9 +85,11 @@ def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tp: Trai
     world = ddp.world_size()
     labels = y.cpu()  # the epoch's plan is made on the CPU (one copy of the labels, not one sync per step)
     order = epoch_order(labels, tp.sampler, shuffle)  # the same on every rank: one generator, one seed
-    loss_sum, correct, seen = (torch.zeros((), device=y.device) for _ in range(3))
+    plan = ddp.steps(order, tp.batch_size, y.device)
+    seen = sum(len(step.batch) for step in plan)  # the images of every step, on every rank alike
+    loss_sum, correct = torch.zeros((), device=y.device), torch.zeros((), device=y.device)
     quiet = {"disable": True} if ddp.rank() > 0 else {}  # one bar; and TQDM_DISABLE still works (not overridden)
-    for step in tqdm(ddp.steps(order, tp.batch_size, y.device), desc=desc, unit="batch", leave=False, **quiet):
+    for step in tqdm(plan, desc=desc, unit="batch", leave=False, **quiet):
         rows, n = step.rows, len(step.batch)
         xb = x[step.local].float().div_(255.0)
         if cuda_path:
@@ -116,9 +118,8 @@ def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tp: Trai
         # Sums stay on the device: no host sync per batch, and one all-reduce per epoch.
         loss_sum += loss.detach() / world * n
         correct += (task.predicted(task.probabilities(logits.detach())) == yb).sum()
-        seen += n / world
-    loss_sum, correct, seen = ddp.all_sum(loss_sum, correct.float(), seen)
-    return loss_sum.item() / seen.item(), correct.item() / seen.item()
+    loss_sum, correct = ddp.all_sum(loss_sum, correct.float())
+    return loss_sum.item() / seen, correct.item() / seen
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss) -> dict[str, float | None]:
