@@ -132,17 +132,17 @@ def ran(log: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", log))
 
 
-def make_project(repo: Path, models: dict[str, Any], **sections: dict[str, Any]) -> Path:
-    """A git + DVC repo holding the project's pipeline and params.yaml, running just the variants `models`
-    (merged into every definition), with the given sections merged in (as lightning-hydra-template's tests
-    reuse the production config, shrunk)."""
+def make_project(repo: Path, models: dict[str, Any], root: Path = ROOT, **sections: dict[str, Any]) -> Path:
+    """A git + DVC repo holding the project's pipeline and params.yaml (from the checkout at `root`), running
+    just the variants `models` (merged into every definition), with the given sections merged in (as
+    lightning-hydra-template's tests reuse the production config, shrunk)."""
     repo.mkdir(parents=True)
     for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "stages", "src", "data/external/README.md"):
-        src, dst = ROOT / name, repo / name
+        src, dst = root / name, repo / name
         dst.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
          if src.is_dir() else shutil.copy(src, dst))
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = yaml.safe_load((root / "params.yaml").read_text())
     raw["models"], raw["variants"] = {**raw["models"], **models}, list(models)
     for name, values in sections.items():
         raw[name] = {**raw[name], **values}

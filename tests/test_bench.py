@@ -27,3 +27,13 @@ def test_the_gpu_decode_bench_runs_its_code_on_the_cpu_and_matches_the_stage():
     out = sh(ROOT, sys.executable, "bench/decode_gpu.py", "--device", "cpu", "--limit", "12", "--folder", str(folder))
     row = re.search(r"^\| decode_jpeg on cpu \| [\d,]+ \| [\d.]+x \| ([\d.]+) \| \d+ \|$", out, re.M)
     assert row and float(row[1]) < 3, out
+
+
+@pytest.mark.slow
+def test_the_training_speed_bench_prints_every_mode_beside_the_naive_loop():
+    out = sh(ROOT, sys.executable, "bench/train_speed.py", "--archs", "linear,xrnet", "--sizes", "32", "--repeats", "1",
+             "--seconds", "0.2")
+    rows = re.findall(r"^\| (linear|xrnet) \| 32 \| \d+ \|((?: [\d,]+ \([\d,]+\) \|){5}) (\S+) \| ([\d.]+)x \|$", out,
+                      re.M)
+    assert [r[0] for r in rows] == ["linear", "xrnet"], out
+    assert all(r[2] in {"float32", "bf16", "float32+cl", "bf16+cl"} for r in rows), out

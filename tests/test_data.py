@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import manifest, shared
 from cxr.data.gray import decode, equalize, grayscale, patient_id, to_gray
 from cxr.data.sources import check_npz, download, offline_hint, scan_imagefolder
-from cxr.data.split import split
+from cxr.data.split import first_fold, split
 from cxr.data.store import load_split
 from cxr.errors import CxrError
 from cxr.params import DataParams, GrayParams, SplitParams
@@ -169,6 +169,24 @@ def test_split_carves_val_by_patient_and_finds_the_real_duplicates(gray224, tmp_
     assert not {m["patient_id"] for m in train.meta} & {m["patient_id"] for m in val.meta}
     again = split(gray224, tmp_path / "s2", SplitParams(val_fraction=0.1), seed=1)
     assert again == report and np.array_equal(load_split(tmp_path / "s2" / "32", "val").images, val.images)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 42])
+def test_the_carved_fold_is_scikit_learns_stratified_group_fold_on_the_real_patients(seed):
+    """The split stage draws scikit-learn's first StratifiedGroupKFold fold without importing it: the same images,
+    on Kaggle's real patient groups (10% and 15% folds) and on a three-class set with many one-image groups."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    rows = [r for r in manifest("chest_xray_224") if r["split"] == "train"]
+    names = [Path(r["path"]).name for r in rows]
+    groups = np.array([patient_id(n) or n for n in names])
+    labels = np.array([r["label"] == "PNEUMONIA" for r in rows], dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    cases = [(labels, groups, 10), (labels, groups, 7),
+             (rng.integers(0, 3, 900), rng.integers(0, 600, 900).astype(str), 4)]
+    for y, g, n in cases:
+        _, want = next(StratifiedGroupKFold(n, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, g))
+        assert np.array_equal(np.flatnonzero(first_fold(y, g, n, seed)), np.sort(want))
 
 
 def test_patients_crossing_the_sources_splits_are_warned_of_and_pooling_splits_again_by_patient(gray224, tmp_path,

@@ -15,6 +15,7 @@ from cxr.errors import CxrError
 from cxr.params import TrainParams
 from cxr.training.loop import fit, make_card
 from cxr.training.parts import augment, epoch_order, make_loss, make_scheduler
+from cxr.training.precision import CPU_MODES, FAST, FLOAT32, native_bf16, training_mode
 from cxr.training.state import StateWriter, read_state
 
 
@@ -229,12 +230,52 @@ def test_the_cuda_path_runs_on_cpu_in_bf16_autocast_with_channels_last():
     handle = torch.nn.modules.module.register_module_forward_hook(hook)
     try:
         model, history = run_fit(tiny_split(64, 0), tiny_split(32, 1), TrainParams(
-            arch="tinyvgg", epochs=3, batch_size=16, patience=0), seed=0, cuda_path=True)
+            arch="tinyvgg", epochs=3, batch_size=16, patience=0), seed=0, mode=FAST)
     finally:
         handle.remove()
     assert seen == {(True, torch.bfloat16, True), (False, torch.float32, True)}
     assert all(p.dtype == torch.float32 and p.is_contiguous() for p in model.parameters())
     assert history[-1]["val_accuracy"] >= 0.9  # it learns: brightness tells the class
+
+
+def conv_modes(tp, **kw):
+    """(training, output dtype, channels_last input) of the convolutions a short fit runs."""
+    seen = set()
+
+    def hook(module, inputs, output):
+        if isinstance(module, torch.nn.Conv2d) and module.in_channels > 1:  # 1 channel is both layouts at once
+            seen.add((module.training, output.dtype, inputs[0].is_contiguous(memory_format=torch.channels_last)))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        run_fit(tiny_split(64, 0), tiny_split(32, 1), tp, seed=0, **kw)
+    finally:
+        handle.remove()
+    return {mode for mode in seen if mode[0]}
+
+
+def test_cpu_bf16_picks_the_arch_s_measured_mode_where_the_cpu_has_native_bf16():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    native = native_bf16()
+    assert native == any(torch.cpu.get_capabilities().get(f) for f in ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16"))
+    assert training_mode(cpu, "xrnet", "auto") == (FAST if native else FLOAT32)
+    assert training_mode(cpu, "resnet50", "auto") == (CPU_MODES.get("resnet50", FLOAT32) if native else FLOAT32)
+    assert training_mode(cpu, "linear", "on") == FAST and training_mode(cpu, "xrnet", "off") == FLOAT32
+    assert training_mode(cuda, "linear", "off") == FAST  # the setting is the CPU's: a GPU always trains in bf16
+    # what fit does with it: bf16 channels_last convolutions in training steps, or plain float32
+    tp = TrainParams(arch="tinyvgg", epochs=1, batch_size=16, patience=0)
+    assert conv_modes(tp) == {(True, torch.bfloat16 if native else torch.float32, native)}
+    assert conv_modes(dataclasses.replace(tp, cpu_bf16="off")) == {(True, torch.float32, False)}
+    assert conv_modes(dataclasses.replace(tp, cpu_bf16="on")) == {(True, torch.bfloat16, True)}
+
+
+def test_bf16_training_on_the_cpu_is_repeatable_and_learns():
+    tp = TrainParams(arch="xrnet", epochs=3, batch_size=16, patience=0, augment=True, ema=0.9)
+    train, val = tiny_split(96, 0, size=64), tiny_split(32, 1, size=64)
+    a, history = run_fit(train, val, tp, seed=0, mode=FAST)
+    b, _ = run_fit(train, val, tp, seed=0, mode=FAST)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert history[-1]["val_auroc"] > 0.9
 
 
 def test_compile_with_inductor_on_cpu_trains_what_eager_trains():

@@ -87,6 +87,9 @@ class TrainParams:
     freeze_epochs: int = 0  # train only the head for this many epochs; >= epochs keeps the base frozen
     patience: int = 3  # early stopping on validation loss (0 = off); the best epoch's weights are kept
     compile: bool = False  # torch.compile the model (CUDA; worth it for long runs)
+    # CPU training steps in bf16 autocast + channels_last: auto = where the CPU has native bf16 and the arch is
+    # measured faster so (cxr.training.precision); on = always (emulated without native bf16: slow); off = float32
+    cpu_bf16: Literal["auto", "on", "off"] = "auto"
     devices: int | Literal["auto"] = 1  # data-parallel processes (torchrun, one per GPU); auto = every visible GPU
     sync_batchnorm: bool = False  # with devices > 1: BatchNorm statistics over the whole batch, not each GPU's part
     seed_offset: int = 0  # added to the project seed: variants that differ only here are independent ensemble members

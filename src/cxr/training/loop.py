@@ -1,7 +1,8 @@
 """Train one variant, torchvision-style: `train_one_epoch` and `evaluate` are small, `fit` wires them with early
 stopping (best weights kept). Batches are sliced from a uint8 tensor on the device and augmented there; bf16
-autocast and channels_last on CUDA for training steps only (evaluation is float32, as everywhere). Under torchrun
-each process trains on its shard of every batch (cxr.training.ddp)."""
+autocast and channels_last on CUDA, and on CPUs with native bf16 for the archs it speeds up, for training steps only
+(cxr.training.precision; evaluation is float32, as everywhere). Under torchrun each process trains on its shard of
+every batch (cxr.training.ddp)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import math
 import random
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,7 @@ from cxr.models import Classifier
 from cxr.params import TrainParams
 from cxr.training import ddp
 from cxr.training.parts import Loss, augment, epoch_order, make_loss, make_optimizer, make_scheduler, mixup
+from cxr.training.precision import FLOAT32, Mode, autocast, training_mode
 
 log = logging.getLogger(__name__)
 State = dict[str, Any]
@@ -58,11 +59,6 @@ def make_card(tp: TrainParams, train: Split, classes: list[str], variant: str = 
                      settings=tp.model)
 
 
-def autocast(device: torch.device, bf16: bool) -> AbstractContextManager:
-    # bf16 needs no loss scaling. On CPU it is slower than float32: there only the tests turn it on.
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-
 def set_frozen(model: Classifier, frozen: bool) -> None:
     """Train only the head: the base's weights get no gradient and its BatchNorm layers keep their running
     statistics (eval mode), as a frozen Keras base does. Call after model.train()."""
@@ -78,10 +74,10 @@ def set_frozen(model: Classifier, frozen: bool) -> None:
 def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tp: TrainParams, loss_fn: Loss,
                     opt: torch.optim.Optimizer, sched: Any, sched_every: str, shuffle: torch.Generator,
                     aug_gen: torch.Generator, desc: str, ema: AveragedModel | None = None,
-                    cuda_path: bool = False) -> tuple[float, float]:
+                    mode: Mode = FLOAT32) -> tuple[float, float]:
     """One pass over the training images (shuffled, or class-balanced draws); returns mean loss and accuracy
     (at p > 0.5, of the unmixed labels). `ema` is updated after every step. `y` holds every label and `x` this
-    rank's shard of the images (all of them in one process). `cuda_path`: bf16 autocast and channels_last."""
+    rank's shard of the images (all of them in one process). `mode`: bf16 autocast, channels_last or neither."""
     world = ddp.world_size()
     labels = y.cpu()  # the epoch's plan is made on the CPU (one copy of the labels, not one sync per step)
     order = epoch_order(labels, tp.sampler, shuffle)  # the same on every rank: one generator, one seed
@@ -92,14 +88,14 @@ def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tp: Trai
     for step in tqdm(plan, desc=desc, unit="batch", leave=False, **quiet):
         rows, n = step.rows, len(step.batch)
         xb = x[step.local].float().div_(255.0)
-        if cuda_path:
+        if mode.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         yb = y[step.labels]
         if tp.augment:
             xb = augment(xb, tp, aug_gen, rows, n)
         if tp.mixup:
             xb, perm, lam = mixup(xb, tp.mixup, shuffle, rows, n)
-        with autocast(x.device, cuda_path):
+        with autocast(x.device, mode):
             logits = model(xb)
         # Over the whole batch's weight, times the ranks (DDP averages their gradients): the one-process loss.
         norm = loss_fn.norm(labels[step.batch]) / world
@@ -181,24 +177,25 @@ def _restore(state: State, model: nn.Module, opt: torch.optim.Optimizer, sched: 
 def fit(train: Split, val: Split, tp: TrainParams, card: ModelCard, seed: int,
         on_epoch: Callable[[dict[str, Any]], None] = lambda row: None, state: State | None = None,
         save_state: Callable[[State], None] | None = None,
-        cuda_path: bool | None = None) -> tuple[Classifier, list[dict[str, Any]]]:
+        mode: Mode | None = None) -> tuple[Classifier, list[dict[str, Any]]]:
     """Train, evaluate on val each epoch, stop after `patience` epochs without a lower val loss (0: never),
     and return the model with the best epoch's weights and the per-epoch history. `save_state` gets a
     resumable state after each epoch; passing that back as `state` continues from there (identically on CPU).
-    `cuda_path` (default: on CUDA) trains in bf16 autocast with channels_last, as on a GPU. Under torchrun
+    `mode` (default: `precision.training_mode`, from the device, the arch and `tp.cpu_bf16`) says whether
+    training steps run in bf16 autocast and channels_last. Under torchrun
     every rank calls this; the returned model is the same everywhere, and a plain one (no DDP, no
     SyncBatchNorm), so its card and file are those of a one-device run."""
     name, world, rank = card.variant, ddp.world_size(), ddp.rank()
     seed_everything(seed)
     device = ddp.device()
-    cuda_path = device.type == "cuda" if cuda_path is None else cuda_path
+    mode = training_mode(device, tp.arch, tp.cpu_bf16) if mode is None else mode
     torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest kernels once (training only)
     x_tr, x_va = to_device(train.images[ddp.shard(len(train.labels))], device), to_device(val.images, device)
     y_tr, y_va = torch.from_numpy(train.labels).to(device), torch.from_numpy(val.labels).to(device)
     model = card.build(start=True).to(device)
     if tp.sync_batchnorm and world > 1:
         model = ddp.sync_batchnorm(model)
-    if cuda_path:
+    if mode.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if tp.freeze_epochs and not hasattr(model.net, "head_name"):
         raise CxrError(f"{name}: arch {tp.arch!r} has no pretrained base to freeze; set freeze_epochs: 0")
@@ -227,7 +224,7 @@ def fit(train: Split, val: Split, tp: TrainParams, card: ModelCard, seed: int,
         if tp.freeze_epochs:
             set_frozen(model, frozen=epoch <= tp.freeze_epochs)
         train_loss, train_acc = train_one_epoch(step_model, x_tr, y_tr, tp, loss_fn, opt, sched, sched_every, shuffle,
-                                                aug_gen, f"{name} epoch {epoch}/{tp.epochs}", ema, cuda_path)
+                                                aug_gen, f"{name} epoch {epoch}/{tp.epochs}", ema, mode)
         if not math.isfinite(train_loss):
             raise CxrError(f"{name}: training diverged (loss {train_loss}) in epoch {epoch}; lower its lr "
                            "or set grad_clip")

@@ -22,6 +22,7 @@ from cxr.plots import history_figure
 from cxr.task import n_logits
 from cxr.training import ddp
 from cxr.training.loop import fit, make_card
+from cxr.training.precision import training_mode
 from cxr.training.state import StateWriter, fingerprint, read_state
 
 log = logging.getLogger(__name__)
@@ -67,12 +68,14 @@ def train_variant(p: Params, variant: str, data: Path, model_dir: Path, report_d
     card = make_card(tp, train, names, variant, **preprocessing(data))
     if tp.model.get("pretrained"):  # and missing ImageNet weights (offline): only a real build reads them
         build_model(tp.arch, num_classes=n_logits(len(names)), image_size=card.image_size, **tp.model)
+    mode = training_mode(ddp.device(), tp.arch, tp.cpu_bf16)  # what `auto` means depends on the machine
     # how often states are written does not change what they hold, nor (batches being global) how many devices
-    settings = dataclasses.asdict(tp) | {"seed": p.seed, "checkpoint_every": None, "devices": None}
+    settings = dataclasses.asdict(tp) | {"seed": p.seed, "checkpoint_every": None, "devices": None,
+                                         "precision": mode.name}
     state_file = checkpoints / "state.pt"
     state = read_state(state_file, fp := fingerprint(settings, data))
     if ddp.rank() > 0:  # under torchrun, rank 0 alone tracks, writes states and outputs
-        fit(train, val, tp, card, p.seed + tp.seed_offset, state=state)
+        fit(train, val, tp, card, p.seed + tp.seed_offset, state=state, mode=mode)
         return {}
     root = tracking.project_root()
     experiment_id = tracking.setup(p.mlflow.experiment, root)
@@ -85,7 +88,8 @@ def train_variant(p: Params, variant: str, data: Path, model_dir: Path, report_d
             mlflow.log_params({"device": f"{device.type} x{ddp.world_size()}" if ddp.world_size() > 1 else str(device),
                                "train_images": len(train.labels),
                                "val_images": len(val.labels), "image_size": card.image_size,
-                               "classes": ",".join(names), "fit": card.fit, "draft": card.draft})
+                               "classes": ",".join(names), "fit": card.fit, "draft": card.draft,
+                               "precision": mode.name})
             source, name = data_source(p)
             tracking.log_dataset(source, f"{name} {card.image_size}px", tracking.data_digest(root), "training")
             mlflow.set_tag(tracking.NOTE, describe(p, variant, len(train.labels), len(val.labels)))
@@ -99,15 +103,16 @@ def train_variant(p: Params, variant: str, data: Path, model_dir: Path, report_d
         writer = StateWriter(state_file, {"fingerprint": fp, "run_id": run.info.run_id})
         t0 = time.perf_counter()
         try:
-            model, history = fit(train, val, tp, card, p.seed + tp.seed_offset, on_epoch, state, writer)
+            model, history = fit(train, val, tp, card, p.seed + tp.seed_offset, on_epoch, state, writer, mode)
         finally:
             writer.wait()  # a state being written is finished (or its error raised) before we go on
         best = min(history, key=lambda r: r["val_loss"])
-        summary = {"best_epoch": best["epoch"], "epochs_run": len(history), "best_val_loss": best["val_loss"],
+        summary = {"precision": mode.name, "best_epoch": best["epoch"], "epochs_run": len(history),
+                   "best_val_loss": best["val_loss"],
                    "best_val_auroc": best["val_auroc"], "train_seconds": round(time.perf_counter() - t0, 2),
                    "checkpoint_wait_seconds": round(writer.seconds, 2),
                    "images_per_s": round(sum(r["images_per_s"] for r in history) / len(history), 1)}
-        mlflow.log_metrics({f"train/{k}": v for k, v in summary.items() if v is not None})
+        mlflow.log_metrics({f"train/{k}": v for k, v in summary.items() if isinstance(v, int | float)})
         mlflow.log_figure(history_figure(history, variant), "plots/history.png")
         with atomic_path(model_dir, is_dir=True) as tmp, \
                 atomic_paths(report_dir / "history.csv", report_dir / "train.json") as (history_csv, train_json):
