@@ -94,7 +94,7 @@ def cell(rates: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--archs", default=",".join(list_models()))
+    parser.add_argument("--archs", default=",".join(a for a in list_models() if a != "ensemble"))  # trained members
     parser.add_argument("--sizes", default="", help="comma-separated; default 64,128 on a CPU, 224 on CUDA")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--images", type=int, default=0, help="per epoch; default 4077 on CUDA (the hub train "
