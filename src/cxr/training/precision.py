@@ -25,7 +25,7 @@ class Mode(NamedTuple):
 FLOAT32, FAST = Mode(), Mode(bf16=True, channels_last=True)
 
 # Per arch, the fastest mode on a CPU with native bf16 (AMX-BF16 here), measured at 64 and 128 px, batch 64, by
-# `python bench/train_speed.py` (docs/benchmarks.md): bf16 + channels_last gains 1.3-3.4x on the CNNs, bf16 alone
+# `python bench/train_speed.py` (docs/benchmarks.md): bf16 + channels_last gains 1.1-4.8x on the CNNs, bf16 alone
 # 1.3x on the small ViT; the depthwise convolutions of MobileNet and EfficientNet gain from channels_last only (bf16
 # slows them); linear and mlp train in seconds either way, within their timing noise, and stay float32.
 CPU_MODES: dict[str, Mode] = {
