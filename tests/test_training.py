@@ -218,40 +218,30 @@ def test_with_ema_the_moving_average_is_evaluated_early_stopped_on_and_kept():
     assert loss.item() == pytest.approx(min(r["val_loss"] for r in history), rel=1e-4)
 
 
+def conv_modes(tp, **kw):
+    """(training, output dtype, channels_last input) of every convolution a short fit runs, and the fit's
+    (model, history)."""
+    seen = set()
+
+    def hook(module, inputs, output):
+        if isinstance(module, torch.nn.Conv2d) and module.in_channels > 1:  # 1 channel is both layouts at once
+            seen.add((module.training, output.dtype, inputs[0].is_contiguous(memory_format=torch.channels_last)))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        model, history = run_fit(tiny_split(64, 0), tiny_split(32, 1), tp, seed=0, **kw)
+    finally:
+        handle.remove()
+    return seen, model, history
+
+
 def test_the_cuda_path_runs_on_cpu_in_bf16_autocast_with_channels_last():
     """The GPU's training settings, on the CPU: convolutions get channels_last input and give bf16 in training
     steps, evaluation stays float32, and the model that comes out is plain float32 and contiguous."""
-    seen = set()
-
-    def hook(module, inputs, output):
-        if isinstance(module, torch.nn.Conv2d) and module.in_channels > 1:  # 1 channel is both layouts at once
-            seen.add((module.training, output.dtype, inputs[0].is_contiguous(memory_format=torch.channels_last)))
-
-    handle = torch.nn.modules.module.register_module_forward_hook(hook)
-    try:
-        model, history = run_fit(tiny_split(64, 0), tiny_split(32, 1), TrainParams(
-            arch="tinyvgg", epochs=3, batch_size=16, patience=0), seed=0, mode=FAST)
-    finally:
-        handle.remove()
+    seen, model, history = conv_modes(TrainParams(arch="tinyvgg", epochs=3, batch_size=16, patience=0), mode=FAST)
     assert seen == {(True, torch.bfloat16, True), (False, torch.float32, True)}
     assert all(p.dtype == torch.float32 and p.is_contiguous() for p in model.parameters())
     assert history[-1]["val_accuracy"] >= 0.9  # it learns: brightness tells the class
-
-
-def conv_modes(tp, **kw):
-    """(training, output dtype, channels_last input) of the convolutions a short fit runs."""
-    seen = set()
-
-    def hook(module, inputs, output):
-        if isinstance(module, torch.nn.Conv2d) and module.in_channels > 1:  # 1 channel is both layouts at once
-            seen.add((module.training, output.dtype, inputs[0].is_contiguous(memory_format=torch.channels_last)))
-
-    handle = torch.nn.modules.module.register_module_forward_hook(hook)
-    try:
-        run_fit(tiny_split(64, 0), tiny_split(32, 1), tp, seed=0, **kw)
-    finally:
-        handle.remove()
-    return {mode for mode in seen if mode[0]}
 
 
 def test_cpu_bf16_picks_the_arch_s_measured_mode_where_the_cpu_has_native_bf16():
@@ -264,9 +254,13 @@ def test_cpu_bf16_picks_the_arch_s_measured_mode_where_the_cpu_has_native_bf16()
     assert training_mode(cuda, "linear", "off") == FAST  # the setting is the CPU's: a GPU always trains in bf16
     # what fit does with it: bf16 channels_last convolutions in training steps, or plain float32
     tp = TrainParams(arch="tinyvgg", epochs=1, batch_size=16, patience=0)
-    assert conv_modes(tp) == {(True, torch.bfloat16 if native else torch.float32, native)}
-    assert conv_modes(dataclasses.replace(tp, cpu_bf16="off")) == {(True, torch.float32, False)}
-    assert conv_modes(dataclasses.replace(tp, cpu_bf16="on")) == {(True, torch.bfloat16, True)}
+
+    def in_training(tp):
+        return {mode for mode in conv_modes(tp)[0] if mode[0]}
+
+    assert in_training(tp) == {(True, torch.bfloat16 if native else torch.float32, native)}
+    assert in_training(dataclasses.replace(tp, cpu_bf16="off")) == {(True, torch.float32, False)}
+    assert in_training(dataclasses.replace(tp, cpu_bf16="on")) == {(True, torch.bfloat16, True)}
 
 
 def test_bf16_training_on_the_cpu_is_repeatable_and_learns():

@@ -20,15 +20,15 @@ import numpy as np
 import torch
 
 from cxr import cli, inference
-from cxr.data.store import load_split, size_dir
+from cxr.data.store import Split, load_split, size_dir
 from cxr.errors import CxrError
 from cxr.metrics import auroc, paired_bootstrap
 from cxr.registry import RESAMPLES
 
 
-def val_probs(run: Path, entry: str) -> tuple[torch.Tensor, np.ndarray, str]:
-    """An entry's validation probabilities as evaluate computed them (its TTA views averaged), the images' names
-    and labels as one array, and the training precision."""
+def val_probs(run: Path, entry: str) -> tuple[torch.Tensor, Split, str]:
+    """An entry's validation probabilities as evaluate computed them (its TTA views averaged), the validation
+    split, and the training precision."""
     folder = run / ("ensembles" if (run / "ensembles" / entry).is_dir() else "models") / entry
     model, card = inference.load(folder / "model.pt")
     evaluation = json.loads((run / "reports" / entry / "evaluation.json").read_text())
@@ -36,8 +36,7 @@ def val_probs(run: Path, entry: str) -> tuple[torch.Tensor, np.ndarray, str]:
     val = load_split(size_dir(run / "data" / "split", card.image_size), "val")
     train = run / "reports" / entry / "train.json"
     precision = json.loads(train.read_text()).get("precision", "float32") if train.exists() else "-"
-    names = np.array([f"{m['name']}:{y}" for m, y in zip(val.meta, val.labels, strict=True)])
-    return card.probs_of(model, val.images), names, precision
+    return card.probs_of(model, val.images), val, precision
 
 
 def main(args: argparse.Namespace) -> None:
@@ -49,10 +48,10 @@ def main(args: argparse.Namespace) -> None:
           "test acc A / B | sens A / B | spec A / B | test AUROC A / B |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for entry in entries:
-        (pa, ya, prec_a), (pb, yb, prec_b) = val_probs(a, entry), val_probs(b, entry)
-        if not np.array_equal(ya, yb):
+        (pa, va, prec_a), (pb, vb, prec_b) = val_probs(a, entry), val_probs(b, entry)
+        if [m["name"] for m in va.meta] != [m["name"] for m in vb.meta] or not np.array_equal(va.labels, vb.labels):
             raise CxrError(f"{entry}: the two runs' validation splits differ; compare runs of the same data and seed")
-        labels = torch.tensor([int(n.rsplit(":", 1)[1]) for n in ya])
+        labels = torch.from_numpy(va.labels)
         stats = paired_bootstrap("auroc", (pb, 0.5), (pa, 0.5), labels, [], RESAMPLES)
         verdict = "worse" if stats["ci95_high"] < 0 else "better" if stats["ci95_low"] > 0 else "equal"
         ta, tb = (json.loads((r / "reports" / entry / "metrics.json").read_text())["test"] for r in (a, b))

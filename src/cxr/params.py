@@ -21,6 +21,7 @@ class ParamsError(CxrError, ValueError):
 
 OnBadImage = Literal["error", "skip"]
 Equalize = Literal["none", "hist", "clahe"]
+CpuBf16 = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class TrainParams:
     compile: bool = False  # torch.compile the model (CUDA; worth it for long runs)
     # CPU training steps in bf16 autocast + channels_last: auto = where the CPU has native bf16 and the arch is
     # measured faster so (cxr.training.precision); on = always (emulated without native bf16: slow); off = float32
-    cpu_bf16: Literal["auto", "on", "off"] = "auto"
+    cpu_bf16: CpuBf16 = "auto"
     devices: int | Literal["auto"] = 1  # data-parallel processes (torchrun, one per GPU); auto = every visible GPU
     sync_batchnorm: bool = False  # with devices > 1: BatchNorm statistics over the whole batch, not each GPU's part
     seed_offset: int = 0  # added to the project seed: variants that differ only here are independent ensemble members

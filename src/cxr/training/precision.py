@@ -6,11 +6,12 @@ archs gain nothing. Evaluation, calibration, thresholds and promotion are float3
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 
-CpuBf16 = Literal["auto", "on", "off"]
+from cxr.params import CpuBf16
+
 
 class Mode(NamedTuple):
     bf16: bool = False  # autocast to bfloat16 in training steps (no loss scaling needed)
