@@ -5,12 +5,13 @@ import argparse
 from pathlib import Path
 
 from cxr import cli, params
-from cxr.evaluation.compare import compare, summary
+from cxr.evaluation.compare import compare, spread, summary
 
 
 def main(args: argparse.Namespace) -> None:
     p = params.load(args.params)
-    print(summary(compare(p, Path(args.reports), Path(args.out)), p.compare.metric, Path(args.out)))
+    rows = compare(p, Path(args.reports), Path(args.out))
+    print(summary(rows, p.compare.metric, Path(args.out), spread(p, rows)))
 
 
 if __name__ == "__main__":

@@ -145,3 +145,98 @@ def test_cuda_scores_match_the_cpu_in_float32():
     cpu = torch.cat([card.probabilities(model.cpu()(torch.from_numpy(images[i:i + 128, None]).float() / 255)[None])
                      for i in range(0, 624, 128)]).detach()
     assert gpu.unique().numel() == 624 and torch.allclose(gpu, cpu, atol=1e-5)
+
+
+def _naive_intervals(probs, labels, threshold, names, resamples, seed):
+    """The textbook stratified bootstrap, independent of cxr.bootstrap: resample each class's images with
+    replacement, score the copy with cxr.metrics, take the 2.5 and 97.5 percentiles."""
+    gen = torch.Generator().manual_seed(seed)
+    by_class = [torch.nonzero(labels == c).flatten() for c in labels.unique()]
+    values = {k: [] for k in ("accuracy", "recall", "specificity", "f1", "auroc")}
+    for _ in range(resamples):
+        idx = torch.cat([c[torch.randint(len(c), (len(c),), generator=gen)] for c in by_class])
+        for k in values:
+            values[k].append(M.metric(k, probs[idx], labels[idx], names, threshold))
+    return {k: np.percentile(v, [2.5, 97.5]) for k, v in values.items()}
+
+
+@pytest.mark.parametrize("three", [False, True])
+def test_bootstrap_intervals_agree_with_an_independent_bootstrap_within_monte_carlo_error(three):
+    """cxr.bootstrap counts each resample as weights instead of copying images: its intervals must match the
+    textbook loop's within Monte Carlo error (2,000 resamples: an endpoint moves by about 0.003-0.005 between
+    seeds), and its figures at weight 1 must be exactly the point scores."""
+    from cxr import bootstrap
+
+    if three:
+        g = torch.Generator().manual_seed(3)
+        labels = torch.randint(3, (400,), generator=g)
+        probs = torch.softmax(torch.randn(400, 3, generator=g) + torch.nn.functional.one_hot(labels, 3) * 1.2, 1)
+        names, exact = ["a", "b", "c"], M.multiclass_scores(probs, labels, ["a", "b", "c"])
+    else:
+        probs, labels = _binary(624, 5, 0.625)
+        names, exact = [], M.scores(probs, labels, 0.5)
+    ones = torch.ones(1, len(labels), dtype=torch.float64)
+    for k, v in bootstrap.weighted_scores(probs, labels, 0.5, ones).items():
+        assert float(v[0]) == pytest.approx(exact[k], abs=1e-12), k
+    ours = bootstrap.intervals(probs, labels, 0.5, bootstrap.resample_counts(labels, 2000, seed=0))
+    ref = _naive_intervals(probs, labels, 0.5, names, 2000, seed=1)
+    for k, (lo, hi) in ours.items():
+        assert lo == pytest.approx(ref[k][0], abs=0.012) and hi == pytest.approx(ref[k][1], abs=0.012), k
+        assert lo < exact[k] < hi and hi - lo > 0.02, k  # an interval around the score, not a point
+
+
+def test_stratified_resamples_keep_every_stratum_count():
+    from cxr import bootstrap
+
+    strata = torch.tensor([0] * 5 + [1] * 30 + [4] * 12)
+    w = bootstrap.resample_counts(strata, 50, seed=2)
+    for s in (0, 1, 4):
+        assert (w[:, strata == s].sum(1) == (strata == s).sum()).all()
+    assert not torch.equal(w[0], w[1])
+
+
+def test_threshold_range_holds_every_threshold_with_the_best_validation_score():
+    # Separable: every threshold between the highest NORMAL (0.3) and the lowest PNEUMONIA score (0.7) is best.
+    probs, labels = torch.tensor([0.1, 0.2, 0.3, 0.7, 0.8, 0.95]), torch.tensor([0, 0, 0, 1, 1, 1])
+    for rule in ("youden", "f1"):
+        lo, hi = M.threshold_range(probs, labels, rule)
+        assert (lo, hi) == pytest.approx((0.3, 0.7))
+        assert lo <= M.choose_threshold(probs, labels, rule) < hi
+    # Overlapping, with ties: the rule's score is the best at both ends and inside, and worse just outside.
+    probs, labels = _binary(300, 7, 0.6)
+    for rule in ("youden", "f1"):
+        lo, hi = M.threshold_range(probs, labels, rule)
+
+        def score(t, rule=rule):
+            s = M.scores(probs, labels, t)
+            return s["f1"] if rule == "f1" else s["recall"] + s["specificity"] - 1
+
+        best = max(score(float(t)) for t in probs.unique())
+        assert lo <= M.choose_threshold(probs, labels, rule) < hi
+        for t in (lo, (lo + hi) / 2, hi - 1e-6):
+            assert score(t) == pytest.approx(best, abs=1e-12), (rule, t)
+        assert score(lo - 0.011) < best - 1e-12 or lo < 0.011  # scores lie on a 0.01 grid
+    assert M.threshold_range(probs, labels, 0.5) is None
+
+
+def test_the_threshold_at_a_specificity_is_the_most_sensitive_one_that_keeps_it():
+    probs, labels = _binary(500, 8, 0.5)
+    for target in M.OPERATING_SPECIFICITY:
+        t = M.threshold_at_specificity(probs, labels, target)
+        assert M.scores(probs, labels, t)["specificity"] >= target
+        lower = probs[(labels == 0) & (probs < t)].max()  # the next lower NORMAL score: too many false positives
+        assert M.scores(probs, labels, float(lower) - 1e-6)["specificity"] < target
+
+
+def test_ece_is_top_label_as_guo_defines_it_and_class_ece_is_per_class():
+    # Binary, by hand: confidence max(p, 1 - p) and correctness of the 0.5 decision, bins of width 0.1.
+    probs, labels = torch.tensor([0.95, 0.92, 0.15, 0.45, 0.6]), torch.tensor([1, 0, 0, 1, 1])
+    # bins: 0.95 and 0.92 -> [0.9, 1.0): conf 0.935, acc 1/2; 0.85 (p 0.15) -> [0.8, 0.9): acc 1;
+    # 0.55 (p 0.45, wrong) and 0.6 (right) -> [0.5, 0.6) and [0.6, 0.7)
+    by_hand = (2 * abs(0.935 - 0.5) + abs(0.85 - 1) + abs(0.55 - 0) + abs(0.6 - 1)) / 5
+    assert M.ece(probs, labels) == pytest.approx(by_hand)
+    # P(PNEUMONIA) against the share of PNEUMONIA: [0.9, 1): 0.935 vs 1/2; 0.15 vs 0; 0.45 vs 1; 0.6 vs 1.
+    assert M.class_ece(probs, labels) == pytest.approx((2 * abs(0.935 - 0.5) + 0.15 + 0.55 + 0.4) / 5)
+    # With more classes, top-label ECE equals the binary one written as two columns.
+    two = torch.stack([1 - probs, probs], 1)
+    assert M.ece(two, labels) == pytest.approx(M.ece(probs, labels))

@@ -45,10 +45,16 @@ def test_pipeline_runs_then_is_a_noop_then_reruns_one_variant(repo):
     assert printed[1].split() == ["variant", "val", "auroc", "test", "acc", "sens", "spec", "test", "AUROC",
                                   "threshold"]
     assert sorted(line.split()[0] for line in printed[2:7]) == sorted([*VARIANTS, "ens"])
-    assert printed[7].startswith("Full table and figures: comparison/leaderboard.md")
+    # every test score with its 95% interval, e.g. 0.9167 [0.894–0.938]
+    assert all(len(re.findall(r"\d\.\d{4} \[\d\.\d{3}–\d\.\d{3}\]", line)) == 5 for line in printed[2:7])
+    assert any(line.startswith("Full table and figures: comparison/leaderboard.md") for line in printed[7:])
     board = (repo / "comparison" / "leaderboard.md").read_text()
     assert all(f"| {v} |" in board for v in VARIANTS) and "| ens | ensemble: tinyvgg + d_cnn_baseline |" in board
     rows = json.loads((repo / "comparison" / "leaderboard.json").read_text())
+    for r in rows:  # the intervals in the JSON, two numeric columns each in the CSV; the subtypes' sensitivity
+        assert r["accuracy_ci95"][0] <= r["accuracy"] <= r["accuracy_ci95"][1] and "recall_virus" in r
+    csv_head = (repo / "comparison" / "leaderboard.csv").read_text().splitlines()[0].split(",")
+    assert {"accuracy_ci95_low", "accuracy_ci95_high", "recall_bacteria"} <= set(csv_head)
     assert [r["val_auroc"] for r in rows] == sorted((r["val_auroc"] for r in rows), reverse=True)  # never test
     for v in VARIANTS:  # each test image's prediction, for error analysis
         t = json.loads((repo / "reports" / v / "evaluation.json").read_text())["test"]

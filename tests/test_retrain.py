@@ -124,3 +124,46 @@ def test_retrain_promotes_first_keeps_the_champion_on_noise_promotes_a_clearly_b
     out = sh(repo, "cxr", "predict", str(paths[0]), str(bad), "missing.png", ok=False)
     assert str(paths[0]) in out and "missing.png: no such file" in out and "corrupt.jpeg: corrupt or truncated" in out
     assert out.count("error:") == 1  # one line for all of them
+
+
+def test_promotion_scores_the_champion_only_on_test_images_it_never_saw(project):
+    """The champion above trained with split.pool false. With pool true the test split is carved from every
+    image, many of which the champion trained or validated on: promotion first stops with one line (too few
+    unseen images for promote.min_test_images), then, allowed fewer, scores both models on the unseen ones only."""
+    from sklearn.metrics import roc_auc_score
+
+    folder, repo = project
+    store = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
+    old = {m["sha256"] for s in ("train", "val") for m in csv.DictReader((repo / "data/split/64" / f"{s}_meta.csv")
+                                                                          .open())}  # what the champion saw
+    champion = MlflowClient(store).get_model_version_by_alias("chest-xray-classifier", "champion").version
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["split"]["pool"] = True
+    params["models"]["cand"], params["variants"] = {"arch": "mlp", "epochs": 3, "lr": 1.0e-3}, ["cand"]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    kept = (repo / "promotion.json").read_text()
+    out = sh(repo, "cxr", "retrain", ok=False)
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "promotion stopped: only" in errors[0] and "min_test_images (200)" in errors[0]
+    assert "retrain it on this split" in errors[0]
+    assert (repo / "promotion.json").read_text() == kept  # no record of a decision that was not made
+    assert MlflowClient(store).get_model_version_by_alias("chest-xray-classifier", "champion").version == champion
+
+    params["promote"]["min_test_images"] = 10
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(repo, "cxr", "retrain", "--summary", "summary.md")
+    record = json.loads((repo / "promotion.json").read_text())
+    test = list(csv.DictReader((repo / "data/split/64/test_meta.csv").open()))
+    new = {m["sha256"] for s in ("train", "val") for m in csv.DictReader((repo / "data/split/64" / f"{s}_meta.csv")
+                                                                          .open())}
+    unseen = [i for i, m in enumerate(test) if m["sha256"] not in old | new]
+    n = record["test_images"]
+    assert n["total"] == len(test) and n["used"] == len(unseen) and 10 <= n["used"] <= len(test) / 2
+    assert n["seen_by_champion"] == sum(m["sha256"] in old for m in test) >= len(test) / 2
+    assert f"on the {len(unseen)} of {len(test)} test images neither model trained or validated on" in record["reason"]
+    # The candidate's recorded test AUROC is over those images only, as scikit-learn counts it.
+    rows = list(csv.DictReader((repo / "reports/cand/predictions.csv").open()))
+    labels = [int(rows[i]["label"] == "PNEUMONIA") for i in unseen]
+    assert record["candidate"]["test"] == pytest.approx(roc_auc_score(labels, [float(rows[i]["p_pneumonia"])
+                                                                               for i in unseen]), abs=1e-6)
+    assert f"on the {n['used']} of {n['total']} test images" in (repo / "summary.md").read_text()

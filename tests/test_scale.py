@@ -2,6 +2,7 @@
 result, and the train stage launches it itself. Run with `make test-scale` (marker `scale`)."""
 
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -85,8 +86,20 @@ def test_the_train_stage_launches_torchrun_and_a_resnet_with_sync_batchnorm_trai
     assert "launching 2 processes" in log and log.count("resnet epoch 2:") == 1  # rank 0 alone reports
     assert {"train@resnet", "evaluate@resnet"} <= ran(log)
     metrics = json.loads((repo / "reports/resnet/metrics.json").read_text())
-    assert 0 <= metrics["test"]["auroc"] <= 1
     model, card = inference.load(repo / "models/resnet/model.pt")
+    # The model rank 0 wrote is the one evaluated: it gives predictions.csv's probabilities again, and those
+    # give the reported AUROC by scikit-learn's count.
+    from sklearn.metrics import roc_auc_score
+
+    from cxr.data.store import load_split
+
+    test = load_split(repo / "data/split/32", "test")
+    rows = list(csv.DictReader((repo / "reports/resnet/predictions.csv").open()))
+    probs = torch.tensor([float(r["p_pneumonia"]) for r in rows])
+    evaluation = json.loads((repo / "reports/resnet/evaluation.json").read_text())
+    scored = dataclasses.replace(card, temperature=evaluation["calibration"]["temperature"])
+    assert torch.allclose(scored.probs_of(model, test.images), probs, atol=1e-6)
+    assert metrics["test"]["auroc"] == pytest.approx(roc_auc_score(test.labels, probs.numpy()), abs=1e-6)
     assert not any(isinstance(m, torch.nn.SyncBatchNorm | ddp.SyncBatchNorm) for m in model.modules())
     with tracking_at(f"sqlite:///{store}"):
         runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.variant = 'resnet'")

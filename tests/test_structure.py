@@ -12,7 +12,7 @@ SRC = ROOT / "src"
 # Each module imports only from lower levels or from its own subpackage (DESIGN.md "Layering").
 LEVELS = {
     0: ("cxr", "cxr.errors", "cxr.params", "cxr.io", "cxr.tracking", "cxr.cli", "cxr.task"),
-    1: ("cxr.models", "cxr.data", "cxr.metrics", "cxr.plots"),
+    1: ("cxr.models", "cxr.data", "cxr.metrics", "cxr.bootstrap", "cxr.plots"),
     2: ("cxr.inference",),
     3: ("cxr.training", "cxr.evaluation", "cxr.registry", "cxr.predict"),
     4: ("cxr.retrain", "cxr.profiles", "cxr.__main__"),

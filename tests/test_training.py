@@ -294,12 +294,21 @@ def test_a_state_written_on_a_gpu_resumes_on_the_cpu_with_augmentation_reseeded(
     with pytest.raises(KeyboardInterrupt):
         run_fit(train, val, tp, seed=2, on_epoch=stop_after_one, save_state=saved.append)
     # What a CUDA run writes: a Philox generator state (16 bytes) for augmentation, and the CUDA RNG's.
-    state = saved[-1] | {"aug_device": "cuda", "aug_rng": torch.zeros(16, dtype=torch.uint8),
+    cpu_state = copy.deepcopy(saved[-1])  # resuming trains the optimizer's state tensors in place: a copy each
+    state = copy.deepcopy(cpu_state) | {"aug_device": "cuda", "aug_rng": torch.zeros(16, dtype=torch.uint8),
                          "cuda_rng": torch.zeros(16, dtype=torch.uint8)}
     with caplog.at_level("INFO"):
-        _, history = run_fit(train, val, tp, seed=2, state=state)
+        resumed, history = run_fit(train, val, tp, seed=2, state=state)
     assert "written on cuda: augmentation reseeded" in caplog.text
     assert [r["epoch"] for r in history] == [1, 2, 3]
+    # The stream it went on with is a CPU generator seeded from the shuffle state and the epoch: the same
+    # state with that generator written in (as a CPU state) ends with the same weights, and the CPU state
+    # as saved (augmentation not reseeded) ends elsewhere.
+    seeded = torch.Generator().manual_seed(int(cpu_state["shuffle_rng"].sum()) + cpu_state["epoch"])
+    same, _ = run_fit(train, val, tp, seed=2, state=copy.deepcopy(cpu_state) | {"aug_rng": seeded.get_state()})
+    other, _ = run_fit(train, val, tp, seed=2, state=copy.deepcopy(cpu_state))
+    weights = [torch.cat([w.flatten().float() for w in m.state_dict().values()]) for m in (resumed, same, other)]
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
 
 
 def test_pretrained_variants_start_from_the_imagenet_weights(tmp_path, monkeypatch):

@@ -32,7 +32,8 @@ def val_probs(run: Path, entry: str) -> tuple[torch.Tensor, Split, str]:
     folder = run / ("ensembles" if (run / "ensembles" / entry).is_dir() else "models") / entry
     model, card = inference.load(folder / "model.pt")
     evaluation = json.loads((run / "reports" / entry / "evaluation.json").read_text())
-    card = dataclasses.replace(card, tta=evaluation.get("tta", 1))  # temperature: AUROC does not change with it
+    # the views it was evaluated with; the temperature: AUROC does not change with it
+    card = dataclasses.replace(card, tta_views=tuple(tuple(v) for v in evaluation["tta_views"]))
     val = load_split(size_dir(run / "data" / "split", card.image_size), "val")
     train = run / "reports" / entry / "train.json"
     precision = json.loads(train.read_text()).get("precision", "float32") if train.exists() else "-"

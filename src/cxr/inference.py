@@ -19,12 +19,17 @@ from cxr import task
 from cxr.errors import CxrError
 from cxr.models import Classifier, build_model, without_download
 
-CARD_VERSION = 2  # 2: equalize and tta
+CARD_VERSION = 3  # 2: equalize and tta; 3: the TTA views themselves, and the data's lineage
 
 # Test-time augmentation views, (zoom, shift x, shift y) with shifts in fractions of the side: the identity
-# first, then mild versions of the training augmentation's zoom and shift. `tta: n` averages the first n.
-TTA_VIEWS = ((1.0, 0.0, 0.0), (1.08, 0.0, 0.0), (0.93, 0.0, 0.0), (1.0, 0.04, 0.0), (1.0, -0.04, 0.0),
+# first, then mild versions of the training augmentation's zoom and shift. `evaluate.tta: n` averages the first
+# n; the card keeps the views themselves, so that editing this list changes no model already logged.
+View = tuple[float, float, float]
+TTA_VIEWS: tuple[View, ...] = ((1.0, 0.0, 0.0), (1.08, 0.0, 0.0), (0.93, 0.0, 0.0), (1.0, 0.04, 0.0), (1.0, -0.04, 0.0),
              (1.0, 0.0, 0.04), (1.0, 0.0, -0.04), (1.08, 0.0, 0.04))
+
+
+HASHES = "image_hashes.csv"  # a logged model's extra file: split, sha256 and name of each image it trained on
 
 
 class CardError(CxrError):
@@ -48,7 +53,12 @@ class ModelCard:
     settings: dict[str, Any] = field(default_factory=dict)  # the arch's own settings
     threshold: float = 0.5  # binary: positive when P(PNEUMONIA) > threshold (chosen on validation)
     temperature: float = 1.0  # logits are divided by it before the sigmoid / softmax (fitted on validation)
-    tta: int = 1  # probabilities are averaged over the first `tta` of TTA_VIEWS
+    tta_views: tuple[View, ...] = TTA_VIEWS[:1]  # probabilities are averaged over these views
+    # lineage: where the images came from and which trained and validated it (store.images_digest), so that
+    # promotion can tell whether a test image was seen; the logged model lists the images' sha256s
+    source: str = ""
+    train_digest: str = ""
+    val_digest: str = ""
 
     @property
     def binary(self) -> bool:
@@ -73,7 +83,7 @@ class ModelCard:
     def logits_of(self, model: nn.Module, images: np.ndarray) -> torch.Tensor:
         """(views, N, logits) for uint8 (N, H, W) images, on the best device, in float32, returned on the CPU."""
         device = pick_device()
-        return predict_logits(model.to(device), to_device(images, device), TTA_VIEWS[:self.tta]).cpu()
+        return predict_logits(model.to(device), to_device(images, device), self.tta_views).cpu()
 
     def probs_of(self, model: nn.Module, images: np.ndarray) -> torch.Tensor:
         """Probabilities for uint8 (N, H, W) images: every view, the temperature, the average."""
@@ -81,6 +91,7 @@ class ModelCard:
 
     def to_dict(self) -> dict[str, Any]:
         return {"card_version": CARD_VERSION, **dataclasses.asdict(self), "classes": list(self.classes),
+                "tta_views": [list(v) for v in self.tta_views],
                 "input": "float32 (N, 1, S, S) gray in [0, 1]; output: logits"}
 
     @classmethod
@@ -92,7 +103,8 @@ class ModelCard:
                            "; it was made by an older version of this project: run `dvc repro` to retrain it")
         names = {f.name for f in fields}
         kept = {k: v for k, v in d.items() if k in names}
-        return cls(**(kept | {"classes": tuple(kept["classes"])}))
+        views = tuple(tuple(float(x) for x in v) for v in kept.get("tta_views", TTA_VIEWS[:1]))
+        return cls(**(kept | {"classes": tuple(kept["classes"]), "tta_views": views}))
 
 
 def pick_device() -> torch.device:
@@ -137,7 +149,7 @@ def view(x: torch.Tensor, zoom: float, dx: float, dy: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, views: tuple[tuple[float, float, float], ...] | None = None,
+def predict_logits(model: nn.Module, x: torch.Tensor, views: tuple[View, ...] | None = None,
                    batch_size: int = 512) -> torch.Tensor:
     """(N, logits) in float32, computed in float32; with `views`, (views, N, logits), one row per view."""
     with contextlib.suppress(NotImplementedError):  # a pt2 program loaded from MLflow: exported in eval mode

@@ -88,6 +88,34 @@ def choose_threshold(probs: torch.Tensor, labels: torch.Tensor, rule: str | floa
     return mid if mid < best else as_threshold(lower)
 
 
+def threshold_range(probs: torch.Tensor, labels: torch.Tensor, rule: str | float) -> tuple[float, float] | None:
+    """[low, high]: every threshold t in it (positive when p > t) scores the best `rule` score on `probs`. On a
+    nearly separable split it is wide, and where in it choose_threshold lands is the rule's tie-break, not
+    evidence. None for a fixed threshold or one class."""
+    if isinstance(rule, float) or labels.unique().numel() < 2:
+        return None
+    fps, tps, d = _clf_curve(probs, labels)
+    pos, neg = tps[-1], fps[-1]
+    zero = torch.zeros(1, dtype=torch.float64)
+    fps, tps = torch.cat([zero, fps]), torch.cat([zero, tps])  # 0: nothing positive, j: p >= d[j - 1] positive
+    score = 2 * tps / (tps + fps + pos) if rule == "f1" else (tps * neg - fps * pos) / (pos * neg)
+    # decision j holds for t in [d[j], d[j - 1]): between the next lower score and its own lowest score
+    low, high = torch.cat([d, zero]), torch.cat([torch.ones(1, dtype=torch.float64), d])
+    best = score == score.max()
+    return float(low[best].min()), float(high[best].max())
+
+
+OPERATING_SPECIFICITY = (0.90, 0.95, 0.99)
+
+
+def threshold_at_specificity(probs: torch.Tensor, labels: torch.Tensor, target: float) -> float:
+    """The lowest threshold (positive when p > t) whose specificity on these images is at least `target`: the
+    most sensitive operating point that keeps false positives to 1 - target of the negatives."""
+    neg = probs[labels == 0].sort(descending=True).values
+    allowed = math.floor((1 - target) * len(neg) + 1e-9)  # negatives that may score above t
+    return as_threshold(float(neg[allowed])) if allowed < len(neg) else 0.0
+
+
 def confusion(probs: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> list[list[int]]:
     """Rows actual, columns predicted (as `predicted`)."""
     k = 2 if probs.ndim == 1 else probs.shape[1]
@@ -189,15 +217,24 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, probabilities: A
     return math.exp((lo + hi) / 2)
 
 
-def reliability(probs: torch.Tensor, labels: torch.Tensor, bins: int = 10) -> list[dict[str, float]]:
-    """Per bin of equal width in confidence (binary: P(PNEUMONIA); more classes: the top probability): the
-    mean confidence, the observed frequency (of PNEUMONIA, or of a correct top class) and the count."""
+def _confidence(probs: torch.Tensor, labels: torch.Tensor, top_label: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confidence and hit per image: the top label's probability and whether it is right (binary: the decision
+    at 0.5), or (binary only) P(PNEUMONIA) and whether the image is PNEUMONIA."""
     probs, labels = probs.detach().cpu().double(), labels.cpu()
+    if probs.ndim == 1 and not top_label:
+        return probs, labels.double()
     if probs.ndim == 1:
-        conf, hit = probs, labels.double()
-    else:
-        conf, top = probs.max(1)
-        hit = (top == labels).double()
+        probs = torch.stack([1 - probs, probs], 1)
+    conf, top = probs.max(1)
+    return conf, (top == labels).double()
+
+
+def reliability(probs: torch.Tensor, labels: torch.Tensor, bins: int = 10,
+                top_label: bool = False) -> list[dict[str, float]]:
+    """Per bin of equal width in confidence (binary: P(PNEUMONIA) unless `top_label`; more classes: the top
+    probability): the mean confidence, the observed frequency (of PNEUMONIA, or of a correct top class) and
+    the count."""
+    conf, hit = _confidence(probs, labels, top_label or probs.ndim == 2)
     which = (conf * bins).long().clamp(max=bins - 1)
     rows = []
     for b in range(bins):
@@ -208,7 +245,21 @@ def reliability(probs: torch.Tensor, labels: torch.Tensor, bins: int = 10) -> li
     return rows
 
 
+def _gap(rows: list[dict[str, float]], n: int) -> float:
+    return sum(r["count"] * abs(r["confidence"] - r["frequency"]) for r in rows) / n
+
+
 def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 10) -> float:
-    """Expected calibration error: the count-weighted mean gap between confidence and frequency of the bins."""
-    rows = reliability(probs, labels, bins)
-    return sum(r["count"] * abs(r["confidence"] - r["frequency"]) for r in rows) / len(labels)
+    """Expected calibration error as Guo et al. (2017) define it: top-label confidence (binary: max(p, 1 - p))
+    against accuracy, the count-weighted mean gap over equal-width bins."""
+    return _gap(reliability(probs, labels, bins, top_label=True), len(labels))
+
+
+def class_ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 10) -> float:
+    """Class-wise ECE: each class's probability against how often the image is that class, averaged over the
+    classes (binary: P(PNEUMONIA)'s, which equals NORMAL's). Unlike `ece` it sees a model that is confident
+    in the wrong direction on one class."""
+    if probs.ndim == 1:
+        return _gap(reliability(probs, labels, bins), len(labels))
+    return sum(_gap(reliability(probs[:, k], labels == k, bins), len(labels)) for k in range(probs.shape[1])) \
+        / probs.shape[1]

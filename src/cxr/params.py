@@ -107,6 +107,7 @@ class EvaluateParams:
 
 Metric = Literal["accuracy", "precision", "recall", "specificity", "f1", "auroc", "average_precision"]
 HEADLINE: tuple[str, ...] = typing.get_args(Metric)  # the headline scores, in that order
+WITH_INTERVAL = ("accuracy", "recall", "specificity", "f1", "auroc")  # those with a 95% interval
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,8 @@ class PromoteParams:
     metric: Metric = "auroc"
     # the candidate must beat the champion on test by more than this, with 95% confidence (paired bootstrap)
     min_delta: float = 0.0
+    # test images neither model trained or validated on, fewer than this after removing the seen ones: no decision
+    min_test_images: int = 200
 
 
 @dataclass(frozen=True)
@@ -303,6 +306,8 @@ def parse(raw: dict[str, Any]) -> Params:
         raise ParamsError(f"evaluate.threshold: {t} must be between 0 and 1 (a probability), or f1 or youden")
     if not 0 <= params.promote.min_delta < 1:
         raise ParamsError("promote.min_delta: must be between 0 and 1 (a difference of scores)")
+    if params.promote.min_test_images < 1:
+        raise ParamsError(f"promote.min_test_images: {params.promote.min_test_images} must be at least 1")
     return params
 
 

@@ -82,7 +82,7 @@ def render(rows: list[dict[str, Any]], card: ModelCard, uri: str, fmt: str) -> s
         writer.writerows(flat)
         return out.getvalue()
     rule = f", threshold {card.threshold:.4f} on P(pneumonia) (chosen on val)" if card.binary else ""
-    lines = [f"{uri}: {card.variant} ({card.arch}, {card.image_size} px, TTA {card.tta}{rule})"]
+    lines = [f"{uri}: {card.variant} ({card.arch}, {card.image_size} px, TTA {len(card.tta_views)}{rule})"]
     width = max((len(r["path"]) for r in rows), default=5)
     if card.binary:
         lines.append(f"{'image':<{width}}  P(pneumonia)  decision")

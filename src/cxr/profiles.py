@@ -103,8 +103,8 @@ def run(profile: str, data: str = "", name: str = "", extra: tuple[str, ...] = (
         raise CxrError(f"dvc exp run failed (exit {proc.returncode}) after {minutes:.1f} min, see above; "
                        "params.yaml, dvc.lock and the outputs are as they were before it")
     if skipped:  # nothing changed since the last run: its leaderboard, as the compare stage prints it
-        rows = json.loads(Path("comparison/leaderboard.json").read_text())
-        print(summary(rows, params.load().compare.metric, Path("comparison")))
+        rows, groups = (json.loads(Path(f"comparison/{f}.json").read_text()) for f in ("leaderboard", "seed_spread"))
+        print(summary(rows, params.load().compare.metric, Path("comparison"), groups))
     kept_text = "params.yaml holds its params" if keep_params else \
         f"params.yaml is unchanged (`dvc exp apply {name}` adopts its params)"
     print(f"{profile}: {minutes:.1f} min wall time. The experiment is `dvc exp show`'s {name!r}; {kept_text}")

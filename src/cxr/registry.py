@@ -1,5 +1,6 @@
 """Promotion: register the variant that is best on validation, and move the `champion` alias to it only if
-it beats the current champion on the same test data by `promote.min_delta`."""
+it beats the current champion by `promote.min_delta` on the test images that neither of them trained or
+validated on (each logged model lists the images it saw)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cxr import tracking
-from cxr.data.store import classes, load_split, preprocessing
+from cxr.data.store import Split, classes, load_split, preprocessing
 from cxr.errors import CxrError
-from cxr.inference import CardError, ModelCard, load_logged
-from cxr.io import atomic_path, best_on_val, write_json
+from cxr.inference import HASHES, CardError, ModelCard, load_logged
+from cxr.io import atomic_path, best_on_val, read_csv, write_json
 from cxr.metrics import metric, paired_bootstrap
 from cxr.params import Params
 
@@ -30,6 +31,16 @@ def candidate(p: Params, reports: Path) -> dict[str, Any]:
     """The variant with the best `promote.metric` on validation (never test), from its evaluation report."""
     variant, ev = best_on_val(p.entries, reports, p.promote.metric)
     return {"variant": variant, "val": ev["val"][p.promote.metric], **ev["mlflow"]}
+
+
+def seen_images(uri: str) -> frozenset[str]:
+    """The sha256s of the images the registered model at `uri` trained and validated on (logged with it)."""
+    try:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/extra_files/{HASHES}")
+    except (MlflowException, OSError) as e:
+        raise CxrError(f"{uri} has no list of the images it saw ({HASHES}): it cannot be scored fairly; retrain it "
+                       f"with this version of the project ({tracking.store_and_error(e)})") from e
+    return frozenset(r["sha256"] for r in read_csv(path))
 
 
 def test_probs(uri: str, data: Path) -> tuple[torch.Tensor | None, ModelCard | None, str]:
@@ -48,6 +59,24 @@ def test_probs(uri: str, data: Path) -> tuple[torch.Tensor | None, ModelCard | N
         return None, card, (f"it was trained on other preprocessing (fit {card.fit}, draft {card.draft}, equalize "
                             f"{card.equalize}, {'/'.join(card.classes)})")
     return card.probs_of(model, load_split(folder, "test").images), card, ""
+
+
+def unseen(p: Params, test: Split, seen: dict[str, frozenset[str]]) -> tuple[torch.Tensor, dict[str, int]]:
+    """The indices of the test images that no model in `seen` (name -> the sha256s it trained and validated on)
+    saw, and the counts. An error when images were removed and fewer than promote.min_test_images are left: a
+    score on images a model saw is no test score, and on a handful it decides nothing."""
+    hashes = [m["sha256"] for m in test.meta]
+    keep = torch.tensor([i for i, h in enumerate(hashes) if not any(h in s for s in seen.values())], dtype=torch.long)
+    by = {name: sum(h in s for h in hashes) for name, s in seen.items()}
+    counts = {"total": len(hashes), "used": len(keep), **{f"seen_by_{name}": n for name, n in by.items()}}
+    if len(hashes) > len(keep) and len(keep) < p.promote.min_test_images:
+        fix = (f"the {ALIAS} was trained on another split of these images: retrain it on this split"
+               if by.get(ALIAS) else "the candidate trained on copies of them: set split.drop_duplicates: true")
+        raise CxrError(f"promotion stopped: only {len(keep)} of {len(hashes)} test images were never trained or "
+                       f"validated on ({', '.join(f'{n} were by the {name}' for name, n in by.items() if n)}), fewer "
+                       f"than promote.min_test_images ({p.promote.min_test_images}); {fix}, or set "
+                       "promote.min_test_images lower")
+    return keep, counts
 
 
 def _register(client: MlflowClient, name: str, cand: dict[str, Any]) -> str:
@@ -90,43 +119,53 @@ def _decide(p: Params, champ_probs: torch.Tensor, champ_card: ModelCard,
 
 
 def promote(p: Params, reports: Path, data: Path, out: Path) -> dict[str, Any]:
-    """Register the candidate, decide, move the alias if it wins; write the decision to `out` and as tags."""
+    """Register the candidate, decide on the test images neither model saw, move the alias if it wins; write the
+    decision to `out` and as tags."""
     tracking.setup(p.mlflow.experiment)
     client, name, key = MlflowClient(), p.mlflow.registered_model, p.promote.metric
     cand = candidate(p, reports)
     cand["version"] = _register(client, name, cand)
-    cand_probs, cand_card, why_not = test_probs(f"models:/{name}/{cand['version']}", data)
+    cand_uri = f"models:/{name}/{cand['version']}"
+    cand_probs, cand_card, why_not = test_probs(cand_uri, data)
     if cand_probs is None or cand_card is None:
         raise CxrError(f"cannot score the candidate {cand['variant']}: {why_not}")
-    labels = torch.from_numpy(load_split(data / str(cand_card.image_size), "test").labels)
-    cand["test"] = metric(key, cand_probs, labels, list(cand_card.classes), cand_card.threshold)
+    test = load_split(data / str(cand_card.image_size), "test")
+    labels, names = torch.from_numpy(test.labels), list(cand_card.classes)
+    seen = {"candidate": seen_images(cand_uri)}
+    champ = _champion(client, name)
+    probs, card, why_not = None, None, ""
+    if champ is not None and champ.version != cand["version"]:
+        probs, card, why_not = test_probs(f"models:/{name}@{ALIAS}", data)
+        if probs is not None:
+            seen[ALIAS] = seen_images(f"models:/{name}@{ALIAS}")
+    keep, images = unseen(p, test, seen)  # every score below is on these images only
+    cand["test"] = metric(key, cand_probs[keep], labels[keep], names, cand_card.threshold)
     if cand["test"] is None:
         raise CxrError(f"the test split has one class, so {key} is undefined; set promote.metric: recall")
-    champ = _champion(client, name)
     before: dict[str, Any] | None = None
     stats: dict[str, Any] | None = None
     if champ is None:
         promoted, reason = True, f"no {ALIAS} yet"
     elif champ.version == cand["version"]:
         promoted, reason = False, f"the candidate is already the {ALIAS} (version {champ.version})"
+    elif probs is None or card is None:
+        before = {"version": champ.version, "variant": champ.tags.get("variant", ""), "test": None}
+        promoted, reason = True, f"the {ALIAS} (version {champ.version}) cannot be scored on this test data: {why_not}"
     else:
-        probs, card, why_not = test_probs(f"models:/{name}@{ALIAS}", data)
-        score = None if probs is None else metric(key, probs, labels, list(card.classes), card.threshold)
+        score = metric(key, probs[keep], labels[keep], names, card.threshold)
         before = {"version": champ.version, "variant": champ.tags.get("variant", ""), "test": score}
-        if probs is None:
-            promoted, reason = True, f"the {ALIAS} (version {champ.version}) cannot be scored on this test data: " \
-                                     f"{why_not}"
-        else:
-            promoted, stats = _decide(p, probs, card, cand_probs, cand_card, labels)
-            verdict = "above" if promoted else "not above"
-            reason = (f"test {key} {cand['test']:.4f} vs {score:.4f} (version {champ.version}): "
-                      f"{stats['difference']:+.4f}, 95% interval [{stats['ci95_low']:+.4f}, {stats['ci95_high']:+.4f}]"
-                      f" ({stats['resamples']} paired bootstrap resamples), {verdict} min_delta {p.promote.min_delta}")
+        promoted, stats = _decide(p, probs[keep], card, cand_probs[keep], cand_card, labels[keep])
+        verdict = "above" if promoted else "not above"
+        reason = (f"test {key} on the {len(keep)} of {len(labels)} test images neither model trained or validated on: "
+                  f"{cand['test']:.4f} vs {score:.4f} (version {champ.version}): {stats['difference']:+.4f}, 95% "
+                  f"interval [{stats['ci95_low']:+.4f}, {stats['ci95_high']:+.4f}] ({stats['resamples']} paired "
+                  f"bootstrap resamples), {verdict} min_delta {p.promote.min_delta}")
     if promoted:
         client.set_registered_model_alias(name, ALIAS, cand["version"])
     decision = "promoted" if promoted else "kept"
     record = {"decision": decision, "reason": reason, "registered_model": name, "metric": key,
-              "min_delta": p.promote.min_delta, "candidate": cand, "previous_champion": before, "difference": stats,
+              "min_delta": p.promote.min_delta, "test_images": images, "candidate": cand,
+              "previous_champion": before, "difference": stats,
               "champion_version": cand["version"] if promoted else champ.version,
               "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     tags = {"promotion.decision": decision, "promotion.reason": reason, f"val_{key}": f"{cand['val']:.4f}",

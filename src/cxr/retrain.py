@@ -40,6 +40,11 @@ def summary(record: dict[str, Any], comparison: Path) -> str:
         lines += ["", f"Candidate - champion on test {m}: {d['difference']:+.4f}, 95% interval "
                       f"[{d['ci95_low']:+.4f}, {d['ci95_high']:+.4f}] ({d['resamples']} paired bootstrap resamples); "
                       f"promotion needs the interval above min_delta {record['min_delta']}."]
+    if n := record.get("test_images"):
+        seen = ", ".join(f"{v} seen by the {k.removeprefix('seen_by_')}" for k, v in n.items()
+                         if k.startswith("seen_by_"))
+        lines += ["", f"Test scores are on the {n['used']} of {n['total']} test images that no model compared trained "
+                      f"or validated on ({seen})."]
     lines += ["", f"`{record['registered_model']}@champion` is version {record['champion_version']}.", ""]
     board = comparison / "leaderboard.md"
     if board.exists():

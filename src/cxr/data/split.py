@@ -127,16 +127,25 @@ def downsample(data: Split, seed: int, n_classes: int = 2) -> Split:
     return data.take(np.sort(keep))
 
 
+SUBTYPES = ("bacteria", "virus")  # the causes of pneumonia Kaggle's file names state
+
+
+def subtype(name: str) -> str:
+    """'bacteria' or 'virus' where a Kaggle file name says which (person1_bacteria_1.jpeg), else ''."""
+    base = Path(name).name.lower()
+    return "virus" if "virus" in base else "bacteria" if "bacteria" in base else ""
+
+
 def three_class(data: Split) -> Split:
     """PNEUMONIA (1) becomes BACTERIA (1) or VIRUS (2) by the Kaggle file name (person1_bacteria_1.jpeg)."""
     labels = data.labels.copy()
     unknown = []
     for i, m in enumerate(data.meta):
         if labels[i] == 1:
-            name = Path(m["name"]).name.lower()
-            if "virus" in name:
+            cause = subtype(m["name"])
+            if cause == "virus":
                 labels[i] = 2
-            elif "bacteria" not in name:
+            elif not cause:
                 unknown.append(m["name"])
     if unknown:
         raise CxrError(f"data.labels three_class: {len(unknown)} PNEUMONIA images have neither 'bacteria' nor "

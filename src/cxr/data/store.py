@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,12 @@ class Split:
 
     def take(self, idx: np.ndarray) -> Split:
         return Split(np.ascontiguousarray(self.images[idx]), self.labels[idx], [self.meta[i] for i in idx])
+
+
+def images_digest(meta: list[dict[str, Any]]) -> str:
+    """One sha256 for a set of images, from their source files' sha256s (the grayscale stage's), in no order:
+    what a model card records of the images it trained and validated on."""
+    return hashlib.sha256("\n".join(sorted(m["sha256"] for m in meta)).encode()).hexdigest()
 
 
 def splits_in(folder: str | Path) -> list[str]:

@@ -1,9 +1,12 @@
-"""The compare stage: the leaderboard of every variant (markdown, CSV, JSON), comparison figures, and an
-MLflow run that groups this pipeline run's variant runs as its children."""
+"""The compare stage: the leaderboard of every variant (markdown, CSV, JSON), the spread of scores across seeds,
+comparison figures, and an MLflow run that groups this pipeline run's variant runs as its children."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -12,35 +15,46 @@ from mlflow.tracking import MlflowClient
 
 from cxr import tracking
 from cxr.io import atomic_path, best_on_val, read_report, write_csv, write_json
-from cxr.params import HEADLINE, Params
+from cxr.params import HEADLINE, WITH_INTERVAL, Params
 from cxr.plots import bars_figure, curve_figure, histories_figure
 
 Rows = list[dict[str, Any]]
+Groups = list[dict[str, Any]]
 
 
 def leaderboard(p: Params, reports: Path) -> Rows:
     """One row per variant and ensemble, best first by validation `compare.metric` (test is reported, never
-    ranked on): headline test scores, the val scores ranked and selected on, calibration, and the MLflow ids.
-    An ensemble's epochs and training time are its members' sums."""
+    ranked on): headline test scores with their 95% intervals (`<score>_ci95`), the val scores ranked and
+    selected on, the range of equally good thresholds on val, sensitivity per pneumonia subtype, calibration,
+    and the MLflow ids. An ensemble's epochs and training time are its members' sums."""
     rows = []
     for variant in p.entries:
         ev = read_report(reports / variant / "evaluation.json", variant)
         members = p.ensembles.get(variant, [variant])
         train = [read_report(reports / m / "train.json", m) for m in members]
-        cal = ev.get("calibration", {})
-        rows.append({"variant": variant,
-                     "arch": p.variant(variant).arch if variant in p.models else "ensemble: " + " + ".join(members),
-                     "image_size": p.image_size(members[0]), **{k: _round(ev["test"][k]) for k in HEADLINE},
-                     "accuracy_at_0.5": _round(ev.get("test_threshold_0_5", {}).get("accuracy")),
-                     **{f"val_{m}": _round(ev["val"][m])
-                        for m in dict.fromkeys(("auroc", p.compare.metric, p.promote.metric))},
-                     "threshold": _round(ev.get("threshold")), "tta": ev.get("tta", 1),
-                     "temperature": _round(cal.get("temperature")), "val_ece": _round(cal.get("val_ece_after")),
-                     "test_ece": _round(cal.get("test_ece_after")),
-                     "epochs": sum(t["epochs_run"] for t in train),
-                     "train_seconds": round(sum(t["train_seconds"] for t in train), 2),
-                     "run_id": ev["mlflow"]["run_id"],
-                     "model_id": ev["mlflow"]["model_id"]})
+        cal, span = ev.get("calibration", {}), ev.get("threshold_range") or {}
+        row: dict[str, Any] = {"variant": variant, "image_size": p.image_size(members[0]),
+                               "arch": p.variant(variant).arch if variant in p.models else
+                               "ensemble: " + " + ".join(members)}
+        for m in HEADLINE:
+            row[m] = _round(ev["test"][m])
+            if m in WITH_INTERVAL:
+                row[f"{m}_ci95"] = ev.get("test_ci95", {}).get(m)
+        row["accuracy_at_0.5"] = _round(ev.get("test_threshold_0_5", {}).get("accuracy"))
+        for m in dict.fromkeys(("auroc", p.compare.metric, p.promote.metric)):
+            row[f"val_{m}"] = _round(ev["val"][m])
+            row[f"val_{m}_ci95"] = ev.get("val_ci95", {}).get(m)
+        row |= {"threshold": _round(ev.get("threshold")), "threshold_low": _round(span.get("low")),
+                "threshold_high": _round(span.get("high")), "threshold_wide": span.get("wide")}
+        for cause, sub in ev.get("subtypes", {}).get("test", {}).items():  # where the file names say
+            row |= {f"recall_{cause}": _round(sub["recall"]), f"recall_{cause}_ci95": sub["recall_ci95"]}
+        row |= {"tta": ev.get("tta", 1), "temperature": _round(cal.get("temperature")),
+                "val_ece": _round(cal.get("val_ece_after")), "test_ece": _round(cal.get("test_ece_after")),
+                "test_class_ece": _round(cal.get("test_class_ece_after")),
+                "epochs": sum(t["epochs_run"] for t in train),
+                "train_seconds": round(sum(t["train_seconds"] for t in train), 2),
+                "run_id": ev["mlflow"]["run_id"], "model_id": ev["mlflow"]["model_id"]}
+        rows.append(row)
     key = f"val_{p.compare.metric}"
     return sorted(rows, key=lambda r: -(r[key] if r[key] is not None else -1.0))
 
@@ -49,15 +63,95 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
-def markdown(rows: Rows, metric: str) -> str:
-    head = [k for k in (rows[0] if rows else {"variant": 0}) if k not in ("run_id", "model_id")]
-    lines = [f"# Leaderboard (test scores, sorted by validation {metric})", "", "| " + " | ".join(head) + " |",
-             "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join("" if r[k] is None else str(r[k]) for k in head) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+def cell(row: dict[str, Any], key: str) -> str:
+    """A leaderboard value as text: a score with its 95% interval where it has one, e.g. 0.9167 [0.894–0.938]."""
+    v = row.get(key)
+    if v is None:
+        return ""
+    if not isinstance(v, float):
+        return str(v)
+    ci = row.get(f"{key}_ci95")
+    return f"{v:.4f}" + (f" [{ci[0]:.3f}–{ci[1]:.3f}]" if ci else "")
+
+
+def flat(rows: Rows) -> Rows:
+    """The rows with each interval as two numeric columns (<score>_ci95_low and _high), for CSV."""
+    out = []
+    for r in rows:
+        row: dict[str, Any] = {}
+        for k, v in r.items():
+            if k.endswith("_ci95"):
+                row |= {f"{k}_low": v[0] if v else None, f"{k}_high": v[1] if v else None}
+            else:
+                row[k] = v
+        out.append(row)
+    return out
+
+
+SPREAD = ("accuracy", "recall", "specificity", "f1", "auroc", "val_auroc")
+
+
+def spread(p: Params, rows: Rows) -> Groups:
+    """Per group of two or more variants that differ only in `seed_offset`: each headline score's mean, sample
+    sd, min and max over the seeds, beside the score of an ensemble of exactly those variants."""
+    by_recipe: dict[str, list[str]] = {}
+    for v in (r["variant"] for r in rows if r["variant"] in p.models):
+        recipe = dataclasses.asdict(dataclasses.replace(p.variant(v), seed_offset=0)) | {"size": p.image_size(v)}
+        by_recipe.setdefault(json.dumps(recipe, sort_keys=True, default=str), []).append(v)
+    by_name = {r["variant"]: r for r in rows}
+    groups = []
+    for members in (sorted(m) for m in by_recipe.values() if len(m) > 1):
+        ensemble = next((e for e, ms in p.ensembles.items() if sorted(ms) == members and e in by_name), None)
+        stats = {}
+        for key in SPREAD:
+            values = [by_name[m][key] for m in members if by_name[m].get(key) is not None]
+            if len(values) > 1:
+                stats[key] = {"mean": round(statistics.mean(values), 4), "sd": round(statistics.stdev(values), 4),
+                              "min": min(values), "max": max(values),
+                              "ensemble": by_name[ensemble].get(key) if ensemble else None}
+        groups.append({"variants": members, "ensemble": ensemble, "scores": stats})
+    return groups
 
 
 SUMMARY = {"accuracy": "test acc", "recall": "sens", "specificity": "spec", "auroc": "test AUROC"}
+LABELS = {**SUMMARY, "f1": "test F1", "val_auroc": "val AUROC"}
+
+
+def spread_lines(groups: Groups) -> list[str]:
+    """The seed spread in plain text: a header per group, a line per score."""
+    lines = []
+    for g in groups:
+        ens = f"; the ensemble {g['ensemble']} beside it" if g["ensemble"] else ""
+        lines.append(f"Seed spread of {', '.join(g['variants'])} (one recipe, {len(g['variants'])} seeds): "
+                     f"mean ± sd (min–max){ens}")
+        for key, st in g["scores"].items():
+            beside = f"   {g['ensemble']} {st['ensemble']:.4f}" if st["ensemble"] is not None else ""
+            lines.append(f"  {LABELS[key]:<10} {st['mean']:.4f} ± {st['sd']:.4f} ({st['min']:.4f}–{st['max']:.4f})"
+                         + beside)
+    return lines
+
+
+def threshold_lines(rows: Rows) -> list[str]:
+    """In words, each entry whose validation split scores its best over a wide range of thresholds."""
+    return [f"{r['variant']}: every threshold from {r['threshold_low']:.3f} to {r['threshold_high']:.3f} scores the "
+            f"best on validation, so validation cannot place it ({r['threshold']:.3f} is the rule's tie-break); "
+            f"operating points at val specificity 0.90/0.95/0.99: reports/{r['variant']}/evaluation.json"
+            for r in rows if r.get("threshold_wide")]
+
+
+def markdown(rows: Rows, metric: str, groups: Groups | None = None) -> str:
+    head = [k for k in (rows[0] if rows else {"variant": 0})
+            if k not in ("run_id", "model_id", "threshold_wide") and not k.endswith("_ci95")]
+    lines = [f"# Leaderboard (test scores, sorted by validation {metric})", "",
+             "Scores [95% interval: stratified bootstrap, 2,000 resamples]; recall_bacteria and recall_virus: the "
+             "sensitivity within each pneumonia subtype; test_ece: top-label (Guo et al.), test_class_ece: "
+             "class-wise.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cell(r, k) for k in head) + " |" for r in rows]
+    if extra := [*threshold_lines(rows), *spread_lines(groups or [])]:
+        lines += ["", "```", *extra, "```"]
+    return "\n".join(lines) + "\n"
+
+
 # comparison/scores.json, the only DVC metrics file: `dvc exp show` names its columns auroc.<variant> (test),
 # val_auroc.<variant>, acc.<variant>..., short and unique, each variant's test AUROC first, to fit 120 columns.
 SCORES = {"auroc": "auroc", "val_auroc": "val_auroc", "acc": "accuracy", "sens": "recall", "spec": "specificity"}
@@ -67,31 +161,31 @@ def scores(rows: Rows) -> dict[str, dict[str, float | None]]:
     return {name: {r["variant"]: r.get(key) for r in rows} for name, key in SCORES.items()}
 
 
-def _headline(rows: Rows, metric: str, *extra: str) -> tuple[list[str], list[list[Any]]]:
-    """The leaderboard's headline columns (and `extra` ones): a header and one row of values per entry."""
+def _table(rows: Rows, metric: str, *extra: str) -> tuple[list[str], list[list[str]]]:
+    """The leaderboard's headline columns (and `extra` ones), as text with intervals: a header and a row each."""
     head = ["variant", f"val {metric}", *SUMMARY.values(), *extra]
-    return head, [[r["variant"], r[f"val_{metric}"], *(r[k] for k in [*SUMMARY, *extra])] for r in rows]
+    keys = ["variant", f"val_{metric}", *SUMMARY, *extra]
+    return head, [[cell(r, k) or "-" for k in keys] for r in rows]
 
 
-def summary(rows: Rows, metric: str, out: Path) -> str:
-    """The leaderboard's headline columns as a plain-text table, and where the rest is: what the compare stage
-    prints at the end of a run."""
-    head, body = _headline(rows, metric, "threshold")
-    cells = [head, *[["-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)) for v in row]
-                     for row in body]]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+def summary(rows: Rows, metric: str, out: Path, groups: Groups | None = None) -> str:
+    """The headline columns with their intervals as a plain-text table, what validation cannot decide, the seed
+    spread, and where the rest is: what the compare stage prints at the end of a run."""
+    head, body = _table(rows, metric, "threshold")
+    widths = [max(len(c[i]) for c in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-             for row in cells]
-    return "\n".join([f"Leaderboard: test scores at the threshold chosen on val, best first by val {metric}", *lines,
+             for row in [head, *body]]
+    return "\n".join([f"Leaderboard: test scores [95% interval] at the threshold chosen on val, best first by val "
+                      f"{metric}", *lines, *threshold_lines(rows), *spread_lines(groups or []),
                       f"Full table and figures: {out}/leaderboard.md, {out}/*.png; every run in MLflow: make ui"])
 
 
 def note(rows: Rows, metric: str) -> str:
     """The parent run's description: the headline columns as a markdown table (the full one is an artifact)."""
-    head, body = _headline(rows, metric)
-    lines = [f"**Leaderboard**: test scores at the threshold chosen on val, best first by val {metric} "
-             "(all columns: leaderboard.md)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in body]
+    head, body = _table(rows, metric)
+    lines = [f"**Leaderboard**: test scores [95% interval] at the threshold chosen on val, best first by val "
+             f"{metric} (all columns: leaderboard.md)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines)
 
 
@@ -108,22 +202,24 @@ def figures(p: Params, rows: Rows, reports: Path) -> dict[str, Any]:
 
 
 def compare(p: Params, reports: Path, out: Path) -> Rows:
-    """Write out/{leaderboard.md,leaderboard.csv,leaderboard.json,scores.json,*.png} and log the comparison
-    run; `out` appears only once both are done. Returns the leaderboard's rows."""
+    """Write out/{leaderboard.md,leaderboard.csv,leaderboard.json,seed_spread.json,scores.json,*.png} and log
+    the comparison run; `out` appears only once both are done. Returns the leaderboard's rows."""
     rows = leaderboard(p, reports)
+    groups = spread(p, rows)
     figs = figures(p, rows, reports)
     with atomic_path(out, is_dir=True) as tmp:
-        (tmp / "leaderboard.md").write_text(markdown(rows, p.compare.metric))
-        write_csv(tmp / "leaderboard.csv", rows)
+        (tmp / "leaderboard.md").write_text(markdown(rows, p.compare.metric, groups))
+        write_csv(tmp / "leaderboard.csv", flat(rows))
         write_json(tmp / "leaderboard.json", rows)
+        write_json(tmp / "seed_spread.json", groups)
         write_json(tmp / "scores.json", scores(rows))
         for name, fig in figs.items():
             fig.savefig(tmp / name, dpi=110)
-        log_comparison(p, rows, figs, reports)
+        log_comparison(p, rows, groups, figs, reports)
     return rows
 
 
-def log_comparison(p: Params, rows: Rows, figs: dict[str, Any], reports: Path) -> str:
+def log_comparison(p: Params, rows: Rows, groups: Groups, figs: dict[str, Any], reports: Path) -> str:
     """An MLflow run for this pipeline run: the leaderboard and figures; each variant run that has no parent
     yet (trained since the last compare) becomes its child, so the UI nests one pipeline run's variants."""
     root = tracking.project_root()
@@ -132,7 +228,8 @@ def log_comparison(p: Params, rows: Rows, figs: dict[str, Any], reports: Path) -
     tags = {**tracking.run_tags("compare", root), "cxr.kind": "comparison", tracking.NOTE: note(rows, p.compare.metric)}
     with mlflow.start_run(experiment_id=experiment_id, run_name=tracking.pipeline_run_name(), tags=tags) as run:
         mlflow.log_dict(rows, "leaderboard.json")
-        mlflow.log_text(markdown(rows, p.compare.metric), "leaderboard.md")
+        mlflow.log_dict(groups, "seed_spread.json")
+        mlflow.log_text(markdown(rows, p.compare.metric, groups), "leaderboard.md")
         for name, fig in figs.items():
             mlflow.log_figure(fig, f"plots/{name}")
         if rows:  # the variant promotion would pick: best on validation

@@ -19,7 +19,8 @@ from cxr.models import without_download
 from cxr.params import Params
 
 log = logging.getLogger(__name__)
-SAME = ("image_size", "classes", "fit", "draft", "equalize")  # what members must share: they see one input
+# what members must share: they see one input, and trained on the same images (promotion relies on the lineage)
+SAME = ("image_size", "classes", "fit", "draft", "equalize", "source", "train_digest", "val_digest")
 
 
 def assemble(name: str, members: dict[str, tuple[Any, ModelCard]]) -> tuple[Any, ModelCard]:
@@ -30,11 +31,12 @@ def assemble(name: str, members: dict[str, tuple[Any, ModelCard]]) -> tuple[Any,
         if diff:
             raise CxrError(f"ensembles.{name}: {other} and {first} differ in {', '.join(diff)} "
                            f"({getattr(c, diff[0])!r} vs {getattr(card, diff[0])!r}); an ensemble's members must "
-                           "take the same input")
+                           "take the same input and have trained on the same images")
     settings = {"members": [{"arch": c.arch, "settings": without_download(c.settings), "mean": c.mean, "std": c.std}
                             for _, c in members.values()]}
     ens = ModelCard(variant=name, arch="ensemble", image_size=card.image_size, classes=card.classes, fit=card.fit,
-                    draft=card.draft, equalize=card.equalize, mean=0.0, std=1.0, settings=settings)
+                    draft=card.draft, equalize=card.equalize, mean=0.0, std=1.0, settings=settings, source=card.source,
+                    train_digest=card.train_digest, val_digest=card.val_digest)
     model = ens.build()
     for module, (member, _) in zip(model.net.members, members.values(), strict=True):
         module.load_state_dict(member.state_dict())

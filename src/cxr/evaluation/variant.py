@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,17 @@ import numpy as np
 import torch
 from mlflow.models import infer_signature
 
-from cxr import inference, tracking
-from cxr.data.store import Split, load_split, size_dir
+from cxr import bootstrap, inference, tracking
+from cxr.data.split import SUBTYPES, subtype
+from cxr.data.store import Split, images_digest, load_split, size_dir
+from cxr.errors import CxrError
 from cxr.io import atomic_paths, write_csv, write_json
 from cxr.metrics import (
+    OPERATING_SPECIFICITY,
     auroc,
     average_precision,
     choose_threshold,
+    class_ece,
     confusion,
     curves,
     ece,
@@ -29,34 +34,92 @@ from cxr.metrics import (
     multiclass_scores,
     reliability,
     scores,
+    threshold_at_specificity,
+    threshold_range,
 )
 from cxr.params import Params
 from cxr.plots import confusion_figure, curve_figure, reliability_figure
+from cxr.task import predicted
 
 log = logging.getLogger(__name__)
 
 
-def _metrics(p_val: torch.Tensor, y_val: torch.Tensor, p_test: torch.Tensor, y_test: torch.Tensor,
-             names: list[str], rule: str | float) -> dict[str, Any]:
-    if len(names) > 2:  # argmax: no threshold to choose
-        return {"classes": names, "test": multiclass_scores(p_test, y_test, names),
-                "val": multiclass_scores(p_val, y_val, names)}
-    threshold = choose_threshold(p_val, y_val, rule)
-    return {"classes": names, "threshold": threshold, "threshold_rule": str(rule),
-            "test": scores(p_test, y_test, threshold), "test_threshold_0_5": scores(p_test, y_test, 0.5),
-            "val": scores(p_val, y_val, threshold)}
+WIDE_RANGE = 0.2  # a threshold range this wide on validation: the rule's tie-break placed it, not the data
+
+
+def _split_figures(probs: torch.Tensor, y: torch.Tensor, meta: list[dict[str, Any]], names: list[str],
+                   threshold: float, w: torch.Tensor) -> dict[str, Any]:
+    """One split's scores (at `threshold`; argmax with more classes), their 95% intervals over the resamples
+    `w`, and the share of each pneumonia subtype called pneumonia, where the file names say the subtype."""
+    point = scores(probs, y, threshold) if len(names) == 2 else multiclass_scores(probs, y, names)
+    out: dict[str, Any] = {"scores": point, "ci95": bootstrap.intervals(probs, y, threshold, w)}
+    called = predicted(probs, threshold) != 0  # PNEUMONIA, of any cause (class 0 is NORMAL)
+    cause = [subtype(m["name"]) for m in meta]
+    out["subtypes"] = {}
+    for s in SUBTYPES:
+        mask = torch.tensor([c == s for c in cause]) & (y != 0)
+        if mask.any():
+            out["subtypes"][s] = {"images": int(mask.sum()), "recall": float(called[mask].double().mean()),
+                                  "recall_ci95": bootstrap.share_interval(called[mask], w[:, mask])}
+    return out
+
+
+def strata(y: torch.Tensor, meta: list[dict[str, Any]]) -> torch.Tensor:
+    """Bootstrap strata: class, and within it the pneumonia subtype where names give it, so that every resample
+    keeps the split's count of each."""
+    return y * (len(SUBTYPES) + 1) + torch.tensor([(SUBTYPES.index(c) + 1) if (c := subtype(m["name"])) else 0
+                                                    for m in meta], dtype=torch.long)
+
+
+def _metrics(p_val: torch.Tensor, val: Split, p_test: torch.Tensor, test: Split, names: list[str],
+             rule: str | float, seed: int) -> dict[str, Any]:
+    """Scores of val and test with their intervals and subtypes; binary: the threshold chosen on val, the range
+    of equally good ones, and operating points at fixed val specificities, for a user who must pick one."""
+    y_val, y_test = torch.from_numpy(val.labels), torch.from_numpy(test.labels)
+    w_val = bootstrap.resample_counts(strata(y_val, val.meta), bootstrap.RESAMPLES, seed)
+    w_test = bootstrap.resample_counts(strata(y_test, test.meta), bootstrap.RESAMPLES, seed)
+    binary = len(names) == 2
+    threshold = choose_threshold(p_val, y_val, rule) if binary else 0.5
+    out: dict[str, Any] = {"classes": names}
+    if binary:
+        out |= {"threshold": threshold, "threshold_rule": str(rule)}
+        if (span := threshold_range(p_val, y_val, rule)) is not None:
+            out["threshold_range"] = {"low": span[0], "high": span[1], "width": span[1] - span[0],
+                                      "wide": span[1] - span[0] >= WIDE_RANGE}
+    for split, probs, y, data, w in (("test", p_test, y_test, test, w_test), ("val", p_val, y_val, val, w_val)):
+        fig = _split_figures(probs, y, data.meta, names, threshold, w)
+        out |= {split: fig["scores"], f"{split}_ci95": fig["ci95"]}
+        if fig["subtypes"]:
+            out.setdefault("subtypes", {})[split] = fig["subtypes"]
+    out["intervals"] = {"method": "stratified percentile bootstrap (by class and pneumonia subtype)",
+                        "resamples": bootstrap.RESAMPLES, "seed": seed, "level": 0.95}
+    if binary:
+        out["test_threshold_0_5"] = scores(p_test, y_test, 0.5)
+        out["operating_points"] = []
+        for target in OPERATING_SPECIFICITY:
+            t = threshold_at_specificity(p_val, y_val, target)
+            v, te, ci = (scores(p_val, y_val, t), scores(p_test, y_test, t),
+                         bootstrap.intervals(p_test, y_test, t, w_test))
+            out["operating_points"].append({
+                "val_specificity_at_least": target, "threshold": t,
+                "val": {k: v[k] for k in ("recall", "specificity")},
+                "test": {**{k: te[k] for k in ("recall", "specificity")},
+                         **{f"{k}_ci95": ci[k] for k in ("recall", "specificity")}}})
+    return out
 
 
 def calibrate(card: inference.ModelCard, z_val: torch.Tensor, y_val: torch.Tensor, z_test: torch.Tensor,
               y_test: torch.Tensor, fit: bool) -> dict[str, Any]:
-    """The temperature (fitted on validation when `fit`, else 1), the expected calibration error of val and
-    test before and after it, and reliability rows per split and stage ({"split", "stage", bin rows})."""
+    """The temperature (fitted on validation when `fit`, else 1), the expected calibration errors (top-label and
+    class-wise) of val and test before and after it, and reliability rows per split and stage ({"split", "stage",
+    bin rows})."""
     t = fit_temperature(z_val, y_val, card.probabilities) if fit else 1.0
     out: dict[str, Any] = {"temperature": t, "reliability": []}
     for split, z, y in (("val", z_val, y_val), ("test", z_test, y_test)):
         for stage, temp in (("before", 1.0), ("after", t)):
             probs = card.probabilities(z, temp)
-            out[f"{split}_ece_{stage}"] = ece(probs, y)
+            out[f"{split}_ece_{stage}"] = ece(probs, y)  # Guo et al.'s: top-label confidence
+            out[f"{split}_class_ece_{stage}"] = class_ece(probs, y)
             out["reliability"] += [{"split": split, "stage": stage, **r} for r in reliability(probs, y)]
     return out
 
@@ -81,15 +144,23 @@ def headline(metrics: dict[str, Any]) -> dict[str, Any]:
     return {s: {k: metrics[s][k] for k in keys} for s, keys in COLUMNS.items()}
 
 
+def with_interval(x: float | None, ci: list[float] | None = None) -> str:
+    """0.917 [0.894–0.938]: a score and its 95% interval, as every table prints it."""
+    if x is None:
+        return "n/a"
+    return f"{x:.3f}" + (f" [{ci[0]:.3f}–{ci[1]:.3f}]" if ci else "")
+
+
 def scores_note(metrics: dict[str, Any], n_test: int) -> str:
-    """One line of the headline scores, for descriptions in MLflow."""
-    def f(x: float | None) -> str:
-        return "n/a" if x is None else f"{x:.3f}"
+    """One line of the headline scores with their 95% intervals, for descriptions in MLflow."""
     t = metrics.get("threshold")
     at = f" at threshold {t:.3f} (chosen on val)" if t is not None else ""
-    test = metrics["test"]
-    return (f"Test ({n_test} images){at}: accuracy {f(test['accuracy'])}, sensitivity {f(test['recall'])}, "
-            f"specificity {f(test['specificity'])}, AUROC {f(test['auroc'])}. Val AUROC {f(metrics['val']['auroc'])}.")
+    test, ci = metrics["test"], metrics.get("test_ci95", {})
+    shown = ", ".join(f"{label} {with_interval(test[k], ci.get(k))}" for k, label in
+                      (("accuracy", "accuracy"), ("recall", "sensitivity"), ("specificity", "specificity"),
+                       ("auroc", "AUROC")))
+    val = with_interval(metrics["val"]["auroc"], metrics.get("val_ci95", {}).get("auroc"))
+    return f"Test ({n_test} images){at}: {shown} (95% intervals, stratified bootstrap). Val AUROC {val}."
 
 
 def _log_figures(variant: str, names: list[str], p_test: torch.Tensor, y_test: torch.Tensor, threshold: float,
@@ -122,21 +193,33 @@ def predictions(test: Split, probs: torch.Tensor, card: inference.ModelCard) -> 
     return rows
 
 
+def image_hashes(card: inference.ModelCard, train: Split, val: Split) -> list[dict[str, str]]:
+    """The sha256 of every image the model trained and validated on, as the card's digests say; an error when
+    these arrays are not the ones it was trained on."""
+    if (images_digest(train.meta), images_digest(val.meta)) != (card.train_digest, card.val_digest):
+        raise CxrError(f"{card.variant} was trained on other train/val images than the ones prepared now; run "
+                       "`dvc repro` to retrain it on them")
+    return [{"split": name, "sha256": m["sha256"], "name": m["name"]}
+            for name, data in (("train", train), ("val", val)) for m in data.meta]
+
+
 def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, report_dir: Path) -> dict[str, Any]:
     """Log metrics, figures and the model to the variant's MLflow run, then write
     report_dir/{metrics,evaluation,confusion,roc,pr}.json and predictions.csv."""
     model, card = inference.load(model_dir / "model.pt")
-    card = dataclasses.replace(card, tta=p.evaluate.tta)
+    card = dataclasses.replace(card, tta_views=inference.TTA_VIEWS[:p.evaluate.tta])
     names = list(card.classes)
     data = size_dir(data, card.image_size)
     val, test = load_split(data, "val"), load_split(data, "test")
+    hashes = image_hashes(card, load_split(data, "train", mmap=True), val)
     z_val, z_test = card.logits_of(model, val.images), card.logits_of(model, test.images)  # every TTA view
     model.cpu()
     y_val, y_test = torch.from_numpy(val.labels), torch.from_numpy(test.labels)
     calibration = calibrate(card, z_val, y_val, z_test, y_test, p.evaluate.calibrate)
     card = dataclasses.replace(card, temperature=calibration["temperature"])
     p_val, p_test = card.probabilities(z_val), card.probabilities(z_test)
-    metrics = _metrics(p_val, y_val, p_test, y_test, names, p.evaluate.threshold) | {"tta": card.tta}
+    metrics = _metrics(p_val, val, p_test, test, names, p.evaluate.threshold, p.seed)
+    metrics |= {"tta": len(card.tta_views), "tta_views": [list(v) for v in card.tta_views]}
     metrics["calibration"] = {k: v for k, v in calibration.items() if k != "reliability"}
     card = dataclasses.replace(card, threshold=metrics.get("threshold", 0.5))
     pred_rows = predictions(test, p_test, card)
@@ -164,14 +247,21 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
         # The card: what `cxr predict` and promotion need to apply the model exactly as evaluated here.
         # Stated requirements: MLflow's own inference loads the model again in a subprocess (11.4 s against
         # 0.4 s per variant here). The pt2 program needs torch alone, not torchvision.
-        info = mlflow.pytorch.log_model(model, name="model", input_example=example, signature=signature,
-                                        metadata=card.to_dict(),
-                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        # The images it trained and validated on go with the model: promotion keeps them out of its test.
+        with tempfile.TemporaryDirectory() as extra:
+            write_csv(Path(extra) / inference.HASHES, hashes)
+            info = mlflow.pytorch.log_model(model, name="model", input_example=example, signature=signature,
+                                            metadata=card.to_dict(), extra_files=[str(Path(extra) / inference.HASHES)],
+                                            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
         # "val_best", not "val": training logs val/* per epoch, and this is one more point, at the kept weights.
         for split, key in (("test", "test"), ("test_threshold_0_5", "test_at_0.5"), ("val", "val_best")):
             if split in metrics:
                 mlflow.log_metrics({f"{key}/{k}": v for k, v in metrics[split].items() if v is not None},
                                    model_id=info.model_id)
+            for k, ci in metrics.get(f"{split}_ci95", {}).items():
+                if ci:
+                    mlflow.log_metrics({f"{key}/{k}_ci95_low": ci[0], f"{key}/{k}_ci95_high": ci[1]},
+                                       model_id=info.model_id)
         mlflow.log_metric("threshold", card.threshold)
         mlflow.log_dict(metrics, "metrics.json")
         mlflow.log_text(out["predictions"].read_text(), "predictions.csv")

@@ -14,7 +14,7 @@ from typing import Any
 import mlflow
 
 from cxr import inference, tracking
-from cxr.data.store import classes, load_split, preprocessing, size_dir
+from cxr.data.store import classes, images_digest, load_split, preprocessing, size_dir
 from cxr.io import atomic_path, atomic_paths, write_csv, write_json
 from cxr.models import build_model, check_variants
 from cxr.params import Params
@@ -65,7 +65,8 @@ def train_variant(p: Params, variant: str, data: Path, model_dir: Path, report_d
     names = classes(data)
     train, val = load_split(data, "train"), load_split(data, "val")
     check_variants(p, [variant])  # bad settings or size fail before MLflow starts a run
-    card = make_card(tp, train, names, variant, **preprocessing(data))
+    card = dataclasses.replace(make_card(tp, train, names, variant, **preprocessing(data)), source=data_source(p)[0],
+                               train_digest=images_digest(train.meta), val_digest=images_digest(val.meta))
     if tp.model.get("pretrained"):  # and missing ImageNet weights (offline): only a real build reads them
         build_model(tp.arch, num_classes=n_logits(len(names)), image_size=card.image_size, **tp.model)
     mode = training_mode(ddp.device(), tp.arch, tp.cpu_bf16)  # what `auto` means depends on the machine
