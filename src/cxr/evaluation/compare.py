@@ -33,9 +33,8 @@ def leaderboard(p: Params, reports: Path) -> Rows:
         members = p.ensembles.get(variant, [variant])
         train = [read_report(reports / m / "train.json", m) for m in members]
         cal, span = ev.get("calibration", {}), ev.get("threshold_range") or {}
-        row: dict[str, Any] = {"variant": variant, "image_size": p.image_size(members[0]),
-                               "arch": p.variant(variant).arch if variant in p.models else
-                               "ensemble: " + " + ".join(members)}
+        row: dict[str, Any] = {"variant": variant, "arch": p.variant(variant).arch if variant in p.models else
+                               "ensemble: " + " + ".join(members), "image_size": p.image_size(members[0])}
         for m in HEADLINE:
             row[m] = _round(ev["test"][m])
             if m in WITH_INTERVAL:
