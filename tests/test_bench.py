@@ -37,3 +37,13 @@ def test_the_training_speed_bench_prints_every_mode_beside_the_naive_loop():
                       re.M)
     assert [r[0] for r in rows] == ["linear", "xrnet"], out
     assert all(r[2] in {"float32", "bf16", "float32+cl", "bf16+cl"} for r in rows), out
+
+
+def test_the_bootstrap_bench_prints_both_ways_and_how_far_apart_they_lie():
+    out = sh(ROOT, sys.executable, "bench/bootstrap_speed.py", "--resamples", "300", "--repeats", "1")
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| binary") or
+            line.startswith("| three")]
+    assert len(rows) == 2
+    for row in rows:
+        naive, fast, gap = float(row[1]), float(row[2]), float(row[4])
+        assert naive > fast > 0 and gap < 0.05  # the same intervals within Monte Carlo error of 300 resamples

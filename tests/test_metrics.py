@@ -216,6 +216,15 @@ def test_threshold_range_holds_every_threshold_with_the_best_validation_score():
         for t in (lo, (lo + hi) / 2, hi - 1e-6):
             assert score(t) == pytest.approx(best, abs=1e-12), (rule, t)
         assert score(lo - 0.011) < best - 1e-12 or lo < 0.011  # scores lie on a 0.01 grid
+        # Within one image of the best: a wider range around the best one, whose ends score at most one more
+        # error of the rarer class (Youden) or one more false call (F1) below the best, and beyond which none does.
+        near_lo, near_hi = M.threshold_range(probs, labels, rule, slack=1)
+        assert near_lo <= lo < hi <= near_hi and near_hi - near_lo > hi - lo
+        pos, neg = int(labels.sum()), int((1 - labels).sum())
+        tp = M.scores(probs, labels, M.choose_threshold(probs, labels, rule))["tp"]
+        floor = best - 1 / min(pos, neg) if rule == "youden" else 2 * tp / (2 * tp / best + 1)
+        assert score(near_lo) >= floor - 1e-12 and score(near_hi - 1e-6) >= floor - 1e-12
+        assert all(score(t) < floor - 1e-12 for t in probs.unique().tolist() if t < near_lo - 1e-6 or t >= near_hi)
     assert M.threshold_range(probs, labels, 0.5) is None
 
 

@@ -88,21 +88,30 @@ def choose_threshold(probs: torch.Tensor, labels: torch.Tensor, rule: str | floa
     return mid if mid < best else as_threshold(lower)
 
 
-def threshold_range(probs: torch.Tensor, labels: torch.Tensor, rule: str | float) -> tuple[float, float] | None:
-    """[low, high]: every threshold t in it (positive when p > t) scores the best `rule` score on `probs`. On a
-    nearly separable split it is wide, and where in it choose_threshold lands is the rule's tie-break, not
-    evidence. None for a fixed threshold or one class."""
+def threshold_range(probs: torch.Tensor, labels: torch.Tensor, rule: str | float,
+                    slack: int = 0) -> tuple[float, float] | None:
+    """[low, high]: the lowest and highest thresholds t (positive when p > t) that score the best `rule` score
+    on `probs`, or, with `slack` = k, within k more errors of the best (k images of the rarer class for
+    Youden's J; k more false calls at the best point for F1). On a nearly separable validation split the
+    near-best range is wide: where in it choose_threshold lands is set by one or two images, not by evidence.
+    None for a fixed threshold or one class."""
     if isinstance(rule, float) or labels.unique().numel() < 2:
         return None
     fps, tps, d = _clf_curve(probs, labels)
     pos, neg = tps[-1], fps[-1]
     zero = torch.zeros(1, dtype=torch.float64)
     fps, tps = torch.cat([zero, fps]), torch.cat([zero, tps])  # 0: nothing positive, j: p >= d[j - 1] positive
-    score = 2 * tps / (tps + fps + pos) if rule == "f1" else (tps * neg - fps * pos) / (pos * neg)
+    if rule == "f1":
+        score = 2 * tps / (tps + fps + pos)
+        at = score.argmax()
+        floor = 2 * tps[at] / (tps[at] + fps[at] + pos + slack)  # the best point with `slack` more errors
+    else:
+        score = (tps * neg - fps * pos) / (pos * neg)
+        floor = score.max() - slack / min(pos, neg)
     # decision j holds for t in [d[j], d[j - 1]): between the next lower score and its own lowest score
     low, high = torch.cat([d, zero]), torch.cat([torch.ones(1, dtype=torch.float64), d])
-    best = score == score.max()
-    return float(low[best].min()), float(high[best].max())
+    near = score >= floor - 1e-12 if slack else score == score.max()
+    return float(low[near].min()), float(high[near].max())
 
 
 OPERATING_SPECIFICITY = (0.90, 0.95, 0.99)

@@ -131,9 +131,10 @@ def spread_lines(groups: Groups) -> list[str]:
 
 
 def threshold_lines(rows: Rows) -> list[str]:
-    """In words, each entry whose validation split scores its best over a wide range of thresholds."""
-    return [f"{r['variant']}: every threshold from {r['threshold_low']:.3f} to {r['threshold_high']:.3f} scores the "
-            f"best on validation, so validation cannot place it ({r['threshold']:.3f} is the rule's tie-break); "
+    """In words, each entry whose validation split scores within one image of its best over a wide range of
+    thresholds."""
+    return [f"{r['variant']}: every threshold from {r['threshold_low']:.3f} to {r['threshold_high']:.3f} scores "
+            f"within one image of the best on validation: validation cannot place it (it chose {r['threshold']:.3f}); "
             f"operating points at val specificity 0.90/0.95/0.99: reports/{r['variant']}/evaluation.json"
             for r in rows if r.get("threshold_wide")]
 
