@@ -144,13 +144,15 @@ def promote(p: Params, reports: Path, data: Path, out: Path) -> dict[str, Any]:
         raise CxrError(f"the test split has one class, so {key} is undefined; set promote.metric: recall")
     before: dict[str, Any] | None = None
     stats: dict[str, Any] | None = None
+    alone = f"test {key} {cand['test']:.4f} on the {len(keep)} of {len(labels)} test images it never saw"
     if champ is None:
-        promoted, reason = True, f"no {ALIAS} yet"
+        promoted, reason = True, f"no {ALIAS} yet; {alone}"
     elif champ.version == cand["version"]:
         promoted, reason = False, f"the candidate is already the {ALIAS} (version {champ.version})"
     elif probs is None or card is None:
         before = {"version": champ.version, "variant": champ.tags.get("variant", ""), "test": None}
-        promoted, reason = True, f"the {ALIAS} (version {champ.version}) cannot be scored on this test data: {why_not}"
+        promoted, reason = True, (f"the {ALIAS} (version {champ.version}) cannot be scored on this test data: "
+                                  f"{why_not}; {alone}")
     else:
         score = metric(key, probs[keep], labels[keep], names, card.threshold)
         before = {"version": champ.version, "variant": champ.tags.get("variant", ""), "test": score}
