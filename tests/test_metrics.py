@@ -155,8 +155,10 @@ def _naive_intervals(probs, labels, threshold, names, resamples, seed):
     values = {k: [] for k in ("accuracy", "recall", "specificity", "f1", "auroc")}
     for _ in range(resamples):
         idx = torch.cat([c[torch.randint(len(c), (len(c),), generator=gen)] for c in by_class])
+        got = M.multiclass_scores(probs[idx], labels[idx], names) if names else M.scores(probs[idx], labels[idx],
+                                                                                            threshold)
         for k in values:
-            values[k].append(M.metric(k, probs[idx], labels[idx], names, threshold))
+            values[k].append(got[k])
     return {k: np.percentile(v, [2.5, 97.5]) for k, v in values.items()}
 
 
