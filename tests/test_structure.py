@@ -12,8 +12,8 @@ SRC = ROOT / "src"
 # Each module imports only from lower levels or from its own subpackage (DESIGN.md "Layering").
 LEVELS = {
     0: ("cxr", "cxr.errors", "cxr.params", "cxr.io", "cxr.tracking", "cxr.cli", "cxr.task"),
-    1: ("cxr.models", "cxr.data", "cxr.metrics", "cxr.bootstrap", "cxr.plots"),
-    2: ("cxr.inference",),
+    1: ("cxr.models", "cxr.data", "cxr.metrics", "cxr.plots"),
+    2: ("cxr.inference", "cxr.bootstrap"),
     3: ("cxr.training", "cxr.evaluation", "cxr.registry", "cxr.predict"),
     4: ("cxr.retrain", "cxr.profiles", "cxr.__main__"),
 }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from cxr.metrics import ratio
 from cxr.task import predicted
 
 RESAMPLES = 2000
@@ -37,10 +38,6 @@ def weighted_auroc(scores: torch.Tensor, positive: torch.Tensor, w: torch.Tensor
     return (wp * credit[:, group]).sum(1) / (wp.sum(1) * (w * ~pos).sum(1))
 
 
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
-
-
 def weighted_scores(probs: torch.Tensor, labels: torch.Tensor, threshold: float,
                     w: torch.Tensor) -> dict[str, torch.Tensor]:
     """(R,) of each WITH_INTERVAL score for each row of weights (R, N). Binary scores at `threshold`; with more
@@ -51,8 +48,8 @@ def weighted_scores(probs: torch.Tensor, labels: torch.Tensor, threshold: float,
     tp = cm.diagonal(dim1=1, dim2=2)
     fp, fn = cm.sum(1) - tp, cm.sum(2) - tp
     tn = cm.sum((1, 2))[:, None] - tp - fp - fn
-    per_class = {"recall": _ratio(tp, tp + fn), "specificity": _ratio(tn, tn + fp),
-                 "f1": _ratio(2 * tp, 2 * tp + fp + fn)}
+    per_class = {"recall": ratio(tp, tp + fn), "specificity": ratio(tn, tn + fp),
+                 "f1": ratio(2 * tp, 2 * tp + fp + fn)}
     out = {"accuracy": tp.sum(1) / cm.sum((1, 2))}
     if k == 2:  # the positive class's (PNEUMONIA's) own figures
         out |= {key: v[:, 1] for key, v in per_class.items()}
@@ -79,4 +76,4 @@ def share_interval(hits: torch.Tensor, w: torch.Tensor) -> list[float] | None:
     """The 95% interval of the share of `hits` among the images of `hits` (a boolean mask over a subset given by
     its weight columns `w`, (R, n)): e.g. the sensitivity within one pneumonia subtype."""
     total = w.sum(1)
-    return interval(_ratio((w * hits.double()).sum(1), total)) if len(hits) else None
+    return interval(ratio((w * hits.double()).sum(1), total)) if len(hits) else None

@@ -14,7 +14,7 @@ from cxr.task import as_threshold, predicted
 RANKING = ("auroc", "average_precision")  # the scores of the ranking, at no threshold
 
 
-def _ratio(num: torch.Tensor | float, den: torch.Tensor | float) -> torch.Tensor:
+def ratio(num: torch.Tensor | float, den: torch.Tensor | float) -> torch.Tensor:
     """num / den, 0 where den is 0 (torchmetrics' zero_division=0)."""
     num, den = torch.as_tensor(num, dtype=torch.float64), torch.as_tensor(den, dtype=torch.float64)
     return torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
@@ -35,13 +35,13 @@ def roc(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.
     fps, tps, thresholds = _clf_curve(probs, labels)
     zero, one = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
     fps, tps, thresholds = torch.cat([zero, fps]), torch.cat([zero, tps]), torch.cat([one, thresholds])
-    return _ratio(fps, fps[-1]), _ratio(tps, tps[-1]), thresholds
+    return ratio(fps, fps[-1]), ratio(tps, tps[-1]), thresholds
 
 
 def pr_curve(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """precision and recall, by rising threshold, ending at (recall 0, precision 1), which has no threshold."""
     fps, tps, thresholds = _clf_curve(probs, labels)
-    recall = _ratio(tps, tps[-1]) if tps[-1] > 0 else torch.ones_like(tps)  # no positives: as torchmetrics
+    recall = ratio(tps, tps[-1]) if tps[-1] > 0 else torch.ones_like(tps)  # no positives: as torchmetrics
     one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
     return torch.cat([(tps / (tps + fps)).flip(0), one]), torch.cat([recall.flip(0), zero]), thresholds.flip(0)
 
@@ -135,9 +135,9 @@ def confusion(probs: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5)
 
 def _at_threshold(probs: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict[str, float]:
     (tn, fp), (fn, tp) = confusion(probs, labels, threshold)
-    return {"accuracy": (tp + tn) / len(labels), "precision": float(_ratio(tp, tp + fp)),
-            "recall": float(_ratio(tp, tp + fn)), "specificity": float(_ratio(tn, tn + fp)),
-            "f1": float(_ratio(2 * tp, 2 * tp + fp + fn)), "tn": tn, "fp": fp, "fn": fn, "tp": tp}
+    return {"accuracy": (tp + tn) / len(labels), "precision": float(ratio(tp, tp + fp)),
+            "recall": float(ratio(tp, tp + fn)), "specificity": float(ratio(tn, tn + fp)),
+            "f1": float(ratio(2 * tp, 2 * tp + fp + fn)), "tn": tn, "fp": fp, "fn": fn, "tp": tp}
 
 
 def scores(probs: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict[str, float | None]:
@@ -154,8 +154,8 @@ def multiclass_scores(probs: torch.Tensor, labels: torch.Tensor, names: list[str
     fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
     tn = cm.sum() - tp - fp - fn
     out: dict[str, float | None] = {"accuracy": float(tp.sum() / cm.sum())}
-    per_class = {"precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn),
-                 "specificity": _ratio(tn, tn + fp), "f1": _ratio(2 * tp, 2 * tp + fp + fn)}
+    per_class = {"precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn),
+                 "specificity": ratio(tn, tn + fp), "f1": ratio(2 * tp, 2 * tp + fp + fn)}
     for key, values in per_class.items():
         out[key] = float(values.mean())
         out |= {f"{key}_{name}": float(v) for name, v in zip(names, values, strict=True)}

@@ -49,14 +49,13 @@ log = logging.getLogger(__name__)
 WIDE_RANGE = 0.1
 
 
-def _split_figures(probs: torch.Tensor, y: torch.Tensor, meta: list[dict[str, Any]], names: list[str],
+def _split_figures(probs: torch.Tensor, y: torch.Tensor, cause: list[str], names: list[str],
                    threshold: float, w: torch.Tensor) -> dict[str, Any]:
     """One split's scores (at `threshold`; argmax with more classes), their 95% intervals over the resamples
     `w`, and the share of each pneumonia subtype called pneumonia, where the file names say the subtype."""
     point = scores(probs, y, threshold) if len(names) == 2 else multiclass_scores(probs, y, names)
     out: dict[str, Any] = {"scores": point, "ci95": bootstrap.intervals(probs, y, threshold, w)}
     called = predicted(probs, threshold) != 0  # PNEUMONIA, of any cause (class 0 is NORMAL)
-    cause = [subtype(m["name"]) for m in meta]
     out["subtypes"] = {}
     for s in SUBTYPES:
         mask = torch.tensor([c == s for c in cause]) & (y != 0)
@@ -66,11 +65,11 @@ def _split_figures(probs: torch.Tensor, y: torch.Tensor, meta: list[dict[str, An
     return out
 
 
-def strata(y: torch.Tensor, meta: list[dict[str, Any]]) -> torch.Tensor:
-    """Bootstrap strata: class, and within it the pneumonia subtype where names give it, so that every resample
-    keeps the split's count of each."""
-    return y * (len(SUBTYPES) + 1) + torch.tensor([(SUBTYPES.index(c) + 1) if (c := subtype(m["name"])) else 0
-                                                    for m in meta], dtype=torch.long)
+def strata(y: torch.Tensor, cause: list[str]) -> torch.Tensor:
+    """Bootstrap strata: class, and within it the pneumonia subtype (`cause`, '' where the name gives none), so
+    that every resample keeps the split's count of each."""
+    return y * (len(SUBTYPES) + 1) + torch.tensor([SUBTYPES.index(c) + 1 if c else 0 for c in cause],
+                                                  dtype=torch.long)
 
 
 def _metrics(p_val: torch.Tensor, val: Split, p_test: torch.Tensor, test: Split, names: list[str],
@@ -78,8 +77,9 @@ def _metrics(p_val: torch.Tensor, val: Split, p_test: torch.Tensor, test: Split,
     """Scores of val and test with their intervals and subtypes; binary: the threshold chosen on val, the range
     of equally good ones, and operating points at fixed val specificities, for a user who must pick one."""
     y_val, y_test = torch.from_numpy(val.labels), torch.from_numpy(test.labels)
-    w_val = bootstrap.resample_counts(strata(y_val, val.meta), bootstrap.RESAMPLES, seed)
-    w_test = bootstrap.resample_counts(strata(y_test, test.meta), bootstrap.RESAMPLES, seed)
+    c_val, c_test = ([subtype(m["name"]) for m in data.meta] for data in (val, test))
+    w_val = bootstrap.resample_counts(strata(y_val, c_val), bootstrap.RESAMPLES, seed)
+    w_test = bootstrap.resample_counts(strata(y_test, c_test), bootstrap.RESAMPLES, seed)
     binary = len(names) == 2
     threshold = choose_threshold(p_val, y_val, rule) if binary else 0.5
     out: dict[str, Any] = {"classes": names}
@@ -89,8 +89,8 @@ def _metrics(p_val: torch.Tensor, val: Split, p_test: torch.Tensor, test: Split,
         if best is not None and near is not None:
             out["threshold_range"] = {"best": list(best), "low": near[0], "high": near[1], "width": near[1] - near[0],
                                       "wide": near[1] - near[0] >= WIDE_RANGE}
-    for split, probs, y, data, w in (("test", p_test, y_test, test, w_test), ("val", p_val, y_val, val, w_val)):
-        fig = _split_figures(probs, y, data.meta, names, threshold, w)
+    for split, probs, y, cause, w in (("test", p_test, y_test, c_test, w_test), ("val", p_val, y_val, c_val, w_val)):
+        fig = _split_figures(probs, y, cause, names, threshold, w)
         out |= {split: fig["scores"], f"{split}_ci95": fig["ci95"]}
         if fig["subtypes"]:
             out.setdefault("subtypes", {})[split] = fig["subtypes"]
