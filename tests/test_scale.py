@@ -1,5 +1,6 @@
-"""Beyond one process: data-parallel training under torchrun (gloo, 2 CPU processes) gives the one-process
-result, and the train stage launches it itself. Run with `make test-scale` (marker `scale`)."""
+"""Beyond one process: data-parallel training under torchrun (gloo, 4 CPU processes) trains every image once
+per epoch and gives the one-process result, and the train stage launches it itself. Run with `make test-scale`
+(marker `scale`)."""
 
 import csv
 import dataclasses
@@ -35,38 +36,57 @@ def run(out: Path, settings: dict, nproc: int, env: dict | None = None) -> dict:
     return torch.load(out, weights_only=False)
 
 
-def assert_same(one: dict, two: dict) -> None:
-    assert (one["world"], two["world"]) == (1, 2)
-    for a, b in zip(one["history"], two["history"], strict=True):
+def assert_same(one: dict, many: dict, world: int = 4) -> None:
+    assert (one["world"], many["world"]) == (1, world)
+    for a, b in zip(one["history"], many["history"], strict=True):
         for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_auroc"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["epoch"], key)
-    for (name, a), b in zip(one["weights"].items(), two["weights"].values(), strict=True):
+    for (name, a), b in zip(one["weights"].items(), many["weights"].values(), strict=True):
         assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), name
 
 
+NO_BATCHNORM = {"arch": "tinyvgg", "epochs": 3, "augment": True, "aug_noise": 0.05, "aug_gamma": 0.2,
+                "class_weights": "balanced", "scheduler": "cosine", "ema": 0.9, "patience": 1}
+
+
 @pytest.mark.parametrize("settings", [
-    # no BatchNorm: 2 ranks at half the batch each are the one-process run, augmentation, class weights, the
-    # schedule and the EMA included
-    {"arch": "tinyvgg", "epochs": 3, "batch_size": 16, "augment": True, "aug_noise": 0.05, "aug_gamma": 0.2,
-     "class_weights": "balanced", "scheduler": "cosine", "ema": 0.9, "patience": 1},
+    # no BatchNorm: 4 ranks at a quarter of the batch each are the one-process run, augmentation, class weights,
+    # the schedule and the EMA included
+    NO_BATCHNORM | {"batch_size": 16},
+    # mixup: one weight and one pairing for the whole batch, partners taken from other ranks' rows; at batch 19
+    # the 96 images end in a batch of one, so three ranks step on no image
+    NO_BATCHNORM | {"batch_size": 19, "mixup": 0.4},
     # BatchNorm with sync_batchnorm: the statistics are the whole batch's, as in one process (dropout off: each
     # rank draws its own masks)
     {"arch": "cnn5", "model": {"filters": [8, 8, 16, 16, 16], "dropout": 0.0}, "epochs": 2, "batch_size": 16,
      "augment": True, "sync_batchnorm": True, "patience": 0},
-], ids=["no-batchnorm", "sync-batchnorm"])
-def test_two_ranks_at_half_the_batch_train_the_one_process_weights(tmp_path, settings):
+], ids=["no-batchnorm", "mixup-batch-19", "sync-batchnorm"])
+def test_four_ranks_at_a_quarter_of_the_batch_train_the_one_process_weights(tmp_path, settings):
     one = run(tmp_path / "one.pt", settings | {"devices": 1}, 1)
-    two = run(tmp_path / "two.pt", settings | {"devices": 2}, 2)
-    assert_same(one, two)
+    four = run(tmp_path / "four.pt", settings | {"devices": 4}, 4)
+    assert_same(one, four)
 
 
-def test_a_state_from_one_process_resumes_on_two_ranks_and_ends_as_one_process_does(tmp_path):
+@pytest.mark.parametrize("batch", [16, 19])  # 19 divides neither the 96 images nor by 4: the last batch has one
+def test_four_ranks_train_every_image_exactly_once_per_epoch(tmp_path, batch):
+    """Counted on what reaches the model: each training step's rows matched to the images by their bytes, on
+    every rank (no augmentation here, so that the bytes are the stored ones)."""
+    settings = {"arch": "tinyvgg", "epochs": 2, "batch_size": batch, "augment": False, "patience": 0}
+    one = run(tmp_path / "one.pt", settings | {"devices": 1}, 1)
+    four = run(tmp_path / "four.pt", settings | {"devices": 4}, 4)
+    for result in (one, four):
+        assert result["trained"] == [[1] * 96] * 2
+    assert_same(one, four)
+    assert all(row["images_per_s"] > 0 for row in four["history"])
+
+
+def test_a_state_from_one_process_resumes_on_four_ranks_and_ends_as_one_process_does(tmp_path):
     settings = {"arch": "tinyvgg", "epochs": 3, "batch_size": 16, "augment": True, "scheduler": "cosine",
                 "patience": 0}
     state = tmp_path / "state.pt"
     one = run(tmp_path / "one.pt", settings, 1, {"SAVE_STATE": str(state)})  # and the state after epoch 1
     assert torch.load(state, weights_only=True)["epoch"] == 1
-    resumed = run(tmp_path / "two.pt", settings | {"devices": 2}, 2, {"RESUME_STATE": str(state)})
+    resumed = run(tmp_path / "four.pt", settings | {"devices": 4}, 4, {"RESUME_STATE": str(state)})
     assert_same(one, resumed)
 
 

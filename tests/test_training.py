@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import io
+import math
 import threading
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from cxr.data.store import Split
 from cxr.errors import CxrError
 from cxr.params import TrainParams
+from cxr.training import ddp
 from cxr.training.loop import fit, make_card
 from cxr.training.parts import augment, epoch_order, make_loss, make_scheduler
 from cxr.training.precision import CPU_MODES, FAST, FLOAT32, native_bf16, training_mode
@@ -327,3 +329,21 @@ def test_pretrained_variants_start_from_the_imagenet_weights(tmp_path, monkeypat
     model, _ = run_fit(tiny_split(32, 0), tiny_split(16, 1), tp, seed=0)
     for name in ("layer1.0.conv1.weight", "layer4.1.bn2.running_var", "layer3.0.downsample.0.weight"):
         assert torch.equal(model.net.state_dict()[name], imagenet.state_dict()[name]), name
+
+
+@pytest.mark.parametrize(("n", "batch", "world"), [(5216, 32, 8), (5216, 16, 8), (5216, 64, 8), (97, 19, 4),
+                                                   (3, 16, 4)])
+def test_every_rank_steps_every_batch_and_the_ranks_train_each_image_once(n, batch, world):
+    """The data-parallel plan on the Kaggle training split's size: the old one (image i on rank i % world)
+    skipped every batch where a rank held none (9.7% of them at batch 32 on 8 ranks); here every rank steps
+    every batch, and the ranks' parts of a batch are that batch, each image once."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    plans = [ddp.steps(order, batch, torch.device("cpu"), world, r) for r in range(world)]
+    assert {len(p) for p in plans} == {math.ceil(n / batch)}  # no batch skipped, on any rank
+    for i, parts in enumerate(zip(*plans, strict=True)):
+        batch_i = parts[0].batch
+        taken = torch.cat([p.images for p in parts])
+        assert sorted(taken.tolist()) == sorted(batch_i.tolist()) and len(taken) == len(batch_i), i
+        for p in parts:
+            assert torch.equal(batch_i[p.rows], p.images)
+    assert torch.equal(torch.cat([s.images for s in ddp.steps(order, batch, torch.device("cpu"), 1, 0)]), order)

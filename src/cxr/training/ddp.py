@@ -1,8 +1,8 @@
 """Data-parallel training over several processes (torch.distributed): how many, launching them with torchrun,
 the process group, which images each rank holds, and a batch norm that sees the whole batch on any device.
 
-A global batch is the one a single process would train on; each rank computes the part of it that lies in its
-shard of the training split, and DDP averages the gradients. Losses are divided by the whole batch's weight, so
+A global batch is the one a single process would train on; each rank holds every training image and computes
+every world-th image of the batch, and DDP averages the gradients. Losses are divided by the whole batch's weight, so
 the update equals the one-process update (BatchNorm aside: per rank unless `sync_batchnorm`)."""
 
 from __future__ import annotations
@@ -81,36 +81,26 @@ def process_group() -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def shard(n: int) -> slice:
-    """This rank's training images: every world_size-th one from its rank on."""
-    return slice(rank(), n, world_size())
-
-
 class Step(NamedTuple):
-    local: torch.Tensor  # this rank's images, as indices into its shard (on the device)
-    labels: torch.Tensor  # the same images' indices into the whole split, for their labels (on the device)
-    rows: torch.Tensor | None  # their positions in the batch (on the device); None in one process
+    images: torch.Tensor  # this rank's images of the batch, as indices into the split (on the device)
+    rows: torch.Tensor | None  # their positions in the batch (on the device); None in one process (all of them)
     batch: torch.Tensor  # the whole batch's indices into the split (on the CPU)
 
 
-def steps(order: torch.Tensor, batch_size: int, device: torch.device) -> list[Step]:
-    """An epoch's steps over `order` (the whole split's indices, on the CPU), worked out on the CPU and copied
-    to the device in one go: no device sync per step. A last batch too small to give every rank an image is
-    left out (DDP needs every rank to step)."""
-    world, me = world_size(), rank()
+def steps(order: torch.Tensor, batch_size: int, device: torch.device, world: int, me: int) -> list[Step]:
+    """Rank `me` of `world`'s steps of an epoch over `order` (the whole split's indices, on the CPU), worked out on the CPU and copied
+    to the device in one go: no device sync per step. Each rank takes positions rank, rank + world, ... of
+    every batch (every rank holds every image), so an epoch trains each image of `order` once for any batch
+    size and number of ranks. A rank may get no image of a last batch smaller than the world: it steps on an
+    empty batch, contributing nothing, since DDP needs every rank to step."""
     batches = list(order.split(batch_size))
     if world == 1:
-        return [Step(b, b, None, c) for b, c in zip(order.to(device).split(batch_size), batches, strict=True)]
-    plan = []
-    for b in batches:
-        owner = b % world
-        if torch.bincount(owner, minlength=world).min() == 0:
-            continue
-        rows = torch.nonzero(owner == me).flatten()
-        plan.append((b[rows] // world, b[rows], rows, b))
-    sizes = [len(p[0]) for p in plan]
-    moved = [torch.cat([p[i] for p in plan]).to(device).split(sizes) for i in range(3)]
-    return [Step(*parts, p[3]) for *parts, p in zip(*moved, plan, strict=True)]
+        return [Step(b, None, c) for b, c in zip(order.to(device).split(batch_size), batches, strict=True)]
+    rows = [torch.arange(len(b))[me::world] for b in batches]
+    sizes = [len(r) for r in rows]
+    mine = torch.cat([b[r] for b, r in zip(batches, rows, strict=True)]).to(device).split(sizes)
+    moved = torch.cat(rows).to(device).split(sizes)
+    return [Step(m, r, b) for m, r, b in zip(mine, moved, batches, strict=True)]
 
 
 def all_sum(*values: torch.Tensor) -> list[torch.Tensor]:

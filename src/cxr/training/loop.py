@@ -1,7 +1,7 @@
 """Train one variant, torchvision-style: `train_one_epoch` and `evaluate` are small, `fit` wires them with early
 stopping (best weights kept). Batches are sliced from a uint8 tensor on the device and augmented there; bf16
 autocast and channels_last on CUDA, and on CPUs with native bf16 for the archs it speeds up, for training steps only
-(cxr.training.precision; evaluation is float32, as everywhere). Under torchrun each process trains on its shard of
+(cxr.training.precision; evaluation is float32, as everywhere). Under torchrun each process trains its part of
 every batch (cxr.training.ddp)."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from cxr.inference import ModelCard, predict_logits, to_device
 from cxr.models import Classifier
 from cxr.params import TrainParams
 from cxr.training import ddp
-from cxr.training.parts import Loss, augment, epoch_order, make_loss, make_optimizer, make_scheduler, mixup
+from cxr.training.parts import Loss, augment, epoch_order, make_loss, make_optimizer, make_scheduler, mixup_pairs
 from cxr.training.precision import FLOAT32, Mode, autocast, training_mode
 
 log = logging.getLogger(__name__)
@@ -74,34 +74,39 @@ def set_frozen(model: Classifier, frozen: bool) -> None:
 def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tp: TrainParams, loss_fn: Loss,
                     opt: torch.optim.Optimizer, sched: Any, sched_every: str, shuffle: torch.Generator,
                     aug_gen: torch.Generator, desc: str, ema: AveragedModel | None = None,
-                    mode: Mode = FLOAT32) -> tuple[float, float]:
+                    mode: Mode = FLOAT32) -> tuple[float, float, int]:
     """One pass over the training images (shuffled, or class-balanced draws); returns mean loss and accuracy
-    (at p > 0.5, of the unmixed labels). `ema` is updated after every step. `y` holds every label and `x` this
-    rank's shard of the images (all of them in one process). `mode`: bf16 autocast, channels_last or neither."""
+    (at p > 0.5, of the unmixed labels) and the number of images trained. `ema` is updated after every step.
+    `x` and `y` hold every image and label, on every rank. `mode`: bf16 autocast, channels_last or neither."""
     world = ddp.world_size()
     labels = y.cpu()  # the epoch's plan is made on the CPU (one copy of the labels, not one sync per step)
     order = epoch_order(labels, tp.sampler, shuffle)  # the same on every rank: one generator, one seed
-    plan = ddp.steps(order, tp.batch_size, y.device)
-    seen = sum(len(step.batch) for step in plan)  # the images of every step, on every rank alike
+    plan = ddp.steps(order, tp.batch_size, y.device, world, ddp.rank())
     loss_sum, correct = torch.zeros((), device=y.device), torch.zeros((), device=y.device)
     quiet = {"disable": True} if ddp.rank() > 0 else {}  # one bar; and TQDM_DISABLE still works (not overridden)
     for step in tqdm(plan, desc=desc, unit="batch", leave=False, **quiet):
-        rows, n = step.rows, len(step.batch)
-        xb = x[step.local].float().div_(255.0)
+        rows, n, index, k = step.rows, len(step.batch), step.images, len(step.images)
+        if tp.mixup:  # one weight and one pairing for the whole batch, the same on every rank
+            lam, perm = mixup_pairs(tp.mixup, shuffle, n, y.device)
+            if rows is not None:  # a rank's partners may be in other ranks' rows: it holds every image
+                partners = perm[rows]
+                index, rows = torch.cat([index, step.batch.to(y.device)[partners]]), torch.cat([rows, partners])
+        xb = x[index].float().div_(255.0)
         if mode.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        yb = y[step.labels]
         if tp.augment:
             xb = augment(xb, tp, aug_gen, rows, n)
-        if tp.mixup:
-            xb, perm, lam = mixup(xb, tp.mixup, shuffle, rows, n)
+        yb = y[index[:k]]
+        if tp.mixup:  # this rank's images blended with their partners, as in one process
+            yp = y[index[k:]] if step.rows is not None else yb[perm]
+            xb = lam * xb[:k] + (1 - lam) * (xb[k:] if step.rows is not None else xb[perm])
         with autocast(x.device, mode):
             logits = model(xb)
         # Over the whole batch's weight, times the ranks (DDP averages their gradients): the one-process loss.
         norm = loss_fn.norm(labels[step.batch]) / world
         loss = loss_fn(logits, yb, norm)
         if tp.mixup:
-            loss = lam * loss + (1 - lam) * loss_fn(logits, yb[perm], norm)
+            loss = lam * loss + (1 - lam) * loss_fn(logits, yp, norm)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if tp.grad_clip:
@@ -115,7 +120,8 @@ def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tp: Trai
         loss_sum += loss.detach() / world * n
         correct += (task.predicted(task.probabilities(logits.detach())) == yb).sum()
     loss_sum, correct = ddp.all_sum(loss_sum, correct.float())
-    return loss_sum.item() / seen, correct.item() / seen
+    seen = len(order)  # every image of the epoch's order is trained, on one rank or another
+    return loss_sum.item() / seen, correct.item() / seen, seen
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss) -> dict[str, float | None]:
@@ -190,7 +196,7 @@ def fit(train: Split, val: Split, tp: TrainParams, card: ModelCard, seed: int,
     device = ddp.device()
     mode = training_mode(device, tp.arch, tp.cpu_bf16) if mode is None else mode
     torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest kernels once (training only)
-    x_tr, x_va = to_device(train.images[ddp.shard(len(train.labels))], device), to_device(val.images, device)
+    x_tr, x_va = to_device(train.images, device), to_device(val.images, device)
     y_tr, y_va = torch.from_numpy(train.labels).to(device), torch.from_numpy(val.labels).to(device)
     model = card.build(start=True).to(device)
     if tp.sync_batchnorm and world > 1:
@@ -223,15 +229,16 @@ def fit(train: Split, val: Split, tp: TrainParams, card: ModelCard, seed: int,
         step_model.train()
         if tp.freeze_epochs:
             set_frozen(model, frozen=epoch <= tp.freeze_epochs)
-        train_loss, train_acc = train_one_epoch(step_model, x_tr, y_tr, tp, loss_fn, opt, sched, sched_every, shuffle,
-                                                aug_gen, f"{name} epoch {epoch}/{tp.epochs}", ema, mode)
+        desc = f"{name} epoch {epoch}/{tp.epochs}"
+        train_loss, train_acc, trained = train_one_epoch(step_model, x_tr, y_tr, tp, loss_fn, opt, sched, sched_every,
+                                                         shuffle, aug_gen, desc, ema, mode)
         if not math.isfinite(train_loss):
             raise CxrError(f"{name}: training diverged (loss {train_loss}) in epoch {epoch}; lower its lr "
                            "or set grad_clip")
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
                **evaluate(val_model, x_va, y_va, loss_fn), "lr": opt.param_groups[0]["lr"], "seconds": seconds,
-               "images_per_s": len(y_tr) / seconds}
+               "images_per_s": trained / seconds}
         row["val_loss"] = ddp.from_rank0(row["val_loss"])  # one decision, taken on every rank alike
         if sched_every == "epoch":
             sched.step(row["val_loss"])

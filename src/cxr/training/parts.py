@@ -119,7 +119,7 @@ def augment(x: torch.Tensor, tp: TrainParams, gen: torch.Generator, rows: torch.
     shift_x, shift_y = uniform(2 * tp.aug_translate), uniform(2 * tp.aug_translate)  # the side spans 2
     flip = pick(torch.where(torch.rand(n, device=dev, generator=gen) < 0.5, -1.0, 1.0)) if tp.aug_hflip \
         else torch.ones(b, device=dev)
-    if tp.aug_rotation or tp.aug_scale or tp.aug_translate or tp.aug_hflip:
+    if (tp.aug_rotation or tp.aug_scale or tp.aug_translate or tp.aug_hflip) and b:  # a rank may hold none
         cos, sin = angle.cos() / zoom, angle.sin() / zoom  # theta maps output to input: 1/zoom magnifies
         theta = torch.stack([torch.stack([cos * flip, -sin, shift_x], -1), torch.stack([sin * flip, cos, shift_y], -1)],
                             1)
@@ -147,14 +147,10 @@ def epoch_order(labels: torch.Tensor, sampler: str, gen: torch.Generator) -> tor
     return torch.multinomial(weights, len(labels), replacement=True, generator=gen)
 
 
-def mixup(x: torch.Tensor, alpha: float, gen: torch.Generator, rows: torch.Tensor | None = None,
-          n: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Mixup (Zhang et al. 2018): the batch blended with a shuffled copy of itself; returns (mixed, the copy's
-    order, the weight of the batch). The loss is blended with the same weight. With `rows` (x is those rows of
-    an n-image batch), partners are drawn among x's rows; the generator advances as for the whole batch."""
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())  # seeded by the torch seed (kept in states)
-    perm = torch.randperm(x.shape[0] if rows is None else n, generator=gen, device="cpu")
-    if rows is not None:
-        perm = torch.argsort(perm[rows.cpu()])
-    perm = perm.to(x.device)
-    return lam * x + (1 - lam) * x[perm], perm, lam
+def mixup_pairs(alpha: float, gen: torch.Generator, n: int, device: torch.device) -> tuple[float, torch.Tensor]:
+    """Mixup (Zhang et al. 2018) for an n-image batch: the weight of each image, from Beta(alpha, alpha), and the
+    order of the partners blended into it; the loss is blended with the same weight. Both come from `gen`, the
+    epoch's shuffle generator, which every rank holds alike (and resume states keep)."""
+    perm = torch.randperm(n, generator=gen)
+    lam = float(np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen))).beta(alpha, alpha))
+    return lam, perm.to(device)
