@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +30,15 @@ TTA_VIEWS: tuple[View, ...] = ((1.0, 0.0, 0.0), (1.08, 0.0, 0.0), (0.93, 0.0, 0.
              (1.0, 0.0, 0.04), (1.0, 0.0, -0.04), (1.08, 0.0, 0.04))
 
 
-HASHES = "image_hashes.csv"  # a logged model's extra file: split, sha256 and name of each image it trained on
+# A logged model's extra files: split, sha256 and name of each image it trained on; and its card and weights as
+# `save` writes them, which is all that loading it reads (the flavor's own files are for MLflow's tools).
+HASHES = "image_hashes.csv"
+WEIGHTS = "model.pt"
 
 
 class CardError(CxrError):
-    """A model without a card of this version: made by an older version of the project."""
+    """A model that cannot be loaded as this project's card and weights: made by an older version of the
+    project, or not by it at all."""
 
 
 @dataclass(frozen=True)
@@ -164,29 +169,62 @@ def save(path: Path, model: Classifier, card: ModelCard) -> None:
     torch.save({"card": card.to_dict(), "state_dict": model.state_dict()}, path)
 
 
-def load(path: Path) -> tuple[Classifier, ModelCard]:
+def load(path: Path, where: str = "") -> tuple[Classifier, ModelCard]:
+    """A saved model as data: plain tensors and a card (unpickling anything else is refused, so loading never
+    runs code), built from this project's own architectures. `where` names it in errors (default: the path)."""
     if not path.exists():
         raise CxrError(f"{path} is missing; run `dvc repro` to train it")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    card = ModelCard.from_dict(ckpt.get("card", {}), str(path))
+    where = where or str(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CardError(f"{where} is refused: its weights file holds more than tensors and a card, and loading it "
+                        f"would run code ({str(e).splitlines()[-1].strip()[:120]})") from e
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CardError(f"{where} is refused: its weights file is not a card and a state dict")
+    card = ModelCard.from_dict(ckpt.get("card") or {}, where)
     model = card.build()
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise CardError(f"{where} is refused: its weights do not fit its card's {card.arch} ({e})") from e
     return model.eval(), card
 
 
-def load_logged(uri: str) -> tuple[nn.Module, ModelCard]:
-    """The MLflow model at `uri` and the card logged as its metadata."""
+def load_logged(uri: str) -> tuple[Classifier, ModelCard]:
+    """The MLflow model at `uri` as data: the card and weights logged with it (WEIGHTS), loaded by `load`. The
+    flavor's own files (a pickle, or a pt2 program) are never loaded: a version without WEIGHTS is refused."""
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.models import get_model_info
 
     from cxr.tracking import store_and_error
 
+    name = version_of(uri)
     try:
-        metadata = get_model_info(uri).metadata or {}
-        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+        get_model_info(uri)  # exists and answers: otherwise the store's error, not "no weights"
     except (MlflowException, OSError) as e:
         raise CxrError(f"cannot load {uri} from {store_and_error(e)}; "
                        "run `cxr retrain` (or `dvc repro` then `cxr promote`) first, or check "
                        "MLFLOW_TRACKING_URI") from e
-    return model, ModelCard.from_dict(metadata, uri)
+    try:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/extra_files/{WEIGHTS}")
+    except (MlflowException, OSError) as e:
+        raise CardError(f"{name} is refused: it has no card and weights file (extra_files/{WEIGHTS}), so it "
+                        "is not a model this version of the project logged, and its other files are code; "
+                        "run `dvc repro` to retrain it") from e
+    return load(Path(path), name)
+
+
+def version_of(uri: str) -> str:
+    """`uri` with the registry version it resolves to, for messages: models:/m@champion (version 3)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if not uri.startswith("models:/") or "@" not in uri:
+        return uri
+    model, alias = uri.removeprefix("models:/").split("@", 1)
+    try:
+        return f"{uri} (version {mlflow.MlflowClient().get_model_version_by_alias(model, alias).version})"
+    except (MlflowException, OSError):
+        return uri

@@ -88,11 +88,11 @@ class Step(NamedTuple):
 
 
 def steps(order: torch.Tensor, batch_size: int, device: torch.device, world: int, me: int) -> list[Step]:
-    """Rank `me` of `world`'s steps of an epoch over `order` (the whole split's indices, on the CPU), worked out on the CPU and copied
-    to the device in one go: no device sync per step. Each rank takes positions rank, rank + world, ... of
-    every batch (every rank holds every image), so an epoch trains each image of `order` once for any batch
-    size and number of ranks. A rank may get no image of a last batch smaller than the world: it steps on an
-    empty batch, contributing nothing, since DDP needs every rank to step."""
+    """Rank `me` of `world`'s steps of an epoch over `order` (the whole split's indices, on the CPU), worked out
+    on the CPU and copied to the device in one go: no device sync per step. Each rank takes positions me,
+    me + world, ... of every batch (every rank holds every image), so an epoch trains each image of `order` once
+    for any batch size and number of ranks. A rank may get no image of a last batch smaller than the world: it
+    steps on an empty batch, contributing nothing, since DDP needs every rank to step."""
     batches = list(order.split(batch_size))
     if world == 1:
         return [Step(b, None, c) for b, c in zip(order.to(device).split(batch_size), batches, strict=True)]
