@@ -2,14 +2,19 @@
 show in a message, and only a missing alias means "no champion" (a failed login stops promotion)."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from conftest import free_port, mlflow_server, tracking_at
-from cxr import registry, tracking
+from cxr import inference, registry, tracking
 from cxr.errors import CxrError
 from cxr.inference import CardError, ModelCard, load_logged
 
@@ -60,6 +65,55 @@ def test_a_model_from_before_the_card_cannot_be_scored_so_a_champion_of_it_is_re
         info = mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=["torch"],
                                         metadata=old_card)
     probs, card, why = registry.test_probs(info.model_uri, tmp_path)
-    assert probs is None and card is None and "has no model card of this version" in why
+    assert probs is None and card is None and "has no card and weights file" in why
     with pytest.raises(CardError, match="run `dvc repro` to retrain it"):
         load_logged(info.model_uri)
+
+
+class Payload(torch.nn.Module):
+    """A module whose unpickling runs a command: what a tampered or foreign model version can hold."""
+
+    def __init__(self, marker: Path) -> None:
+        super().__init__()
+        self.marker = marker
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_registered_version_that_is_code_is_refused_by_name_and_never_run(tmp_path):
+    """Registered models are data: the card and weights file, read as plain tensors. A version whose MLflow
+    model is a pickle (another flavor's, or this one's tampered), or whose weights file is one, is refused with
+    one line naming the version, by the loader `cxr predict`, promotion and the retrain job share; the marker
+    its code would write never appears. The same pickle, unpickled, does write it (the test can fail)."""
+    marker = tmp_path / "ran"
+    card = ModelCard("evil", "linear", 8, ("NORMAL", "PNEUMONIA"), "stretch", 8, "none", 0.5, 0.25)
+    client = MlflowClient()
+    with mlflow.start_run():
+        # a pickled model with this project's card as metadata and no card and weights file
+        pickled = mlflow.pytorch.log_model(Payload(marker), name="model", serialization_format="pickle",
+                                           metadata=card.to_dict(), pip_requirements=["torch"])
+        # a weights file that is itself a pickle running code
+        torch.save({"card": card.to_dict(), "state_dict": Payload(marker)}, tmp_path / inference.WEIGHTS)
+        tampered = mlflow.pytorch.log_model(card.build().eval(), name="model2", metadata=card.to_dict(),
+                                            input_example=np.zeros((2, 1, 8, 8), np.float32),
+                                            pip_requirements=["torch"], extra_files=[str(tmp_path / inference.WEIGHTS)])
+    Image.fromarray(np.full((16, 16), 128, np.uint8)).save(image := tmp_path / "x.png")
+    for version, info in enumerate((pickled, tampered), start=1):
+        mlflow.register_model(info.model_uri, "evil-model")
+        client.set_registered_model_alias("evil-model", "champion", str(version))
+        with pytest.raises(CardError) as e:
+            load_logged("models:/evil-model@champion")
+        assert f"models:/evil-model@champion (version {version}) is refused" in str(e.value)
+        assert "\n" not in str(e.value)
+        probs, _, why = registry.test_probs("models:/evil-model@champion", tmp_path)
+        assert probs is None and "is refused" in why
+        out = subprocess.run([sys.executable, "-m", "cxr", "predict", "--model", "models:/evil-model@champion",
+                              str(image)], capture_output=True, text=True)
+        assert out.returncode == 1 and f"(version {version}) is refused" in out.stderr, out.stderr
+        assert not marker.exists()
+    torch.load(tmp_path / inference.WEIGHTS, weights_only=False)  # what loading the old way did
+    assert marker.exists()

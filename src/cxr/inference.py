@@ -194,9 +194,9 @@ def load(path: Path, where: str = "") -> tuple[Classifier, ModelCard]:
 def load_logged(uri: str) -> tuple[Classifier, ModelCard]:
     """The MLflow model at `uri` as data: the card and weights logged with it (WEIGHTS), loaded by `load`. The
     flavor's own files (a pickle, or a pt2 program) are never loaded: a version without WEIGHTS is refused."""
-    import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.models import get_model_info
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     from cxr.tracking import store_and_error
 
@@ -208,7 +208,8 @@ def load_logged(uri: str) -> tuple[Classifier, ModelCard]:
                        "run `cxr retrain` (or `dvc repro` then `cxr promote`) first, or check "
                        "MLFLOW_TRACKING_URI") from e
     try:
-        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/extra_files/{WEIGHTS}")
+        # the model's own artifact repository: registered (models:/m@a), logged (models:/m-<id>) or runs:/ alike
+        path = get_artifact_repository(uri).download_artifacts(f"extra_files/{WEIGHTS}")
     except (MlflowException, OSError) as e:
         raise CardError(f"{name} is refused: it has no card and weights file (extra_files/{WEIGHTS}), so it "
                         "is not a model this version of the project logged, and its other files are code; "

@@ -250,11 +250,14 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
         # The card: what `cxr predict` and promotion need to apply the model exactly as evaluated here.
         # Stated requirements: MLflow's own inference loads the model again in a subprocess (11.4 s against
         # 0.4 s per variant here). The pt2 program needs torch alone, not torchvision.
-        # The images it trained and validated on go with the model: promotion keeps them out of its test.
+        # The images it trained and validated on go with the model: promotion keeps them out of its test. So do
+        # its card and weights, which are what this project loads (never the flavor's program or a pickle).
         with tempfile.TemporaryDirectory() as extra:
             write_csv(Path(extra) / inference.HASHES, hashes)
+            inference.save(Path(extra) / inference.WEIGHTS, model, card)
+            files = [str(Path(extra) / f) for f in (inference.HASHES, inference.WEIGHTS)]
             info = mlflow.pytorch.log_model(model, name="model", input_example=example, signature=signature,
-                                            metadata=card.to_dict(), extra_files=[str(Path(extra) / inference.HASHES)],
+                                            metadata=card.to_dict(), extra_files=files,
                                             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
         # "val_best", not "val": training logs val/* per epoch, and this is one more point, at the kept weights.
         for split, key in (("test", "test"), ("test_threshold_0_5", "test_at_0.5"), ("val", "val_best")):
