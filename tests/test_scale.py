@@ -2,6 +2,7 @@
 per epoch and gives the one-process result, and the train stage launches it itself. Run with `make test-scale`
 (marker `scale`)."""
 
+import configparser
 import csv
 import dataclasses
 import json
@@ -12,6 +13,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -19,6 +22,8 @@ import psycopg2
 import pytest
 import torch
 import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from conftest import ROOT, free_port, make_imagefolder, make_project, ran, sh, shared, tracking_at
 from cxr import inference
@@ -129,16 +134,36 @@ def test_the_train_stage_launches_torchrun_and_a_resnet_with_sync_batchnorm_trai
 @pytest.fixture(scope="module")
 def team():
     """`make team-up` (README "Team setup") on free ports, in a folder the postgres user can reach; yields the
-    environment a clone sets and the remote's path; `make team-down` after."""
+    environment a clone sets (with the `cxr` login, as printed), the remote's path and the services' settings;
+    `make team-down` after."""
     folder = Path(tempfile.mkdtemp(prefix="cxr-team-", dir="/var/tmp"))
     env = {"CXR_TEAM_DIR": str(folder), "CXR_TEAM_PG_PORT": str(free_port()), "CXR_TEAM_MLFLOW_PORT": str(free_port())}
     out = sh(ROOT, "make", "-s", "team-up", env=env)
     try:
-        yield {"MLFLOW_TRACKING_URI": re.search(r"MLFLOW_TRACKING_URI=(\S+)", out)[1]}, \
-            re.search(r"dvc remote add --default team (\S+)", out)[1], env
+        login = {"MLFLOW_TRACKING_URI": re.search(r"MLFLOW_TRACKING_URI=(\S+)", out)[1],
+                 "MLFLOW_TRACKING_USERNAME": re.search(r"MLFLOW_TRACKING_USERNAME=(\S+)", out)[1],
+                 "MLFLOW_TRACKING_PASSWORD": Path(re.search(r'\$\(cat (\S+)\)', out)[1]).read_text().strip()}
+        yield login, re.search(r"dvc remote add --default team (\S+)", out)[1], env
     finally:
         sh(ROOT, "make", "-s", "team-down", env=env)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def team_secrets(folder: Path) -> list[str]:
+    """Every secret the team folder holds: the database's, the admin's and the cxr login's passwords."""
+    auth = configparser.ConfigParser()
+    auth.read(folder / "auth.ini")
+    return [(folder / "pgpass").read_text().strip().rsplit(":", 1)[1], auth["mlflow"]["admin_password"],
+            (folder / "cxr.password").read_text().strip()]
+
+
+def no_secret_in_ps(folder: Path) -> str:
+    """`ps -eww -o args` (every process's whole command line), checked for every secret; returned for the
+    record."""
+    listing = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True, check=True).stdout
+    for secret in team_secrets(folder):
+        assert secret not in listing
+    return listing
 
 
 def wait_for_queue(repo: Path, env: dict, timeout: float = 600) -> str:
@@ -151,11 +176,13 @@ def wait_for_queue(repo: Path, env: dict, timeout: float = 600) -> str:
     pytest.fail(f"dvc queue still busy after {timeout} s:\n{status}")
 
 
-def test_a_team_shares_runs_models_and_data_through_the_server_and_the_remote(tmp_path, team):
+def test_a_team_shares_runs_models_and_data_through_the_server_and_the_remote(tmp_path, team, monkeypatch):
     """README "Team setup": one person queues two experiments (`dvc queue start -j 2`) into the team's MLflow
     server, adopts one, pushes data and code, and promotes; a teammate's clone pulls, finds `dvc repro` a
     no-op, and predicts with the champion, all through the server and the remote."""
     env, remote, services = team
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # this process's own MLflow calls too
+        monkeypatch.setenv(key, env[key])
     origin = tmp_path / "origin.git"
     sh(tmp_path, "git", "init", "-q", "--bare", "--initial-branch=main", str(origin))
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -169,6 +196,15 @@ def test_a_team_shares_runs_models_and_data_through_the_server_and_the_remote(tm
         sh(a, "dvc", "exp", "run", "--queue", "-n", f"seed{seed}", "-S", "data.source=imagefolder",
            "-S", f"data.path={folder}", "-S", f"seed={seed}", env=env)
     sh(a, "dvc", "queue", "start", "-j", "2", env=env)
+    for _ in range(120):  # every command line, until the queue's workers are among them
+        listing = no_secret_in_ps(Path(services["CXR_TEAM_DIR"]))
+        if re.search(r"^\S*python\S* .*\bdvc\b", listing, re.M):
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"no DVC queue worker showed in ps within 120 s:\n{listing}")
+    assert "mlflow server" in listing and "postgres" in listing  # the services were there to be read
+    print(f"ps -eww -o args while the queue trains:\n{listing}")  # for the record: `pytest -rP` shows it
     status = wait_for_queue(a, env)
     failed = re.findall(r"^\w+\s+(\S+)\s.*\bFailed\b", status, re.M)
     assert not failed, status + "".join(sh(a, "dvc", "queue", "logs", name)[-3000:] for name in failed)
@@ -180,7 +216,7 @@ def test_a_team_shares_runs_models_and_data_through_the_server_and_the_remote(tm
                                                     dst_path=str(tmp_path / "dl"))
         assert (Path(plots) / "confusion_matrix.png").stat().st_size > 1000  # served by the server, not a path
     with psycopg2.connect(host="127.0.0.1", port=services["CXR_TEAM_PG_PORT"], user="mlflow", dbname="mlflow",
-                          password=(Path(services["CXR_TEAM_DIR"]) / "password").read_text()) as db, db.cursor() as c:
+                          password=team_secrets(Path(services["CXR_TEAM_DIR"]))[0]) as db, db.cursor() as c:
         c.execute("SELECT count(*) FROM runs WHERE name = 'mlp'")
         assert c.fetchone()[0] == 2  # the server's store is the PostgreSQL database
 
@@ -202,3 +238,53 @@ def test_a_team_shares_runs_models_and_data_through_the_server_and_the_remote(tm
     evaluated = [float(r["p_pneumonia"]) for f in b.glob("reports/*/predictions.csv")
                  for r in csv.DictReader(f.open()) if r["name"].endswith(image.name)]
     assert any(abs(row["p_pneumonia"] - p) < 1e-5 for p in evaluated), (row, evaluated)
+
+
+def test_the_team_server_wants_a_login_and_its_files_are_its_owner_s(team, monkeypatch):
+    """Anonymous requests get 401; a wrong password (or none) cannot move @champion; no other local user can
+    read anything in the team folder (checked as `nobody`), and the postgres user only its data folder."""
+    login, _, services = team
+    url, folder = login["MLFLOW_TRACKING_URI"], Path(services["CXR_TEAM_DIR"])
+    for path in ("/", "/api/2.0/mlflow/experiments/search?max_results=1", "/api/2.0/mlflow-artifacts/artifacts"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url + path, timeout=10)
+        assert e.value.code == 401, path
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(key, login[key])
+    client = MlflowClient(url)
+    run = client.create_run(client.create_experiment("login-check"))
+    client.log_text(run.info.run_id, "nothing", "x/a.txt")
+    client.create_registered_model("login-check")
+    for _ in range(2):
+        client.create_model_version("login-check", f"{run.info.artifact_uri}/x", run_id=run.info.run_id)
+    client.set_registered_model_alias("login-check", "champion", "1")
+    for password in ("wrong", None):
+        if password is None:
+            monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+            monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+        else:
+            monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        with pytest.raises(MlflowException, match="401|nauthorized"):
+            MlflowClient(url).set_registered_model_alias("login-check", "champion", "2")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", login["MLFLOW_TRACKING_USERNAME"])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", login["MLFLOW_TRACKING_PASSWORD"])
+    assert MlflowClient(url).get_model_version_by_alias("login-check", "champion").version == "1"
+
+    if os.geteuid() != 0:
+        pytest.skip("reading the folder as other users needs root (runuser)")
+    paths = [str(folder)] + [os.path.join(d, f) for d, dirs, files in os.walk(folder) for f in dirs + files]
+    probe = ("import os, sys\nfor p in sys.stdin.read().split('\\0'):\n    try:\n"
+             "        os.listdir(p) if os.path.isdir(p) else open(p, 'rb').read(1)\n        print(p)\n"
+             "    except OSError:\n        pass\n")
+
+    def readable_by(user: str) -> list[str]:
+        # the system's Python: other users may not reach this checkout's virtual environment
+        python = shutil.which("python3", path="/usr/bin:/bin")
+        return subprocess.run(["runuser", "-u", user, "--", python, "-c", probe], input="\0".join(paths),
+                              capture_output=True, text=True, check=True).stdout.split()
+
+    assert readable_by("nobody") == []
+    assert len(paths) > 50 and all(p.startswith(str(folder / "pg")) for p in readable_by("postgres"))
+    assert any(p.endswith("PG_VERSION") for p in readable_by("postgres"))  # the probe does read what it may
+    no_secret_in_ps(folder)
