@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from conftest import free_port, mlflow_server, tracking_at
-from cxr import inference, registry, tracking
+from cxr import inference, predict, registry, tracking
 from cxr.errors import CxrError
 from cxr.inference import CardError, ModelCard, load_logged
 
@@ -111,9 +111,12 @@ def test_a_registered_version_that_is_code_is_refused_by_name_and_never_run(tmp_
         assert "\n" not in str(e.value)
         probs, _, why = registry.test_probs("models:/evil-model@champion", tmp_path)
         assert probs is None and "is refused" in why
-        out = subprocess.run([sys.executable, "-m", "cxr", "predict", "--model", "models:/evil-model@champion",
-                              str(image)], capture_output=True, text=True)
-        assert out.returncode == 1 and f"(version {version}) is refused" in out.stderr, out.stderr
+        with pytest.raises(CardError, match="is refused"):
+            predict.predict("models:/evil-model@champion", [image])
         assert not marker.exists()
+    out = subprocess.run([sys.executable, "-m", "cxr", "predict", "--model", "models:/evil-model@champion",
+                          str(image)], capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr.startswith("error: models:/evil-model@champion (version 2) is refused")
+    assert len(out.stderr.strip().splitlines()) == 1 and not marker.exists()
     torch.load(tmp_path / inference.WEIGHTS, weights_only=False)  # what loading the old way did
     assert marker.exists()

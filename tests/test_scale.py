@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -157,13 +158,14 @@ def team_secrets(folder: Path) -> list[str]:
             (folder / "cxr.password").read_text().strip()]
 
 
-def no_secret_in_ps(folder: Path) -> str:
-    """`ps -eww -o args` (every process's whole command line), checked for every secret; returned for the
-    record."""
-    listing = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True, check=True).stdout
+def ps_listing() -> str:
+    """`ps -eww -o args`: every process's whole command line, as any local user can read them."""
+    return subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True, check=True).stdout
+
+
+def no_secret_in(listing: str, folder: Path) -> None:
     for secret in team_secrets(folder):
         assert secret not in listing
-    return listing
 
 
 def wait_for_queue(repo: Path, env: dict, timeout: float = 600) -> str:
@@ -195,16 +197,27 @@ def test_a_team_shares_runs_models_and_data_through_the_server_and_the_remote(tm
     for seed in (1, 2):
         sh(a, "dvc", "exp", "run", "--queue", "-n", f"seed{seed}", "-S", "data.source=imagefolder",
            "-S", f"data.path={folder}", "-S", f"seed={seed}", env=env)
-    sh(a, "dvc", "queue", "start", "-j", "2", env=env)
-    for _ in range(120):  # every command line, until the queue's workers are among them
-        listing = no_secret_in_ps(Path(services["CXR_TEAM_DIR"]))
-        if re.search(r"^\S*python\S* .*\bdvc\b", listing, re.M):
-            break
-        time.sleep(1)
-    else:
-        pytest.fail(f"no DVC queue worker showed in ps within 120 s:\n{listing}")
-    assert "mlflow server" in listing and "postgres" in listing  # the services were there to be read
-    print(f"ps -eww -o args while the queue trains:\n{listing}")  # for the record: `pytest -rP` shows it
+    # `dvc queue start` returns once its workers are done here (they keep its output pipes open); meanwhile
+    # every command line on the machine is read once a second, and none may hold a secret.
+    listings: list[str] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(1):
+            listings.append(ps_listing())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        sh(a, "dvc", "queue", "start", "-j", "2", env=env)
+    finally:
+        done.set()
+        sampler.join()
+    for listing in listings:
+        no_secret_in(listing, Path(services["CXR_TEAM_DIR"]))
+    training = [ls for ls in listings if "dvc exp exec-run" in ls and "mlflow server" in ls and "postgres" in ls]
+    assert len(training) >= 10, f"{len(listings)} listings, {len(training)} while an experiment ran"
+    print(f"ps -eww -o args while the queue trains:\n{training[len(training) // 2]}")  # `pytest -rP` shows it
     status = wait_for_queue(a, env)
     failed = re.findall(r"^\w+\s+(\S+)\s.*\bFailed\b", status, re.M)
     assert not failed, status + "".join(sh(a, "dvc", "queue", "logs", name)[-3000:] for name in failed)
@@ -287,4 +300,4 @@ def test_the_team_server_wants_a_login_and_its_files_are_its_owner_s(team, monke
     assert readable_by("nobody") == []
     assert len(paths) > 50 and all(p.startswith(str(folder / "pg")) for p in readable_by("postgres"))
     assert any(p.endswith("PG_VERSION") for p in readable_by("postgres"))  # the probe does read what it may
-    no_secret_in_ps(folder)
+    no_secret_in(ps_listing(), folder)
