@@ -99,8 +99,8 @@ def test_a_registered_version_that_is_code_is_refused_by_name_and_never_run(tmp_
         # a weights file that is itself a pickle running code
         torch.save({"card": card.to_dict(), "state_dict": Payload(marker)}, tmp_path / inference.WEIGHTS)
         tampered = mlflow.pytorch.log_model(card.build().eval(), name="model2", metadata=card.to_dict(),
-                                            input_example=np.zeros((2, 1, 8, 8), np.float32),
-                                            pip_requirements=["torch"], extra_files=[str(tmp_path / inference.WEIGHTS)])
+                                            serialization_format="pickle", pip_requirements=["torch"],
+                                            extra_files=[str(tmp_path / inference.WEIGHTS)])
     Image.fromarray(np.full((16, 16), 128, np.uint8)).save(image := tmp_path / "x.png")
     for version, info in enumerate((pickled, tampered), start=1):
         mlflow.register_model(info.model_uri, "evil-model")

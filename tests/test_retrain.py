@@ -71,8 +71,19 @@ def test_retrain_promotes_first_keeps_the_champion_on_noise_promotes_a_clearly_b
     assert better["difference"]["ci95_low"] > MIN_DELTA
     assert better["previous_champion"]["version"] == first["candidate"]["version"]
 
-    again = sh(repo, "cxr", "promote")  # nothing retrained: the champion is the candidate again
-    assert "kept: the candidate is already the champion" in again
+    uri = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
+    monkeypatch.chdir(repo)  # `cxr` in this process from here on: no more start-ups of torch and MLflow
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+    def cxr(*args: str) -> str:
+        monkeypatch.setattr(sys, "argv", ["cxr", *args])
+        with tracking_at(uri):
+            cxr_main()
+        return capsys.readouterr().out
+
+    cxr("promote")  # nothing retrained: the champion is the candidate again
+    assert json.loads((repo / "promotion.json").read_text())["reason"] == \
+        f"the candidate is already the champion (version {better['candidate']['version']})"
 
     client = MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
     name = better["registered_model"]
@@ -99,7 +110,7 @@ def test_retrain_promotes_first_keeps_the_champion_on_noise_promotes_a_clearly_b
     assert not np.array_equal(np.stack([decode((str(x), str(x)), [64], "stretch")[0][0] for x in paths]), stored)
 
     # Folders (recursively) and quoted globs; a header naming the model and its threshold; CSV.
-    table = sh(repo, "cxr", "predict", str(paths[0].parent), str(folder / "test" / "*" / paths[1].name)).splitlines()
+    table = cxr("predict", str(paths[0].parent), str(folder / "test" / "*" / paths[1].name)).splitlines()
     assert table[0].startswith("models:/chest-xray-classifier@champion: cand (") and "threshold" in table[0]
     assert table[1].split() == ["image", "P(pneumonia)", "decision"]
     in_folder = sorted(x for x in paths[0].parent.iterdir())
@@ -110,14 +121,7 @@ def test_retrain_promotes_first_keeps_the_champion_on_noise_promotes_a_clearly_b
         if path in by_path:
             assert float(prob) == pytest.approx(float(by_path[path]["p_pneumonia"]), abs=1e-4)
             assert decision == by_path[path]["predicted"]
-    # --csv, in this process (the same `cxr` entry point, without another start-up of torch and MLflow)
-    uri = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
-    monkeypatch.chdir(repo)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setattr(sys, "argv", ["cxr", "predict", "--csv", *map(str, paths[:3])])
-    with tracking_at(uri):
-        cxr_main()
-    as_csv = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    as_csv = list(csv.DictReader(io.StringIO(cxr("predict", "--csv", *map(str, paths[:3])))))
     assert [r["path"] for r in as_csv] == list(map(str, paths[:3])) and {"p_pneumonia", "class"} <= set(as_csv[0])
     assert [float(r["p_pneumonia"]) for r in as_csv] == pytest.approx([float(r["p_pneumonia"]) for r in rows[:3]],
                                                                        abs=1e-6)
