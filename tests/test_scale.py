@@ -294,7 +294,8 @@ def test_the_team_server_wants_a_login_and_its_files_are_its_owner_s(team, monke
     def readable_by(user: str) -> list[str]:
         # the system's Python: other users may not reach this checkout's virtual environment
         python = shutil.which("python3", path="/usr/bin:/bin")
-        return subprocess.run(["runuser", "-u", user, "--", python, "-c", probe], input="\0".join(paths),
+        runuser = shutil.which("runuser", path="/usr/sbin:/sbin:/usr/bin:/bin")  # sbin: not on a bare PATH
+        return subprocess.run([runuser, "-u", user, "--", python, "-c", probe], input="\0".join(paths),
                               capture_output=True, text=True, check=True).stdout.split()
 
     assert readable_by("nobody") == []
