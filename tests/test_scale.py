@@ -2,6 +2,7 @@
 per epoch and gives the one-process result, and the train stage launches it itself. Run with `make test-scale`
 (marker `scale`)."""
 
+import base64
 import configparser
 import csv
 import dataclasses
@@ -283,6 +284,20 @@ def test_the_team_server_wants_a_login_and_its_files_are_its_owner_s(team, monke
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", login["MLFLOW_TRACKING_USERNAME"])
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", login["MLFLOW_TRACKING_PASSWORD"])
     assert MlflowClient(url).get_model_version_by_alias("login-check", "champion").version == "1"
+
+    # `team up` again: a no-op while the services run; with the password file removed, a new password
+    (folder / "cxr.password").unlink()
+    sh(ROOT, "make", "-s", "team-up", env=services)
+    new = (folder / "cxr.password").read_text().strip()
+    for password, code in ((login["MLFLOW_TRACKING_PASSWORD"], 401), (new, 200)):
+        token = base64.b64encode(f"cxr:{password}".encode()).decode()
+        req = urllib.request.Request(url + "/api/2.0/mlflow/experiments/search?max_results=1",
+                                     headers={"Authorization": f"Basic {token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as res:
+                assert res.status == code
+        except urllib.error.HTTPError as e:
+            assert e.code == code
 
     if os.geteuid() != 0:
         pytest.skip("reading the folder as other users needs root (runuser)")

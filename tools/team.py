@@ -186,16 +186,20 @@ def start_mlflow() -> None:
     make_user()
 
 
-def api(path: str, body: dict, user: str, password: str) -> tuple[int, dict]:
-    """A JSON POST to the server's REST API with a basic-auth login; (status, reply)."""
+def api(method: str, path: str, body: dict, user: str, password: str) -> tuple[int, dict]:
+    """A JSON request to the server's REST API with a basic-auth login; (status, reply)."""
     auth = base64.b64encode(f"{user}:{password}".encode()).decode()
-    req = urllib.request.Request(f"{URL}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(), method="POST",
+    req = urllib.request.Request(f"{URL}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(), method=method,
                                  headers={"Authorization": f"Basic {auth}", "Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=30) as res:
             return res.status, json.loads(res.read() or b"{}")
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
+        text = e.read().decode(errors="replace")
+        try:
+            return e.code, json.loads(text)
+        except ValueError:
+            return e.code, {"message": text}
 
 
 def make_user() -> None:
@@ -207,11 +211,11 @@ def make_user() -> None:
     if new:
         write_secret(USER_PASSWORD, secrets.token_urlsafe(24))
     password = read_private(USER_PASSWORD)
-    code, reply = api("users/create", {"username": USER, "password": password}, *admin)
+    code, reply = api("POST", "users/create", {"username": USER, "password": password}, *admin)
     if code == 400 and reply.get("error_code") == "RESOURCE_ALREADY_EXISTS":
         if not new:
             return
-        code, reply = api("users/update-password", {"username": USER, "password": password}, *admin)
+        code, reply = api("PATCH", "users/update-password", {"username": USER, "password": password}, *admin)
     if code != 200:
         fail(f"the MLflow server did not create the {USER} login (HTTP {code}: {reply.get('message', '')[:200]})")
 
@@ -220,6 +224,7 @@ def up() -> None:
     os.umask(0o077)  # everything made here is the owner's alone
     DIR.parent.mkdir(parents=True, exist_ok=True)
     private_dir(DIR)
+    pg_bin("initdb")  # installed, or one line saying how (before the folder is given to its group)
     if ROOT:  # the postgres user goes through the folder to its data, and nobody else
         shutil.chown(DIR, group="postgres")
         DIR.chmod(0o710)
