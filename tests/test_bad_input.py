@@ -251,3 +251,14 @@ def test_a_single_class_split(tmp_path):
                                        r"or remove that folder so that val is carved from train"):
         split(tmp_path / "gray", tmp_path / "split2", SplitParams(), seed=0)
     assert not (tmp_path / "split2").exists()
+
+
+def test_predict_names_missing_paths_and_empty_globs_before_it_loads_any_model(tmp_path):
+    """A typo fails at once, in one line, without the model (the store here has none: loading it would fail
+    with another message)."""
+    (tmp_path / "scans").mkdir()
+    res = subprocess.run([sys.executable, "-m", "cxr", "predict", str(tmp_path / "missing.png"),
+                          str(tmp_path / "scans" / "*.png")], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 1 and not res.stdout
+    assert res.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.png'}: no such file; "
+                                               f"{tmp_path / 'scans' / '*.png'}: no file matches this pattern"]

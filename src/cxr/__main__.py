@@ -16,12 +16,14 @@ def _predict(args: argparse.Namespace) -> None:
 
     p = params.load(args.params)
     uri = args.model or f"models:/{p.mlflow.registered_model}@champion"
-    tracking.setup(p.mlflow.experiment)
-    paths = expand(args.images)
+    paths, missing = expand(args.images)  # before the model loads (seconds): a typo fails at once
     if not paths:
-        raise CxrError(f"no images in {' '.join(args.images)} ({'/'.join(sorted(IMAGE_SUFFIXES))} files)")
+        raise CxrError("; ".join(missing) or
+                       f"no images in {' '.join(args.images)} ({'/'.join(sorted(IMAGE_SUFFIXES))} files)")
+    tracking.setup(p.mlflow.experiment)
     rows, errors, card = predict(uri, paths)
     sys.stdout.write(render(rows, card, uri, "json" if args.json else "csv" if args.csv else "table"))
+    errors = missing + errors
     if errors:
         raise CxrError("; ".join(errors) + ("" if len(errors) == 1 else f" ({len(errors)} images)"))
 

@@ -28,19 +28,23 @@ def read(path: Path, card: ModelCard) -> np.ndarray:
     return result[0][0]
 
 
-def expand(items: list[str]) -> list[Path]:
+def expand(items: list[str]) -> tuple[list[Path], list[str]]:
     """Files as given; folders: their image files, recursively, sorted; globs (quoted, so the shell left them):
-    what they match. A name that matches nothing stays, so that it is reported as missing."""
+    what they match. And one 'item: reason' per name that matches nothing: checked before any model loads."""
     out: list[Path] = []
+    missing: list[str] = []
     for item in items:
         matches = sorted(glob.glob(item, recursive=True)) if glob.has_magic(item) else [item]
-        for path in map(Path, matches or [item]):
+        if not matches or not Path(matches[0]).exists():  # a glob's matches exist; a plain name may not
+            missing.append(f"{item}: {'no file matches this pattern' if glob.has_magic(item) else 'no such file'}")
+            continue
+        for path in map(Path, matches):
             if path.is_dir():
                 out += sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
                               and not f.name.startswith("."))
             else:
                 out.append(path)
-    return out
+    return out, missing
 
 
 def predict(uri: str, paths: list[Path]) -> tuple[list[dict[str, Any]], list[str], ModelCard]:
