@@ -42,6 +42,7 @@ ROOT = os.geteuid() == 0  # PostgreSQL refuses to run as root: then it runs as t
 USER = "cxr"  # the login the pipeline, promotion, predict and the retrain job use
 # What the folder holds (README, "Team setup"); nothing else is expected there.
 PGPASS, AUTH, USER_PASSWORD = DIR / "pgpass", DIR / "auth.ini", DIR / f"{USER}.password"
+PGPASS_LINE = "127.0.0.1:*:*:mlflow:{}\n"  # libpq's format: host:port:database:user:password
 
 
 def fail(msg: str) -> None:
@@ -103,9 +104,10 @@ def open_private(path: Path, flags: int) -> int:
         raise
 
 
-def write_secret(path: Path, text: str, owner: str | None = None) -> None:
-    """A new file holding `text`, 0600 from the start (optionally then given to `owner`)."""
-    fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+def write_private(path: Path, text: str, owner: str | None = None, new: bool = True) -> None:
+    """`text` in a file of the team folder, 0600 from the start: a new one (`new`; else replaced), optionally
+    then given to `owner`."""
+    fd = open_private(path, os.O_WRONLY | os.O_CREAT | (os.O_EXCL if new else os.O_TRUNC))
     if owner:
         os.fchown(fd, pwd.getpwnam(owner).pw_uid, -1)
     with os.fdopen(fd, "w") as f:
@@ -121,10 +123,10 @@ def start_postgres() -> None:
     pg = DIR / "pg"
     if not (pg / "PG_VERSION").exists():
         password = secrets.token_urlsafe(24)
-        write_secret(PGPASS, f"127.0.0.1:*:*:mlflow:{password}\n")  # libpq's format: host:port:db:user:password
+        write_private(PGPASS, PGPASS_LINE.format(password))
         os.mkdir(pg, 0o700)
         pwfile = DIR / "initdb.pw"  # initdb reads it as the server's user; removed straight after
-        write_secret(pwfile, password, owner="postgres" if ROOT else None)
+        write_private(pwfile, password, owner="postgres" if ROOT else None)
         if ROOT:
             shutil.chown(pg, "postgres")
         try:
@@ -155,7 +157,7 @@ def start_mlflow() -> None:
         settings = {"default_permission": "READ", "database_uri": f"sqlite:///{DIR / 'auth.db'}",
                     "admin_username": "admin", "admin_password": secrets.token_urlsafe(24),
                     "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth"}
-        write_secret(AUTH, "[mlflow]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
+        write_private(AUTH, "[mlflow]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
     if not answers(f"{URL}/health"):
         log = open_private(DIR / "mlflow.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         env = os.environ | {
@@ -172,9 +174,7 @@ def start_mlflow() -> None:
             env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL, umask=0o077,  # its files: the owner's
             start_new_session=True)  # outlives this command, as a service
         os.close(log)
-        fd = open_private(DIR / "mlflow.pid", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.write(fd, str(proc.pid).encode())
-        os.close(fd)
+        write_private(DIR / "mlflow.pid", str(proc.pid), new=False)
         for _ in range(240):
             if answers(f"{URL}/health"):
                 break
@@ -209,7 +209,7 @@ def make_user() -> None:
     admin = auth["mlflow"]["admin_username"], auth["mlflow"]["admin_password"]
     new = not USER_PASSWORD.exists()
     if new:
-        write_secret(USER_PASSWORD, secrets.token_urlsafe(24))
+        write_private(USER_PASSWORD, secrets.token_urlsafe(24))
     password = read_private(USER_PASSWORD)
     code, reply = api("POST", "users/create", {"username": USER, "password": password}, *admin)
     if code == 400 and reply.get("error_code") == "RESOURCE_ALREADY_EXISTS":
@@ -232,7 +232,7 @@ def up() -> None:
         DIR.chmod(0o700)
     old = DIR / "password"  # an older version's database password: moved to the libpq file
     if old.exists() and not PGPASS.exists():
-        write_secret(PGPASS, f"127.0.0.1:*:*:mlflow:{read_private(old)}\n")
+        write_private(PGPASS, PGPASS_LINE.format(read_private(old)))
         old.unlink()
     for entry in os.scandir(DIR):  # what an older version left readable by others
         if entry.name != "pg":

@@ -196,25 +196,32 @@ def load_logged(uri: str) -> tuple[Classifier, ModelCard]:
     flavor's own files (a pickle, or a pt2 program) are never loaded: a version without WEIGHTS is refused."""
     from mlflow.exceptions import MlflowException
     from mlflow.models import get_model_info
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     from cxr.tracking import store_and_error
 
     name = version_of(uri)
     try:
-        get_model_info(uri)  # exists and answers: otherwise the store's error, not "no weights"
+        path = logged_file(uri, WEIGHTS)
     except (MlflowException, OSError) as e:
-        raise CxrError(f"cannot load {uri} from {store_and_error(e)}; "
-                       "run `cxr retrain` (or `dvc repro` then `cxr promote`) first, or check "
-                       "MLFLOW_TRACKING_URI") from e
-    try:
-        # the model's own artifact repository: registered (models:/m@a), logged (models:/m-<id>) or runs:/ alike
-        path = get_artifact_repository(uri).download_artifacts(f"extra_files/{WEIGHTS}")
-    except (MlflowException, OSError) as e:
+        try:
+            get_model_info(uri)  # the model answers, so the file is what is missing; else the store's error
+        except (MlflowException, OSError) as store:
+            raise CxrError(f"cannot load {uri} from {store_and_error(store)}; "
+                           "run `cxr retrain` (or `dvc repro` then `cxr promote`) first, or check "
+                           "MLFLOW_TRACKING_URI") from store
         raise CardError(f"{name} is refused: it has no card and weights file (extra_files/{WEIGHTS}), so it "
                         "is not a model this version of the project logged, and its other files are code; "
                         "run `dvc repro` to retrain it") from e
     return load(Path(path), name)
+
+
+def logged_file(uri: str, name: str) -> str:
+    """The extra file `name` logged with the MLflow model at `uri`, downloaded; from the model's own artifact
+    repository, so registered (models:/m@a), logged (models:/m-<id>) and runs:/ URIs alike. Raises
+    MlflowException or OSError when the model or the file is missing."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    return get_artifact_repository(uri).download_artifacts(f"extra_files/{name}")
 
 
 def version_of(uri: str) -> str:

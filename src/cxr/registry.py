@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from cxr import tracking
 from cxr.data.store import Split, classes, load_split, preprocessing
 from cxr.errors import CxrError
-from cxr.inference import HASHES, CardError, ModelCard, load_logged
+from cxr.inference import HASHES, CardError, ModelCard, load_logged, logged_file
 from cxr.io import atomic_path, best_on_val, read_csv, write_json
 from cxr.metrics import metric, paired_bootstrap
 from cxr.params import Params
@@ -36,7 +36,7 @@ def candidate(p: Params, reports: Path) -> dict[str, Any]:
 def seen_images(uri: str) -> frozenset[str]:
     """The sha256s of the images the registered model at `uri` trained and validated on (logged with it)."""
     try:
-        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/extra_files/{HASHES}")
+        path = logged_file(uri, HASHES)
     except (MlflowException, OSError) as e:
         raise CxrError(f"{uri} has no list of the images it saw ({HASHES}): it cannot be scored fairly; retrain it "
                        f"with this version of the project ({tracking.store_and_error(e)})") from e
