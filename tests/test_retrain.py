@@ -102,9 +102,10 @@ def test_retrain_promotes_first_keeps_the_champion_on_noise_promotes_a_clearly_b
     paths = [folder / r["name"] for r in rows]  # names are relative to the source folder
     out = sh(repo, "cxr", "predict", "--json", *map(str, paths))
     got = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert [g["path"] for g in got] == list(map(str, paths))
+    assert [list(g) for g in got] == [["image", "p_pneumonia", "decision", "threshold"]] * len(got)  # one probability
+    assert [g["image"] for g in got] == list(map(str, paths))
     for g, r in zip(got, rows, strict=True):
-        assert g["p_pneumonia"] == pytest.approx(float(r["p_pneumonia"]), abs=1e-6) and g["class"] == r["predicted"]
+        assert g["p_pneumonia"] == pytest.approx(float(r["p_pneumonia"]), abs=1e-6) and g["decision"] == r["predicted"]
     stored = np.load(repo / "data" / "split" / "64" / "test_images.npy")[:20]
     assert np.array_equal(np.stack([read(path, card_of(repo)) for path in paths]), stored)
     assert not np.array_equal(np.stack([decode((str(x), str(x)), [64], "stretch")[0][0] for x in paths]), stored)
@@ -122,7 +123,8 @@ def test_retrain_promotes_first_keeps_the_champion_on_noise_promotes_a_clearly_b
             assert float(prob) == pytest.approx(float(by_path[path]["p_pneumonia"]), abs=1e-4)
             assert decision == by_path[path]["predicted"]
     as_csv = list(csv.DictReader(io.StringIO(cxr("predict", "--csv", *map(str, paths[:3])))))
-    assert [r["path"] for r in as_csv] == list(map(str, paths[:3])) and {"p_pneumonia", "class"} <= set(as_csv[0])
+    assert [r["image"] for r in as_csv] == list(map(str, paths[:3]))
+    assert list(as_csv[0]) == ["image", "p_pneumonia", "decision", "threshold"]
     assert [float(r["p_pneumonia"]) for r in as_csv] == pytest.approx([float(r["p_pneumonia"]) for r in rows[:3]],
                                                                        abs=1e-6)
 

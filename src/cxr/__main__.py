@@ -22,7 +22,8 @@ def _predict(args: argparse.Namespace) -> None:
                        f"no images in {' '.join(args.images)} ({'/'.join(sorted(IMAGE_SUFFIXES))} files)")
     tracking.setup(p.mlflow.experiment)
     rows, errors, card = predict(uri, paths)
-    sys.stdout.write(render(rows, card, uri, "json" if args.json else "csv" if args.csv else "table"))
+    if rows:  # none readable: the error alone, no empty table
+        sys.stdout.write(render(rows, card, uri, "json" if args.json else "csv" if args.csv else "table"))
     errors = missing + errors
     if errors:
         raise CxrError("; ".join(errors) + ("" if len(errors) == 1 else f" ({len(errors)} images)"))
@@ -31,7 +32,8 @@ def _predict(args: argparse.Namespace) -> None:
 def _promote(args: argparse.Namespace) -> None:
     from cxr.registry import promote
 
-    record = promote(params.load(args.params), Path(args.reports), Path(args.data), Path(args.out))
+    record = promote(params.load(args.params), Path(args.reports), Path(args.data), Path(args.out),
+                     Path(args.comparison))
     print(f"{record['decision']}: {record['reason']}")
 
 
@@ -57,18 +59,19 @@ def main() -> None:
     fmt.add_argument("--json", action="store_true", help="one JSON object per image and line")
     fmt.add_argument("--csv", action="store_true", help="CSV, a header then one row per image")
     pr.set_defaults(func=_predict)
-    for name, func, text in (("promote", _promote, "register the best variant (val); make it champion if it "
-                              "beats the current one on test"),
+    for name, func, text in (("promote", _promote, "register the last run's best variant (val); make it champion "
+                              "if it beats the current one on test"),
                              ("retrain", _retrain, "dvc repro, then promote, then a markdown summary")):
         sp = sub.add_parser(name, help=text)
         sp.add_argument("--reports", default="reports")
         sp.add_argument("--data", default="data/split")
         sp.add_argument("--out", default="promotion.json", help="the decision as JSON")
+        sp.add_argument("--comparison", default="comparison", help="the last run's compare stage output (its "
+                        "leaderboard lists the variants that ran)")
         sp.set_defaults(func=func)
     for sp in (pr, sub.choices["promote"]):  # also after the command; retrain's `dvc repro` reads params.yaml
         sp.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: params.yaml)")
     rt = sub.choices["retrain"]
-    rt.add_argument("--comparison", default="comparison")
     rt.add_argument("--refresh-data", action="store_true", help="re-run download even if its params are unchanged")
     rt.add_argument("--profile", default="", help="run configs/<profile>.yaml (e.g. quick, for a CPU) instead of "
                     "params.yaml as it is; its params stay in params.yaml")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cxr import task
-from cxr.errors import CxrError
+from cxr.errors import CxrError, run_pipeline
 from cxr.models import Classifier, build_model, without_download
 
 CARD_VERSION = 3  # 2: equalize and tta; 3: the TTA views themselves, and the data's lineage
@@ -173,7 +173,7 @@ def load(path: Path, where: str = "") -> tuple[Classifier, ModelCard]:
     """A saved model as data: plain tensors and a card (unpickling anything else is refused, so loading never
     runs code), built from this project's own architectures. `where` names it in errors (default: the path)."""
     if not path.exists():
-        raise CxrError(f"{path} is missing; run `dvc repro` to train it")
+        raise CxrError(f"{path} is missing; run {run_pipeline()} to train it")
     where = where or str(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -207,7 +207,7 @@ def load_logged(uri: str) -> tuple[Classifier, ModelCard]:
             get_model_info(uri)  # the model answers, so the file is what is missing; else the store's error
         except (MlflowException, OSError) as store:
             raise CxrError(f"cannot load {uri} from {store_and_error(store)}; "
-                           "run `cxr retrain` (or `dvc repro` then `cxr promote`) first, or check "
+                           f"run {run_pipeline()} then `cxr promote` first, or check "
                            "MLFLOW_TRACKING_URI") from store
         raise CardError(f"{name} is refused: it has no card and weights file (extra_files/{WEIGHTS}), so it "
                         "is not a model this version of the project logged, and its other files are code; "

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from cxr.errors import CxrError
+from cxr.errors import CxrError, run_pipeline
 
 
 def _remove(path: Path) -> None:
@@ -81,7 +81,7 @@ def read_csv(path: str | Path) -> list[dict[str, str]]:
 def read_report(path: Path, variant: str) -> Any:
     """A variant's report file (JSON or CSV); missing means the pipeline has not produced it yet."""
     if not path.exists():
-        raise CxrError(f"{path} is missing; run `dvc repro` to train and evaluate {variant}")
+        raise CxrError(f"{path} is missing; run {run_pipeline()} to train and evaluate {variant}")
     return read_csv(path) if path.suffix == ".csv" else json.loads(path.read_text())
 
 

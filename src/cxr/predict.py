@@ -48,8 +48,9 @@ def expand(items: list[str]) -> tuple[list[Path], list[str]]:
 
 
 def predict(uri: str, paths: list[Path]) -> tuple[list[dict[str, Any]], list[str], ModelCard]:
-    """Per readable image {path, class, probability} (the probability of the class given); one
-    'path: reason' per image that could not be read; and the model's card."""
+    """Per readable image {image, p_pneumonia, decision, threshold} (binary; P(PNEUMONIA) unrounded, float32,
+    against the threshold chosen on validation) or {image, p_<class>..., decision}; one 'path: reason' per
+    image that could not be read; and the model's card."""
     model, card = load_logged(uri)
     good, images, errors = [], [], []
     for path in paths:
@@ -63,11 +64,11 @@ def predict(uri: str, paths: list[Path]) -> tuple[list[dict[str, Any]], list[str
     probs = card.probs_of(model, np.stack(images))
     rows = []
     for path, pr, k in zip(good, probs.tolist(), card.predicted(probs).tolist(), strict=True):
-        row: dict[str, Any] = {"path": str(path), "class": card.classes[k]}
-        if card.binary:  # P(PNEUMONIA) against the threshold chosen on validation, unrounded (float32)
-            row |= {"probability": pr if k else 1 - pr, "p_pneumonia": pr, "threshold": card.threshold}
+        row: dict[str, Any] = {"image": str(path)}
+        if card.binary:
+            row |= {"p_pneumonia": pr, "decision": card.classes[k], "threshold": card.threshold}
         else:
-            row |= {"probability": pr[k], "probabilities": dict(zip(card.classes, pr, strict=True))}
+            row |= {f"p_{c.lower()}": v for c, v in zip(card.classes, pr, strict=True)} | {"decision": card.classes[k]}
         rows.append(row)
     return rows, errors, card
 
@@ -78,21 +79,16 @@ def render(rows: list[dict[str, Any]], card: ModelCard, uri: str, fmt: str) -> s
     if fmt == "json":
         return "".join(json.dumps(r) + "\n" for r in rows)
     if fmt == "csv":
-        flat = [{k: v for k, v in r.items() if k != "probabilities"}
-                | {f"p_{c.lower()}": v for c, v in r.get("probabilities", {}).items()} for r in rows]
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=list(flat[0]) if flat else ["path"], lineterminator="\n")
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["image"], lineterminator="\n")
         writer.writeheader()
-        writer.writerows(flat)
+        writer.writerows(rows)
         return out.getvalue()
     rule = f", threshold {card.threshold:.4f} on P(pneumonia) (chosen on val)" if card.binary else ""
     lines = [f"{uri}: {card.variant} ({card.arch}, {card.image_size} px, TTA {len(card.tta_views)}{rule})"]
-    width = max((len(r["path"]) for r in rows), default=5)
-    if card.binary:
-        lines.append(f"{'image':<{width}}  P(pneumonia)  decision")
-        lines += [f"{r['path']:<{width}}  {r['p_pneumonia']:>12.4f}  {r['class']}" for r in rows]
-    else:
-        lines.append(f"{'image':<{width}}  " + "  ".join(f"P({c.lower()})" for c in card.classes) + "  decision")
-        lines += [f"{r['path']:<{width}}  " + "  ".join(f"{r['probabilities'][c]:>{len(c) + 3}.4f}"
-                                                        for c in card.classes) + f"  {r['class']}" for r in rows]
+    width = max((len(r["image"]) for r in rows), default=5)
+    scores = [k for k in (rows[0] if rows else {}) if k.startswith("p_")]
+    lines.append(f"{'image':<{width}}  " + "  ".join(f"P({k[2:]})" for k in scores) + "  decision")
+    lines += [f"{r['image']:<{width}}  " + "  ".join(f"{r[k]:>{len(k) + 1}.4f}" for k in scores) + f"  {r['decision']}"
+              for r in rows]
     return "\n".join(lines) + "\n"

@@ -59,7 +59,7 @@ def overrides(config: dict[str, Any], data: str) -> list[str]:
         if not Path(data).exists():
             raise CxrError(f"DATA={data} does not exist; give a Kaggle-style folder or a MedMNIST .npz")
         source = "npz" if data.endswith(".npz") else "imagefolder"
-        out += [f"data.source={source}", f"data.path={hydra(str(Path(data).resolve()))}"]
+        out += [f"data.source={source}", f"data.path={hydra(data)}"]  # as given: a relative path stays relative
     else:
         out += ["data.source=hub"]
     return out

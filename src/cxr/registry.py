@@ -5,6 +5,7 @@ validated on (each logged model lists the images it saw)."""
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from cxr import tracking
 from cxr.data.store import Split, classes, load_split, preprocessing
-from cxr.errors import CxrError
+from cxr.errors import CxrError, run_pipeline
 from cxr.inference import HASHES, CardError, ModelCard, load_logged, logged_file
 from cxr.io import atomic_path, best_on_val, read_csv, write_json
 from cxr.metrics import metric, paired_bootstrap
@@ -27,9 +28,18 @@ ALIAS = "champion"
 RESAMPLES = 2000  # bootstrap resamples: the interval's ends move by about 0.001 between seeds
 
 
-def candidate(p: Params, reports: Path) -> dict[str, Any]:
-    """The variant with the best `promote.metric` on validation (never test), from its evaluation report."""
-    variant, ev = best_on_val(p.entries, reports, p.promote.metric)
+def ran(comparison: Path) -> list[str]:
+    """The variants and ensembles of the last pipeline run, as its compare stage listed them: after a profile
+    (`make quick`) these are the profile's, not params.yaml's `variants`."""
+    board = comparison / "leaderboard.json"
+    if not board.exists():
+        raise CxrError(f"{board} is missing: no pipeline run to promote from; run {run_pipeline()} first")
+    return [row["variant"] for row in json.loads(board.read_text())]
+
+
+def candidate(p: Params, reports: Path, comparison: Path) -> dict[str, Any]:
+    """The variant of the last run with the best `promote.metric` on validation (never test)."""
+    variant, ev = best_on_val(ran(comparison), reports, p.promote.metric)
     return {"variant": variant, "val": ev["val"][p.promote.metric], **ev["mlflow"]}
 
 
@@ -118,12 +128,13 @@ def _decide(p: Params, champ_probs: torch.Tensor, champ_card: ModelCard,
     return stats["ci95_low"] > p.promote.min_delta, stats
 
 
-def promote(p: Params, reports: Path, data: Path, out: Path) -> dict[str, Any]:
+def promote(p: Params, reports: Path, data: Path, out: Path, comparison: Path = Path("comparison")) \
+        -> dict[str, Any]:
     """Register the candidate, decide on the test images neither model saw, move the alias if it wins; write the
     decision to `out` and as tags."""
     tracking.setup(p.mlflow.experiment)
     client, name, key = MlflowClient(), p.mlflow.registered_model, p.promote.metric
-    cand = candidate(p, reports)
+    cand = candidate(p, reports, comparison)
     cand["version"] = _register(client, name, cand)
     cand_uri = f"models:/{name}/{cand['version']}"
     cand_probs, cand_card, why_not = test_probs(cand_uri, data)

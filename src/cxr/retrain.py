@@ -82,5 +82,5 @@ def retrain(p: Params, refresh_data: bool, reports: Path, data: Path, comparison
         if refresh_data:  # the source may have changed upstream while its params did not
             dvc("repro", "--force", "--single-item", "download")
         dvc("repro")
-    record = promote(p, reports, data, out)
+    record = promote(p, reports, data, out, comparison)
     return summary(record, comparison)

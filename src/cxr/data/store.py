@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from cxr import LABELS, SPLITS
-from cxr.errors import CxrError
+from cxr.errors import CxrError, run_pipeline
 from cxr.io import read_csv, write_csv
 
 META_FIELDS = ("name", "source_split", "patient_id", "sha256", "width", "height", "mode")
@@ -41,7 +41,7 @@ def load_split(folder: str | Path, split: str, mmap: bool = False) -> Split:
     folder = Path(folder)
     path = folder / f"{split}_images.npy"
     if not path.exists():
-        raise CxrError(f"{path} is missing; run `dvc repro` to rebuild the data stages")
+        raise CxrError(f"{path} is missing; run {run_pipeline()} to rebuild the data stages")
     images = np.load(path, mmap_mode="r" if mmap else None)
     labels = np.load(folder / f"{split}_labels.npy")
     return Split(images, labels.astype(np.int64), read_csv(folder / f"{split}_meta.csv"))
