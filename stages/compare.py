@@ -2,6 +2,7 @@
 (params `compare`, `promote.metric`)."""
 
 import argparse
+import json
 from pathlib import Path
 
 from cxr import cli, params
@@ -10,8 +11,10 @@ from cxr.evaluation.compare import compare, spread, summary
 
 def main(args: argparse.Namespace) -> None:
     p = params.load(args.params)
-    rows = compare(p, Path(args.reports), Path(args.out))
-    print(summary(rows, p.compare.metric, Path(args.out), spread(p, rows)))
+    reports = Path(args.reports)
+    rows = compare(p, reports, Path(args.out))
+    split = json.loads((reports / "split.json").read_text()) if (reports / "split.json").exists() else None
+    print(summary(rows, p.compare.metric, Path(args.out), spread(p, rows), split))
 
 
 if __name__ == "__main__":

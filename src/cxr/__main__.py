@@ -37,6 +37,12 @@ def _promote(args: argparse.Namespace) -> None:
     print(f"{record['decision']}: {record['reason']}")
 
 
+def _results(args: argparse.Namespace) -> None:
+    from cxr.results import show
+
+    sys.stdout.write(show(params.load(args.params).promote.metric, args.variants))
+
+
 def _retrain(args: argparse.Namespace) -> None:
     from cxr.retrain import retrain
 
@@ -71,6 +77,11 @@ def main() -> None:
         sp.set_defaults(func=func)
     for sp in (pr, sub.choices["promote"]):  # also after the command; retrain's `dvc repro` reads params.yaml
         sp.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: params.yaml)")
+    rs = sub.add_parser("results", help="the DVC experiments' test scores within the terminal's width: each "
+                        "one's best variant by validation, or --variants")
+    rs.add_argument("--variants", action="store_true", help="one row per experiment and variant")
+    rs.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: params.yaml)")
+    rs.set_defaults(func=_results)
     rt = sub.choices["retrain"]
     rt.add_argument("--refresh-data", action="store_true", help="re-run download even if its params are unchanged")
     rt.add_argument("--profile", default="", help="run configs/<profile>.yaml (e.g. quick, for a CPU) instead of "

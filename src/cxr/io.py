@@ -78,6 +78,15 @@ def read_csv(path: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def progress(iterable: Iterable[Any], quiet: bool = False, **kw: Any) -> Any:
+    """A tqdm bar on a terminal only (`disable=None`): in a piped log its carriage-return frames pile up, and the
+    work logs a line per epoch or stage anyway. TQDM_DISABLE=1 turns it off on a terminal too."""
+    from tqdm import tqdm
+
+    off = quiet or os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false")
+    return tqdm(iterable, disable=True if off else None, **kw)
+
+
 def read_report(path: Path, variant: str) -> Any:
     """A variant's report file (JSON or CSV); missing means the pipeline has not produced it yet."""
     if not path.exists():

@@ -85,7 +85,7 @@ def history_figure(history: list[dict[str, Any]], title: str) -> Figure:
 def bars_figure(rows: list[dict[str, Any]], metrics: list[str], title: str) -> Figure:
     """Grouped bars: one group per metric, one bar per row (variant), best first, each with its value; the
     y axis starts just under the lowest score, so that a 0.01 difference is visible."""
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(metrics) + 0.35 * len(rows) * len(metrics)), 4.2),
+    fig, ax = plt.subplots(figsize=(min(9.5, max(7.0, 1.2 * len(metrics) + 0.35 * len(rows) * len(metrics))), 4.2),
                            layout="constrained")
     width = 0.8 / max(len(rows), 1)
     values = [v for r in rows for k in metrics if (v := r[k]) is not None]

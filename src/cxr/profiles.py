@@ -21,6 +21,8 @@ from cxr.evaluation.compare import summary
 
 CONFIGS = Path("configs")
 DVC = [sys.executable, "-m", "dvc"]  # this environment's DVC
+# What DVC says of each output on a first run (it has no hash to restore yet): true, and nothing to act on.
+NOISE = re.compile(r"WARNING: No file hash info found for '.*'\. It won't be created\.$")
 
 
 def tool_env() -> dict[str, str]:
@@ -88,9 +90,11 @@ def run(profile: str, data: str = "", name: str = "", extra: tuple[str, ...] = (
     subprocess.run([*DVC, "exp", "remove", name], capture_output=True, env=env)  # it may not exist
     t0, skipped, proc = time.perf_counter(), False, None
     try:
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1, env=env) as proc:
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                              env=env) as proc:
             for line in proc.stdout or ():  # echoed as it comes; the compare stage prints the leaderboard
-                sys.stdout.write(line)
+                if not NOISE.match(line):
+                    sys.stdout.write(line)
                 skipped |= line.startswith("Stage 'compare' didn't change")
     finally:
         if not keep_params or proc is None or proc.returncode:  # None: dvc did not start
@@ -104,7 +108,9 @@ def run(profile: str, data: str = "", name: str = "", extra: tuple[str, ...] = (
                        "params.yaml, dvc.lock and the outputs are as they were before it")
     if skipped:  # nothing changed since the last run: its leaderboard, as the compare stage prints it
         rows, groups = (json.loads(Path(f"comparison/{f}.json").read_text()) for f in ("leaderboard", "seed_spread"))
-        print(summary(rows, params.load().compare.metric, Path("comparison"), groups))
+        split = Path("reports/split.json")
+        print(summary(rows, params.load().compare.metric, Path("comparison"), groups,
+                      json.loads(split.read_text()) if split.exists() else None))
     kept_text = "params.yaml holds its params" if keep_params else \
         f"params.yaml is unchanged (`dvc exp apply {name}` adopts its params)"
     print(f"{profile}: {minutes:.1f} min wall time. The experiment is `dvc exp show`'s {name!r}; {kept_text}")

@@ -106,6 +106,24 @@ def _register(client: MlflowClient, name: str, cand: dict[str, Any]) -> str:
                        "MLFLOW_TRACKING_URI") from e
 
 
+def describe_model(client: MlflowClient, name: str, classes: tuple[str, ...] | list[str], p: Params) -> None:
+    """The registered model's description in the registry (each version has its run's): what it classifies,
+    its labels and how the champion is chosen. Written when it differs, so that a label change shows."""
+    labels = ", ".join(f"{i} {c}" for i, c in enumerate(classes))
+    text = (f"Chest X-ray pneumonia classification: one frontal chest X-ray (grayscale, resized as the model card "
+            f"says) in, the class out; labels {labels}. Each version is one pipeline variant or ensemble, trained by "
+            f"`dvc repro` or a profile (its description: the run's data and scores). The `{ALIAS}` alias is the "
+            f"version `cxr predict` uses: `cxr promote` registers the variant best on validation "
+            f"{p.promote.metric} and moves the alias only when it beats the {ALIAS} on the test images neither "
+            f"model trained or validated on (paired bootstrap, 95% interval of the difference above "
+            f"promote.min_delta {p.promote.min_delta}).")
+    try:
+        if client.get_registered_model(name).description != text:
+            client.update_registered_model(name, description=text)
+    except MlflowException as e:
+        raise CxrError(f"cannot describe {name} in {tracking.store_and_error(e)}") from e
+
+
 def _champion(client: MlflowClient, name: str) -> Any | None:
     """The champion's model version; None only when the registry says the alias does not exist. Any other
     failure (a timeout, a server error, a refused login) stops: taken for "no champion", it would promote."""
@@ -140,6 +158,7 @@ def promote(p: Params, reports: Path, data: Path, out: Path, comparison: Path = 
     cand_probs, cand_card, why_not = test_probs(cand_uri, data)
     if cand_probs is None or cand_card is None:
         raise CxrError(f"cannot score the candidate {cand['variant']}: {why_not}")
+    describe_model(client, name, cand_card.classes, p)
     test = load_split(data / str(cand_card.image_size), "test")
     labels, names = torch.from_numpy(test.labels), list(cand_card.classes)
     seen = {"candidate": seen_images(cand_uri)}

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import subprocess
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -45,6 +46,8 @@ def setup(experiment: str, root: Path | None = None) -> str:
     """Point MLflow at the store, create the experiment if needed, return its id. A SQLite store keeps
     artifacts beside its database (a server decides for itself)."""
     uri = tracking_uri(root)
+    if not sys.stderr.isatty():  # MLflow's artifact bars, piped to a log, are lines of carriage returns
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     location, lock = None, contextlib.nullcontext()
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))

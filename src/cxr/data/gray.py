@@ -19,12 +19,11 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tqdm import tqdm
 
 from cxr.data.sources import SPLIT_ALIASES
 from cxr.data.store import META_FIELDS, save_labels_meta, write_preprocessing
 from cxr.errors import CxrError
-from cxr.io import atomic_paths, read_csv, write_json
+from cxr.io import atomic_paths, progress, read_csv, write_json
 from cxr.params import GrayParams, OnBadImage
 
 log = logging.getLogger(__name__)
@@ -195,7 +194,7 @@ def _convert_split(items: list[tuple[int, tuple[Any, ...]]], split: str, out: Pa
         else map(work, jobs)
     meta, labels, kept = [], [], []
     try:
-        for i, result in enumerate(tqdm(results, total=n, desc=f"grayscale {split}", unit="img")):
+        for i, result in enumerate(progress(results, total=n, desc=f"grayscale {split}", unit="img")):
             label, (name, *_) = items[i]
             if isinstance(result, str):
                 if on_bad == "error":

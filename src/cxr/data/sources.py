@@ -11,11 +11,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
-from tqdm import tqdm
 
 from cxr import LABELS, SPLITS
 from cxr.errors import CxrError
-from cxr.io import atomic_path, write_csv, write_json
+from cxr.io import atomic_path, progress, write_csv, write_json
 from cxr.params import DataParams
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,7 @@ def scan_imagefolder(root: Path) -> list[dict[str, Any]]:
                                "fill it or remove it")
             found += [(split, label, f) for f in files]
     rows = [{"path": f.relative_to(root).as_posix(), "split": split, "label": label, "bytes": f.stat().st_size,
-             "sha256": sha256_file(f)} for split, label, f in tqdm(found, desc="hashing", unit="file")]
+             "sha256": sha256_file(f)} for split, label, f in progress(found, desc="hashing", unit="file")]
     if not rows:
         raise CxrError(f"no images under {root}; expected {{train,val,test}}/{{NORMAL,PNEUMONIA}}/*.jpeg")
     return rows

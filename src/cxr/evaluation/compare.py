@@ -3,6 +3,7 @@ comparison figures, and an MLflow run that groups this pipeline run's variant ru
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -168,23 +169,59 @@ def _table(rows: Rows, metric: str, *extra: str) -> tuple[list[str], list[list[s
     return head, [[cell(r, k) or "-" for k in keys] for r in rows]
 
 
-def summary(rows: Rows, metric: str, out: Path, groups: Groups | None = None) -> str:
-    """The headline columns with their intervals as a plain-text table, what validation cannot decide, the seed
-    spread, and where the rest is: what the compare stage prints at the end of a run."""
+GAP = 0.05  # val minus test AUROC of the top row above which the summary says the test set is shifted
+
+
+def explain(rows: Rows, metric: str, split: dict[str, Any] | None) -> list[str]:
+    """The leaderboard's words: why the top row is first, what sens and spec mean, a large validation/test gap,
+    and the split stage's warning about patients on both sides of the source's splits."""
+    lines = [f"Ranked by validation {metric}, the one score choices are made on (the top row is what `cxr promote` "
+             "registers); test is read once and never ranked on. sens = sensitivity: the share of pneumonia "
+             "images called pneumonia; spec = specificity: the share of normal images called normal."]
+    top = rows[0] if rows else {}
+    if top.get("val_auroc") is not None and top.get("auroc") is not None and top["val_auroc"] - top["auroc"] > GAP:
+        lines.append(f"{top['variant']}: validation AUROC {top['val_auroc']:.3f} against test {top['auroc']:.3f}. "
+                     "The test images differ from the training and validation ones (Kaggle's test set was "
+                     "collected apart from its train set), so validation overrates every variant: judge the test "
+                     "columns, which no choice has seen.")
+    crossing = (split or {}).get("source_patients_across_splits") or {}
+    if crossing and not (split or {}).get("pooled"):
+        lines.append(f"Warning (split stage): {sum(crossing.values())} patients have images on both sides of the "
+                     f"source's splits ({', '.join(f'{k}: {v}' for k, v in crossing.items())}), so those test "
+                     "scores are optimistic; split.pool: true re-splits every image by patient.")
+    return lines
+
+
+def summary(rows: Rows, metric: str, out: Path, groups: Groups | None = None,
+            split: dict[str, Any] | None = None) -> str:
+    """The headline columns with their intervals as a plain-text table, what the ranking and columns mean, what
+    validation cannot decide, the seed spread, and where the rest is: what the compare stage prints at the end of
+    a run. `split`: the split stage's report (reports/split.json)."""
     head, body = _table(rows, metric, "threshold")
     widths = [max(len(c[i]) for c in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
              for row in [head, *body]]
     return "\n".join([f"Leaderboard: test scores [95% interval] at the threshold chosen on val, best first by val "
-                      f"{metric}", *lines, *threshold_lines(rows), *spread_lines(groups or []),
-                      f"Full table and figures: {out}/leaderboard.md, {out}/*.png; every run in MLflow: make ui"])
+                      f"{metric}", *lines, *explain(rows, metric, split), *threshold_lines(rows),
+                      *spread_lines(groups or []),
+                      f"Full table and figures: {out}/leaderboard.md, {out}/*.png; every run in MLflow: make ui; "
+                      "all experiments: cxr results"])
 
 
-def note(rows: Rows, metric: str) -> str:
-    """The parent run's description: the headline columns as a markdown table (the full one is an artifact)."""
+def note(rows: Rows, metric: str, experiment_id: str = "", reused: frozenset[str] = frozenset()) -> str:
+    """The parent run's description: the headline columns as a markdown table (the full one is an artifact), each
+    variant linked to its run; a variant reused from an earlier pipeline run (its run is that one's child) is
+    marked, so the table lists every variant of this run whichever parent its run has."""
     head, body = _table(rows, metric)
+    for row, r in zip(body, rows, strict=True):
+        if experiment_id:
+            row[0] = f"[{row[0]}](#/experiments/{experiment_id}/runs/{r['run_id']})"
+        if r["run_id"] in reused:
+            row[0] += " (reused)"
     lines = [f"**Leaderboard**: test scores [95% interval] at the threshold chosen on val, best first by val "
-             f"{metric} (all columns: leaderboard.md)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             f"{metric} (all columns: leaderboard.md). (reused): trained by an earlier pipeline run, unchanged "
+             "since, so its run is nested under that run's parent.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines)
 
@@ -201,6 +238,35 @@ def figures(p: Params, rows: Rows, reports: Path) -> dict[str, Any]:
             "history.png": histories_figure(hist, ("val_loss", "val_auroc", "train_loss"))}
 
 
+WORDS = {"accuracy": "accuracy", "recall": "sensitivity", "specificity": "specificity", "auroc": "AUROC"}
+HISTORY = {"train_loss": "train loss", "val_loss": "validation loss", "val_auroc": "validation AUROC"}
+
+
+def plot_data(p: Params, rows: Rows, reports: Path) -> dict[str, list[dict[str, Any]]]:
+    """out/plots/<name>.json for DVC's top-level plots, every variant in one file each, so that one chart
+    overlays them (.dvc/plots/*.json colour by `variant`; `i` keeps a curve's order): test ROC and PR curves,
+    training history (train and validation loss, validation AUROC), confusion counts with each cell's share of
+    its actual class, and the headline test scores with their 95% intervals."""
+    roc, pr, history, confusion, scores_ = [], [], [], [], []
+    for r in rows:
+        v, folder = r["variant"], reports / r["variant"]
+        roc += [{"variant": v, "i": i, **c} for i, c in enumerate(read_report(folder / "roc.json", v))]
+        pr += [{"variant": v, "i": i, **c} for i, c in enumerate(read_report(folder / "pr.json", v))]
+        if v not in p.ensembles:
+            history += [{"variant": v, "epoch": int(h["epoch"]), "metric": label, "value": float(h[key])}
+                        for h in read_report(folder / "history.csv", v) for key, label in HISTORY.items() if h[key]]
+        cells = collections.Counter((c["actual"], c["predicted"]) for c in read_report(folder / "confusion.json", v))
+        names = sorted({a for a, _ in cells} | {b for _, b in cells})
+        for actual in names:
+            total = sum(cells[(actual, b)] for b in names)
+            confusion += [{"variant": v, "actual": actual, "predicted": b, "count": cells[(actual, b)],
+                           "share": round(cells[(actual, b)] / total, 4) if total else 0.0} for b in names]
+        scores_ += [{"variant": v, "score": label, "value": r[key], "low": (r.get(f"{key}_ci95") or [None])[0],
+                     "high": (r.get(f"{key}_ci95") or [None, None])[1]}
+                    for key, label in WORDS.items() if r.get(key) is not None]
+    return {"roc": roc, "pr": pr, "history": history, "confusion": confusion, "scores": scores_}
+
+
 def compare(p: Params, reports: Path, out: Path) -> Rows:
     """Write out/{leaderboard.md,leaderboard.csv,leaderboard.json,seed_spread.json,scores.json,*.png} and log
     the comparison run; `out` appears only once both are done. Returns the leaderboard's rows."""
@@ -215,6 +281,9 @@ def compare(p: Params, reports: Path, out: Path) -> Rows:
         write_json(tmp / "scores.json", scores(rows))
         for name, fig in figs.items():
             fig.savefig(tmp / name, dpi=110)
+        (tmp / "plots").mkdir()
+        for name, data in plot_data(p, rows, reports).items():
+            write_json(tmp / "plots" / f"{name}.json", data)
         log_comparison(p, rows, groups, figs, reports)
     return rows
 
@@ -224,8 +293,12 @@ def log_comparison(p: Params, rows: Rows, groups: Groups, figs: dict[str, Any], 
     yet (trained since the last compare) becomes its child, so the UI nests one pipeline run's variants."""
     root = tracking.project_root()
     experiment_id = tracking.setup(p.mlflow.experiment, root)
+    client = MlflowClient()
+    reused = frozenset(r["run_id"] for r in rows if "mlflow.parentRunId" in client.get_run(r["run_id"]).data.tags)
     # Named after the DVC experiment, described by the leaderboard: the parent row the UI shows first.
-    tags = {**tracking.run_tags("compare", root), "cxr.kind": "comparison", tracking.NOTE: note(rows, p.compare.metric)}
+    tags = {**tracking.run_tags("compare", root), "cxr.kind": "comparison",
+            tracking.NOTE: note(rows, p.compare.metric, experiment_id, reused),
+            "variant_runs": ",".join(r["run_id"] for r in rows)}
     with mlflow.start_run(experiment_id=experiment_id, run_name=tracking.pipeline_run_name(), tags=tags) as run:
         mlflow.log_dict(rows, "leaderboard.json")
         mlflow.log_dict(groups, "seed_spread.json")
@@ -240,9 +313,8 @@ def log_comparison(p: Params, rows: Rows, groups: Groups, figs: dict[str, Any], 
         # each is one bar chart across pipeline runs, e.g. how tinyvgg's test AUROC moved from run to run.
         mlflow.log_metrics({f"{name}.{variant}": value for name, column in scores(rows).items()
                             for variant, value in column.items() if value is not None})
-        client = MlflowClient()
         for r in rows:
-            if "mlflow.parentRunId" not in client.get_run(r["run_id"]).data.tags:
+            if r["run_id"] not in reused:
                 client.set_tag(r["run_id"], "mlflow.parentRunId", run.info.run_id)
                 client.set_tag(r["run_id"], "pipeline_run", run.info.run_id)
     return run.info.run_id

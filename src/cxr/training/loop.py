@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
 
 from cxr import metrics, task
 from cxr.data.store import Split
 from cxr.errors import CxrError
 from cxr.inference import ModelCard, predict_logits, to_device
+from cxr.io import progress
 from cxr.models import Classifier
 from cxr.params import TrainParams
 from cxr.training import ddp
@@ -83,8 +83,7 @@ def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tp: Trai
     order = epoch_order(labels, tp.sampler, shuffle)  # the same on every rank: one generator, one seed
     plan = ddp.steps(order, tp.batch_size, y.device, world, ddp.rank())
     loss_sum, correct = torch.zeros((), device=y.device), torch.zeros((), device=y.device)
-    quiet = {"disable": True} if ddp.rank() > 0 else {}  # one bar; and TQDM_DISABLE still works (not overridden)
-    for step in tqdm(plan, desc=desc, unit="batch", leave=False, **quiet):
+    for step in progress(plan, ddp.rank() > 0, desc=desc, unit="batch", leave=False):  # one bar, on a terminal
         rows, n, index, k = step.rows, len(step.batch), step.images, len(step.images)
         if tp.mixup:  # one weight and one pairing for the whole batch, the same on every rank
             lam, perm = mixup_pairs(tp.mixup, shuffle, n, y.device)

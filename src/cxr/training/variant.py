@@ -28,6 +28,10 @@ from cxr.training.state import StateWriter, fingerprint, read_state
 log = logging.getLogger(__name__)
 
 
+# Per-epoch metric names where the first underscore is not a group: one name per quantity across the run.
+EPOCH_METRICS = {"images_per_s": "train/images_per_s", "seconds": "train/epoch_seconds"}
+
+
 def _mlflow_params(p: Params, variant: str) -> dict[str, Any]:
     tp = p.variant(variant)
     flat = tracking.flatten({"train": dataclasses.asdict(tp), "data": dataclasses.asdict(p.data),
@@ -95,8 +99,8 @@ def train_variant(p: Params, variant: str, data: Path, model_dir: Path, report_d
             tracking.log_dataset(source, f"{name} {card.image_size}px", tracking.data_digest(root), "training")
             mlflow.set_tag(tracking.NOTE, describe(p, variant, len(train.labels), len(val.labels)))
 
-        def on_epoch(row: dict[str, Any]) -> None:
-            mlflow.log_metrics({f"{k.replace('_', '/', 1)}": v for k, v in row.items()
+        def on_epoch(row: dict[str, Any]) -> None:  # train_loss -> train/loss, val_auroc -> val/auroc, ...
+            mlflow.log_metrics({EPOCH_METRICS.get(k, k.replace("_", "/", 1)): v for k, v in row.items()
                                 if k != "epoch" and v is not None}, step=row["epoch"])
 
         if state:
@@ -113,7 +117,8 @@ def train_variant(p: Params, variant: str, data: Path, model_dir: Path, report_d
                    "best_val_auroc": best["val_auroc"], "train_seconds": round(time.perf_counter() - t0, 2),
                    "checkpoint_wait_seconds": round(writer.seconds, 2),
                    "images_per_s": round(sum(r["images_per_s"] for r in history) / len(history), 1)}
-        mlflow.log_metrics({f"train/{k}": v for k, v in summary.items() if isinstance(v, int | float)})
+        mlflow.log_metrics({f"train/{k}": v for k, v in summary.items()  # the speed is a curve of its own
+                            if isinstance(v, int | float) and k != "images_per_s"})
         mlflow.log_figure(history_figure(history, variant), "plots/history.png")
         with atomic_path(model_dir, is_dir=True) as tmp, \
                 atomic_paths(report_dir / "history.csv", report_dir / "train.json") as (history_csv, train_json):
