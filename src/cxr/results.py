@@ -27,7 +27,7 @@ def experiments() -> list[tuple[str, str, list[dict[str, Any]]]]:
         raise CxrError(f"dvc exp show failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
     out = []
     for state in json.loads(proc.stdout or "[]"):
-        tips = [(state.get("name") or state["rev"][:7], state),
+        tips = [(state.get("name") or state["rev"][:7] if state["rev"] != "workspace" else "workspace", state),
                 *((r.get("name") or r["revs"][0]["rev"][:7], r["revs"][0]) for r in state.get("experiments") or [])]
         out += [(name, exp["rev"], rows) for name, exp in tips if (rows := _board(exp["rev"]) or _from_scores(exp))]
     return out
@@ -75,7 +75,8 @@ def table(exps: list[tuple[str, str, list[dict[str, Any]]]], metric: str, per_va
     """The text `cxr results` prints; the experiment column is cut to keep each line within `width`."""
     if not exps:
         raise CxrError(f"no experiment has results yet; run {run_pipeline()}")
-    head = ["experiment", "variant", f"val {metric.upper() if metric == 'auroc' else metric}", *TEST.values()]
+    label = "AUROC" if metric == "auroc" else metric
+    head = ["experiment", "variant", f"val {label}", *TEST.values()]
     body = []
     for name, _, rows in exps:
         for i, r in enumerate(sorted(rows, key=lambda r: -(r.get(f"val_{metric}") or -1.0)) if per_variant
@@ -89,7 +90,7 @@ def table(exps: list[tuple[str, str, list[dict[str, Any]]]], metric: str, per_va
                        for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip() for row in [head, *body]]
     rule = ("every variant, best first" if per_variant else
             "its best variant (the one `cxr promote` would register)")
-    title = (f"Per experiment, {rule} by validation {metric}. Test scores at the threshold chosen on validation "
+    title = (f"Per experiment, {rule} by validation {label}. Test scores at the threshold chosen on validation "
              "[95% interval]; sens = sensitivity (share of pneumonia found), spec = specificity (share of normal "
              "cleared).")
     return "\n".join([textwrap.fill(title, width), *lines]) + "\n"

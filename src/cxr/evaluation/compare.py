@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import statistics
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -158,8 +159,12 @@ def markdown(rows: Rows, metric: str, groups: Groups | None = None) -> str:
 SCORES = {"auroc": "auroc", "val_auroc": "val_auroc", "acc": "accuracy", "sens": "recall", "spec": "specificity"}
 
 
-def scores(rows: Rows) -> dict[str, dict[str, float | None]]:
-    return {name: {r["variant"]: r.get(key) for r in rows} for name, key in SCORES.items()}
+def scores(rows: Rows, best: str | None) -> dict[str, dict[str, Any]]:
+    """`best`: the variant promotion would pick (by validation) and its scores, first, so that a narrow `dvc exp
+    show --keep 'Experiment|^best'` compares experiments whatever their variants; then each score per variant."""
+    top = next((r for r in rows if r["variant"] == best), None)
+    head = {"best": {"variant": best, **{name: top.get(key) for name, key in SCORES.items()}}} if top else {}
+    return head | {name: {r["variant"]: r.get(key) for r in rows} for name, key in SCORES.items()}
 
 
 def _table(rows: Rows, metric: str, *extra: str) -> tuple[list[str], list[list[str]]]:
@@ -175,21 +180,22 @@ GAP = 0.05  # val minus test AUROC of the top row above which the summary says t
 def explain(rows: Rows, metric: str, split: dict[str, Any] | None) -> list[str]:
     """The leaderboard's words: why the top row is first, what sens and spec mean, a large validation/test gap,
     and the split stage's warning about patients on both sides of the source's splits."""
-    lines = [f"Ranked by validation {metric}, the one score choices are made on (the top row is what `cxr promote` "
+    label = "AUROC" if metric == "auroc" else metric
+    lines = [f"Ranked by validation {label}, the one score choices are made on (the top row is what `cxr promote` "
              "registers); test is read once and never ranked on. sens = sensitivity: the share of pneumonia "
              "images called pneumonia; spec = specificity: the share of normal images called normal."]
     top = rows[0] if rows else {}
     if top.get("val_auroc") is not None and top.get("auroc") is not None and top["val_auroc"] - top["auroc"] > GAP:
         lines.append(f"{top['variant']}: validation AUROC {top['val_auroc']:.3f} against test {top['auroc']:.3f}. "
-                     "The test images differ from the training and validation ones (Kaggle's test set was "
-                     "collected apart from its train set), so validation overrates every variant: judge the test "
-                     "columns, which no choice has seen.")
+                     "The test split is shifted from the training data, and validation, carved from training, "
+                     "cannot see it: validation overrates every variant; judge them on the test columns, which "
+                     "no choice has seen.")
     crossing = (split or {}).get("source_patients_across_splits") or {}
     if crossing and not (split or {}).get("pooled"):
         lines.append(f"Warning (split stage): {sum(crossing.values())} patients have images on both sides of the "
                      f"source's splits ({', '.join(f'{k}: {v}' for k, v in crossing.items())}), so those test "
                      "scores are optimistic; split.pool: true re-splits every image by patient.")
-    return lines
+    return [wrapped for line in lines for wrapped in textwrap.wrap(line, 120, subsequent_indent="  ")]
 
 
 def summary(rows: Rows, metric: str, out: Path, groups: Groups | None = None,
@@ -248,7 +254,7 @@ def plot_data(p: Params, rows: Rows, reports: Path) -> dict[str, list[dict[str, 
     training history (train and validation loss, validation AUROC), confusion counts with each cell's share of
     its actual class, and the headline test scores with their 95% intervals."""
     roc, pr, history, confusion, scores_ = [], [], [], [], []
-    for r in rows:
+    for rank, r in enumerate(rows):  # best on validation first
         v, folder = r["variant"], reports / r["variant"]
         roc += [{"variant": v, "i": i, **c} for i, c in enumerate(read_report(folder / "roc.json", v))]
         pr += [{"variant": v, "i": i, **c} for i, c in enumerate(read_report(folder / "pr.json", v))]
@@ -261,7 +267,7 @@ def plot_data(p: Params, rows: Rows, reports: Path) -> dict[str, list[dict[str, 
             total = sum(cells[(actual, b)] for b in names)
             confusion += [{"variant": v, "actual": actual, "predicted": b, "count": cells[(actual, b)],
                            "share": round(cells[(actual, b)] / total, 4) if total else 0.0} for b in names]
-        scores_ += [{"variant": v, "score": label, "value": r[key], "low": (r.get(f"{key}_ci95") or [None])[0],
+        scores_ += [{"variant": v, "rank": rank, "score": label, "value": r[key], "low": (r.get(f"{key}_ci95") or [None])[0],
                      "high": (r.get(f"{key}_ci95") or [None, None])[1]}
                     for key, label in WORDS.items() if r.get(key) is not None]
     return {"roc": roc, "pr": pr, "history": history, "confusion": confusion, "scores": scores_}
@@ -271,6 +277,7 @@ def compare(p: Params, reports: Path, out: Path) -> Rows:
     """Write out/{leaderboard.md,leaderboard.csv,leaderboard.json,seed_spread.json,scores.json,*.png} and log
     the comparison run; `out` appears only once both are done. Returns the leaderboard's rows."""
     rows = leaderboard(p, reports)
+    best = best_on_val([r["variant"] for r in rows], reports, p.promote.metric)[0] if rows else None
     groups = spread(p, rows)
     figs = figures(p, rows, reports)
     with atomic_path(out, is_dir=True) as tmp:
@@ -278,17 +285,17 @@ def compare(p: Params, reports: Path, out: Path) -> Rows:
         write_csv(tmp / "leaderboard.csv", flat(rows))
         write_json(tmp / "leaderboard.json", rows)
         write_json(tmp / "seed_spread.json", groups)
-        write_json(tmp / "scores.json", scores(rows))
+        write_json(tmp / "scores.json", scores(rows, best))
         for name, fig in figs.items():
             fig.savefig(tmp / name, dpi=110)
         (tmp / "plots").mkdir()
         for name, data in plot_data(p, rows, reports).items():
             write_json(tmp / "plots" / f"{name}.json", data)
-        log_comparison(p, rows, groups, figs, reports)
+        log_comparison(p, rows, groups, figs, best)
     return rows
 
 
-def log_comparison(p: Params, rows: Rows, groups: Groups, figs: dict[str, Any], reports: Path) -> str:
+def log_comparison(p: Params, rows: Rows, groups: Groups, figs: dict[str, Any], best: str | None) -> str:
     """An MLflow run for this pipeline run: the leaderboard and figures; each variant run that has no parent
     yet (trained since the last compare) becomes its child, so the UI nests one pipeline run's variants."""
     root = tracking.project_root()
@@ -305,13 +312,13 @@ def log_comparison(p: Params, rows: Rows, groups: Groups, figs: dict[str, Any], 
         mlflow.log_text(markdown(rows, p.compare.metric, groups), "leaderboard.md")
         for name, fig in figs.items():
             mlflow.log_figure(fig, f"plots/{name}")
-        if rows:  # the variant promotion would pick: best on validation
-            best = next(r for r in rows if r["variant"] == best_on_val(p.entries, reports, p.promote.metric)[0])
-            mlflow.log_metrics({f"best/{k}": best[k] for k in HEADLINE if best[k] is not None})
-            mlflow.set_tag("best_variant", best["variant"])
+        if best:  # the variant promotion would pick: best on validation
+            top = next(r for r in rows if r["variant"] == best)
+            mlflow.log_metrics({f"best/{k}": top[k] for k in HEADLINE if top[k] is not None})
+            mlflow.set_tag("best_variant", best)
         # The same columns as `dvc exp show` (auroc.<variant>, val_auroc.<variant>...): in the UI's chart view
         # each is one bar chart across pipeline runs, e.g. how tinyvgg's test AUROC moved from run to run.
-        mlflow.log_metrics({f"{name}.{variant}": value for name, column in scores(rows).items()
+        mlflow.log_metrics({f"{name}.{variant}": value for name, column in scores(rows, None).items()
                             for variant, value in column.items() if value is not None})
         for r in rows:
             if r["run_id"] not in reused:
