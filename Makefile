@@ -51,7 +51,7 @@ test-all: setup
 test-scale: setup postgres
 	PATH=$(CURDIR)/$(BIN):$$PATH python -m pytest -m scale
 
-# The team's services on this machine (tools/team.py; README "Team setup"). PostgreSQL comes from Debian.
+# The team's services on this machine (tools/team.py; docs/team.md "Team setup"). PostgreSQL comes from Debian.
 postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
 	{ [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; } || \

@@ -148,9 +148,11 @@ def make_project(repo: Path, models: dict[str, Any], root: Path = ROOT, **sectio
         raw[name] = {**raw[name], **values}
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     for cmd in (("git", "init", "-q"), ("git", "config", "user.email", "t@localhost"), ("git", "config", "user.name",
-                "t"), ("dvc", "init", "-q"), ("dvc", "config", "core.analytics", "false"), ("git", "add", "-A"),
-                ("git", "commit", "-qm", "pipeline")):
+                "t"), ("dvc", "init", "-q"), ("dvc", "config", "core.analytics", "false")):
         sh(repo, *cmd)
+    shutil.copytree(root / ".dvc" / "plots", repo / ".dvc" / "plots")  # the plot templates dvc.yaml names
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "pipeline")
     return repo
 
 

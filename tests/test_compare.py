@@ -38,3 +38,33 @@ def test_variants_that_differ_only_in_their_seed_get_mean_sd_and_range_beside_th
     assert "s0: every threshold" not in text  # a narrow range is not worth a line
     board = markdown(rows, "auroc", [group])
     assert "| s0 | 0.8000 [0.780–0.820] |" in board and "Seed spread of s0, s1, s2" in board
+
+
+def test_the_leaderboard_says_how_it_ranks_what_sens_and_spec_are_a_shift_and_shared_patients():
+    rows = [row("a", 4, val_auroc=0.99), row("b", 1, val_auroc=0.95)]  # a: test AUROC 0.92, val 0.99
+    split = {"source_patients_across_splits": {"train-test": 170}, "pooled": False}
+    text = summary(rows, "auroc", Path("comparison"), [], split)
+    assert "Ranked by validation AUROC" in text and "sens = sensitivity: the share of pneumonia" in text
+    assert "a: validation AUROC 0.990 against test 0.924" in text and "shifted" in text
+    assert "170 patients have images on both sides of the source's splits (train-test: 170)" in text
+    words = text[text.index("Ranked by"):].splitlines()
+    assert max(map(len, words)) <= 120  # the words wrap (the table above is as wide as its intervals)
+    calm = summary([row("a", 4, val_auroc=0.93)], "auroc", Path("comparison"), [], {**split, "pooled": True})
+    assert "shifted" not in calm and "patients" not in calm  # a small gap, and a pooled split: no words
+
+
+def test_cxr_results_fits_120_columns_with_every_default_variant():
+    from cxr.results import table
+
+    names = list(params.load().variants or [])
+    assert len(names) == 14
+    rows = [row(v, i % 5, val_auroc=0.9 + i / 1000) for i, v in enumerate(names)]
+    exps = [("workspace", rows, names[0]), ("a-long-experiment-name", rows, None)]  # named by its run, or not
+    for per_variant in (False, True):
+        lines = table(exps, "auroc", per_variant, 120).splitlines()
+        assert max(map(len, lines)) <= 120
+        assert len([line for line in lines if "[." in line]) == (28 if per_variant else 2)
+    first, best = (line.split() for line in table(exps, "auroc", False, 120).splitlines()[-2:])
+    assert first[:3] == ["workspace", names[0], "0.900"]  # the variant its compare stage named best
+    assert best[1:3] == [names[-1], "0.913"]  # else the highest val AUROC
+    assert best[0].endswith("…") and "a-long-experiment-name".startswith(best[0][:-1])  # cut to fit

@@ -6,7 +6,6 @@ import re
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -37,6 +36,7 @@ def test_pipeline_runs_then_is_a_noop_then_reruns_one_variant(repo):
     expected = {"download", "grayscale", "split", "ensemble@ens", "compare"} | {
         f"{s}@{v}" for s in ("train", "evaluate") for v in VARIANTS}
     assert ran(log) == expected
+    assert "\r" not in log  # progress bars only on a terminal: piped, a line per epoch
     for v in (*VARIANTS, "ens"):
         test = json.loads((repo / "reports" / v / "evaluation.json").read_text())["test"]
         assert {"accuracy", "precision", "recall", "specificity", "f1", "auroc"} <= set(test)
@@ -45,8 +45,8 @@ def test_pipeline_runs_then_is_a_noop_then_reruns_one_variant(repo):
     assert printed[1].split() == ["variant", "val", "auroc", "test", "acc", "sens", "spec", "test", "AUROC",
                                   "threshold"]
     assert sorted(line.split()[0] for line in printed[2:6]) == sorted([*VARIANTS, "ens"])
-    # every test score with its 95% interval, e.g. 0.9167 [0.894–0.938]
-    assert all(len(re.findall(r"\d\.\d{4} \[\d\.\d{3}–\d\.\d{3}\]", line)) == 5 for line in printed[2:6])
+    # every test score with its 95% interval, e.g. 0.9167 [.894–.938]
+    assert all(len(re.findall(r"\d\.\d{4} \[1?\.\d{3}–1?\.\d{3}\]", line)) == 5 for line in printed[2:6])
     assert any(line.startswith("Full table and figures: comparison/leaderboard.md") for line in printed[6:])
     board = (repo / "comparison" / "leaderboard.md").read_text()
     assert all(f"| {v} |" in board for v in VARIANTS) and "| ens | ensemble: tinyvgg + linear |" in board
@@ -89,10 +89,20 @@ def test_pipeline_runs_then_is_a_noop_then_reruns_one_variant(repo):
     # What the UI shows: the runs table (a model-training experiment), parents named after the DVC experiment
     # and described by the leaderboard, variant runs described and with the split as their dataset.
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    by_id = {r.info.run_id: r for r in variant_runs}
     for c in compares:
         assert c.info.run_name == c.data.tags["dvc_exp_name"] and c.info.run_name != "compare"
         assert c.data.tags["mlflow.note.content"].startswith("**Leaderboard**")
         assert {f"auroc.{v}" for v in VARIANTS} <= set(c.data.metrics)  # the columns of `dvc exp show`
+        # Every variant of that pipeline run, reused ones too, is listed and linked from the parent.
+        listed = c.data.tags["variant_runs"].split(",")
+        assert sorted(by_id[i].info.run_name for i in listed) == sorted([*VARIANTS, "ens"])
+        note = c.data.tags["mlflow.note.content"]
+        assert all(f"(#/experiments/{exp.experiment_id}/runs/{i})" in note for i in listed)
+    assert compares[1].data.tags["mlflow.note.content"].count(") (reused) |") == 2  # linear, tinyvgg: not retrained
+    for r in variant_runs:  # one name per quantity: the speed per epoch, not also a mean under another name
+        assert "train/images_per_s" in r.data.metrics or r.info.run_name == "ens"
+        assert not {"images/per_s", "epoch/seconds", "seconds"} & set(r.data.metrics)
     digest = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["split"]["outs"][0]["md5"][:12]
     for r in variant_runs:
         note = r.data.tags["mlflow.note.content"]
@@ -116,34 +126,56 @@ def test_pipeline_runs_then_is_a_noop_then_reruns_one_variant(repo):
         (repo / "params.yaml").write_text(text)
 
 
-def test_dvc_plots_and_exp_show_list_every_variant(repo):
+PLOTS = ("test-scores", "test-roc", "test-pr", "training-history", "test-confusion")
+# README's form of `dvc exp show` for a terminal: the best variant of each experiment, whatever its variants.
+EXP_SHOW = "dvc exp show --no-pager --drop '.*' --keep 'Experiment|^best\\.'"
+
+
+def test_dvc_plots_overlay_every_variant_and_exp_show_fits_a_terminal(repo):
     repo, _ = repo
     plots = json.loads(sh(repo, "dvc", "plots", "show", "--json"))["data"]
-    for v in VARIANTS:
-        for name in ("history.csv", "confusion.json", "roc.json", "pr.json"):
-            [plot] = plots[f"reports/{v}/{name}"]
-            assert plot["type"] == "vega" and plot["content"]["data"]["values"]
-    for name in ("metrics", "roc", "history"):
-        [image] = plots[f"comparison/{name}.png"]
-        assert Path(image["url"]).read_bytes()[:4] == b"\x89PNG"
-    # `dvc plots diff` against the first experiment: both revisions' curves in one plot.
+    assert list(plots) == list(PLOTS)  # one chart per question, not one per variant and file
+    for name in PLOTS:
+        [plot] = plots[name]
+        values = plot["content"]["data"]["values"]
+        assert plot["type"] == "vega" and plot["content"]["title"] and "/" not in plot["content"]["title"]
+        assert {v["variant"] for v in values} == {*VARIANTS, *(["ens"] if name != "training-history" else [])}
+    history = plots["training-history"][0]["content"]["data"]["values"]
+    assert {h["metric"] for h in history} == {"train loss", "validation loss", "validation AUROC"}
+    confusion = plots["test-confusion"][0]["content"]["data"]["values"]
+    for v in VARIANTS:  # counts per cell, as the evaluation counted them
+        t = json.loads((repo / "reports" / v / "evaluation.json").read_text())["test"]
+        cells = {(c["actual"], c["predicted"]): c["count"] for c in confusion if c["variant"] == v}
+        assert [cells[("NORMAL", "NORMAL")], cells[("NORMAL", "PNEUMONIA")], cells[("PNEUMONIA", "NORMAL")],
+                cells[("PNEUMONIA", "PNEUMONIA")]] == [t["tn"], t["fp"], t["fn"], t["tp"]]
+    # `dvc plots diff` against the first experiment: both revisions' curves in the one ROC chart.
     first = json.loads(sh(repo, "dvc", "exp", "show", "--json"))
     exps = [e for row in first if row.get("experiments") for x in row["experiments"] for e in x["revs"]]
-    diff = json.loads(sh(repo, "dvc", "plots", "diff", exps[-1]["rev"], "--json", "--targets",
-                         "reports/mlp/roc.json"))["data"]
-    assert len(diff["reports/mlp/roc.json"][0]["revisions"]) == 2
-    # `dvc exp show`: one metrics file, the compare stage's scores: each variant's test AUROC first.
+    diff = json.loads(sh(repo, "dvc", "plots", "diff", exps[-1]["rev"], "--json", "--targets", "test-roc"))["data"]
+    assert len({v["rev"] for v in diff["test-roc"][0]["content"]["data"]["values"]}) == 2
+    # `dvc exp show`: one metrics file, the compare stage's scores: the best variant by validation first.
     metrics = first[0]["data"]["metrics"]
     assert list(metrics) == ["comparison/scores.json"]
     data = metrics["comparison/scores.json"]["data"]
-    assert list(data) == ["auroc", "val_auroc", "acc", "sens", "spec"]
-    assert all(set(d) == {*VARIANTS, "ens"} for d in data.values())
-    # README's command for a narrow terminal (the scores alone): at 120 columns every variant's test AUROC is
-    # a column. (DVC shows every key of params.yaml; past ~20 columns its table folds them all into "…".)
-    table = sh(repo, "dvc", "exp", "show", "--no-pager", "--drop", "^(?!Experiment|auroc|val_auroc|acc)",
-               env={"COLUMNS": "120"})
+    assert list(data) == ["best", "auroc", "val_auroc", "acc", "sens", "spec"]
+    assert all(set(d) == {*VARIANTS, "ens"} for k, d in data.items() if k != "best")
+    val = {v: json.loads((repo / "reports" / v / "evaluation.json").read_text())["val"]["auroc"] for v in data["auroc"]}
+    assert data["best"]["variant"] == max(val, key=val.get)  # unrounded: the file's 4 digits can tie
+    assert data["best"]["auroc"] == data["auroc"][data["best"]["variant"]]
+    assert EXP_SHOW in (ROOT / "README.md").read_text()
+    table = sh(repo, "sh", "-c", EXP_SHOW, env={"COLUMNS": "120"})
+    assert max(map(len, table.splitlines())) <= 120 and "…" not in table, table
     header = next(line for line in table.splitlines() if "Experiment" in line)
-    assert all(f"auroc.{v}" in header for v in [*VARIANTS, "ens"]), table
+    assert all(f"best.{k}" in header for k in data["best"]), table
+    # `cxr results`: the same experiments with intervals, within 120 columns, one row each or one per variant.
+    for args, rows in (((), 1), (("--variants",), len(VARIANTS) + 1)):
+        out = sh(repo, "cxr", "results", *args, env={"COLUMNS": "120"})
+        lines = out.splitlines()
+        assert max(map(len, lines)) <= 120, out
+        start = next(i for i, line in enumerate(lines) if line.startswith("experiment"))
+        body = lines[start + 1:start + 1 + rows]
+        assert body[0].split()[:2] == ["workspace", data["best"]["variant"]], out
+        assert len(re.findall(r"\d\.\d{3} \[\.\d{3}–\.\d{3}\]", body[0])) == 4  # each test score, its interval
 
 
 def test_dvc_plots_show_draws_every_chart_offline(repo):
@@ -155,12 +187,7 @@ def test_dvc_plots_show_draws_every_chart_offline(repo):
     sh(repo, "dvc", "plots", "show", "--html-template", str(template), "-o", "page")
     page = (repo / "page" / "index.html").read_text()
     assert "<script src=" not in page and "cdn.jsdelivr" not in page  # nothing to fetch
-    vega = [k for k, v in json.loads(sh(repo, "dvc", "plots", "show", "--json"))["data"].items()
-            if v[0]["type"] == "vega"]
-    assert len(vega) == 4 * len(VARIANTS) + 3  # history, confusion, ROC, PR; the ensemble has no history
-    assert "vegaEmbed=" in page and page.count("vegaEmbed('#") == len(vega)  # the library, then each chart
-    for name in ("metrics", "roc", "history"):
-        assert f"comparison_{name}.png" in page or f"comparison/{name}.png" in page
+    assert "vegaEmbed=" in page and page.count("vegaEmbed('#") == len(PLOTS)  # the library, then each chart
 
 
 @pytest.fixture(scope="module")
@@ -256,3 +283,37 @@ def test_two_queued_experiments_train_at_once_and_both_land_in_mlflow(repo):
         spans.append((run.info.start_time, run.info.end_time))
     (a0, a1), (b0, b1) = spans
     assert a0 < b1 and b0 < a1  # the two trainings overlapped in time
+
+
+def test_promote_and_predict_take_the_variants_the_last_run_ran_not_params_yaml_s(repo, tmp_path):
+    """As after `make quick`: params.yaml lists variants that never ran here (profiles leave it as it is), and
+    `cxr promote` then `cxr predict` work on what the run produced, its leaderboard's variants."""
+    repo, _ = repo
+    text = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(yaml.safe_dump({**yaml.safe_load(text), "variants": ["b_cnn5"]},
+                                                     sort_keys=False))
+    try:
+        out = sh(repo, "cxr", "promote")
+    finally:
+        (repo / "params.yaml").write_text(text)
+    record = json.loads((repo / "promotion.json").read_text())
+    board = json.loads((repo / "comparison" / "leaderboard.json").read_text())
+    val = {r["variant"]: json.loads((repo / "reports" / r["variant"] / "evaluation.json").read_text())["val"]["auroc"]
+           for r in board}
+    assert out.strip().splitlines()[-1].startswith("promoted: no champion yet")
+    assert record["candidate"]["variant"] == max(val, key=val.get)
+    client = MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    description = client.get_registered_model("chest-xray-classifier").description
+    assert "labels 0 NORMAL, 1 PNEUMONIA" in description and "champion" in description
+    folder = make_imagefolder(tmp_path / "new", per_class=1, splits=("test",), with_duplicates=False)
+    table = sh(repo, "cxr", "predict", str(folder)).splitlines()
+    assert table[1].split() == ["image", "P(pneumonia)", "decision"] and len(table) == 2 + 2  # one per class
+    assert "no file matches this pattern" in sh(repo, "cxr", "predict", str(folder / "*.png"), ok=False)
+    # Without a run there is nothing to promote, and the error names the command for this machine.
+    moved = repo / "comparison.moved"
+    (repo / "comparison").rename(moved)
+    try:
+        err = sh(repo, "cxr", "promote", ok=False)
+    finally:
+        moved.rename(repo / "comparison")
+    assert "comparison/leaderboard.json is missing" in err and "make quick DATA=" in err

@@ -98,9 +98,9 @@ def test_a_state_from_one_process_resumes_on_four_ranks_and_ends_as_one_process_
 
 
 def test_the_train_stage_launches_torchrun_and_a_resnet_with_sync_batchnorm_trains_and_evaluates(tmp_path):
-    """README "Several GPUs": `-S ++models.<v>.devices=2 -S ++models.<v>.sync_batchnorm=true`; the train stage starts
-    torchrun with 2 ranks (gloo here); rank 0 alone logs the MLflow run and writes the model, a plain ResNet that
-    evaluate and predict load."""
+    """docs/team.md, "Several GPUs": `-S ++models.<v>.devices=2 -S ++models.<v>.sync_batchnorm=true`; the train
+    stage starts torchrun with 2 ranks (gloo here); rank 0 alone logs the MLflow run and writes the model, a plain
+    ResNet that evaluate and predict load."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     resnet = {"arch": "resnet18", "epochs": 2, "batch_size": 32}
     repo = make_project(tmp_path / "repo", {"linear": raw["models"]["linear"], "resnet": resnet},
@@ -135,7 +135,7 @@ def test_the_train_stage_launches_torchrun_and_a_resnet_with_sync_batchnorm_trai
 
 @pytest.fixture(scope="module")
 def team():
-    """`make team-up` (README "Team setup") on free ports, in a folder the postgres user can reach; yields the
+    """`make team-up` (docs/team.md "Team setup") on free ports, in a folder the postgres user can reach; yields the
     environment a clone sets (with the `cxr` login, as printed), the remote's path and the services' settings;
     `make team-down` after."""
     folder = Path(tempfile.mkdtemp(prefix="cxr-team-", dir="/var/tmp"))
@@ -180,7 +180,7 @@ def wait_for_queue(repo: Path, env: dict, timeout: float = 600) -> str:
 
 
 def test_a_team_shares_runs_models_and_data_through_the_server_and_the_remote(tmp_path, team, monkeypatch):
-    """README "Team setup": one person queues two experiments (`dvc queue start -j 2`) into the team's MLflow
+    """docs/team.md "Team setup": one person queues two experiments (`dvc queue start -j 2`) into the team's MLflow
     server, adopts one, pushes data and code, and promotes; a teammate's clone pulls, finds `dvc repro` a
     no-op, and predicts with the champion, all through the server and the remote."""
     env, remote, services = team

@@ -6,7 +6,7 @@ serves the artifacts (so clients need no access to its disk), and a DVC remote i
 
 CXR_TEAM_DIR (default /var/tmp/cxr-team) holds everything, readable by its owner alone; CXR_TEAM_PG_PORT (5433)
 and CXR_TEAM_MLFLOW_PORT (5050) choose the ports. Everything listens on 127.0.0.1 only: put a proxy with TLS in
-front to share it, or swap in a managed database and S3 (README, "Team setup").
+front to share it, or swap in a managed database and S3 (docs/team.md, "Team setup").
 
 No secret is ever on a command line (`ps` shows every process's to every local user), in a log, or in a file
 anyone but the owner can read: each is created 0600 in one step, and the server finds the database password
@@ -40,7 +40,7 @@ MLFLOW_PORT = int(os.environ.get("CXR_TEAM_MLFLOW_PORT", "5050"))
 URL = f"http://127.0.0.1:{MLFLOW_PORT}"
 ROOT = os.geteuid() == 0  # PostgreSQL refuses to run as root: then it runs as the postgres user
 USER = "cxr"  # the login the pipeline, promotion, predict and the retrain job use
-# What the folder holds (README, "Team setup"); nothing else is expected there.
+# What the folder holds (docs/team.md, "Team setup"); nothing else is expected there.
 PGPASS, AUTH, USER_PASSWORD = DIR / "pgpass", DIR / "auth.ini", DIR / f"{USER}.password"
 PGPASS_LINE = "127.0.0.1:*:*:mlflow:{}\n"  # libpq's format: host:port:database:user:password
 

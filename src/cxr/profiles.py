@@ -114,4 +114,7 @@ def run(profile: str, data: str = "", name: str = "", extra: tuple[str, ...] = (
     kept_text = "params.yaml holds its params" if keep_params else \
         f"params.yaml is unchanged (`dvc exp apply {name}` adopts its params)"
     print(f"{profile}: {minutes:.1f} min wall time. The experiment is `dvc exp show`'s {name!r}; {kept_text}")
+    if not keep_params:  # `make quick`: what a first run goes on with (`cxr retrain` promotes by itself)
+        print("Next (after `source .venv/bin/activate`): `cxr promote` registers its best variant as the champion, "
+              "`cxr predict IMAGE...` uses it; `cxr results`, `dvc plots show` and `make ui` compare the variants")
     return minutes

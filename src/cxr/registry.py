@@ -114,9 +114,9 @@ def describe_model(client: MlflowClient, name: str, classes: tuple[str, ...] | l
             f"says) in, the class out; labels {labels}. Each version is one pipeline variant or ensemble, trained by "
             f"`dvc repro` or a profile (its description: the run's data and scores). The `{ALIAS}` alias is the "
             f"version `cxr predict` uses: `cxr promote` registers the variant best on validation "
-            f"{p.promote.metric} and moves the alias only when it beats the {ALIAS} on the test images neither "
-            f"model trained or validated on (paired bootstrap, 95% interval of the difference above "
-            f"promote.min_delta {p.promote.min_delta}).")
+            f"{'AUROC' if p.promote.metric == 'auroc' else p.promote.metric} and moves the alias only when it beats "
+            f"the {ALIAS} on the test images neither model trained or validated on (paired bootstrap, 95% interval "
+            f"of the difference above promote.min_delta {p.promote.min_delta}).")
     try:
         if client.get_registered_model(name).description != text:
             client.update_registered_model(name, description=text)

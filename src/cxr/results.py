@@ -13,15 +13,20 @@ import textwrap
 from typing import Any
 
 from cxr.errors import CxrError, run_pipeline
+from cxr.io import short_interval
 
 BOARD = "comparison/leaderboard.json"
 SCORES = "comparison/scores.json"
 TEST = {"accuracy": "acc", "recall": "sens", "specificity": "spec", "auroc": "AUROC"}
 
 
-def experiments() -> list[tuple[str, str, list[dict[str, Any]]]]:
-    """(name, rev, leaderboard rows) per experiment of `dvc exp show`, the workspace first; those without
-    results (a commit before any run) are left out."""
+Experiment = tuple[str, list[dict[str, Any]], str | None]  # name, leaderboard rows, its best variant
+
+
+def experiments() -> list[Experiment]:
+    """Per experiment of `dvc exp show`, the workspace first: its name, leaderboard rows and the variant its
+    compare stage named best (`best.variant` of comparison/scores.json: promotion's rule, on unrounded scores).
+    Those without results (a commit before any run) are left out."""
     proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], capture_output=True, text=True)
     if proc.returncode:
         raise CxrError(f"dvc exp show failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
@@ -29,7 +34,10 @@ def experiments() -> list[tuple[str, str, list[dict[str, Any]]]]:
     for state in json.loads(proc.stdout or "[]"):
         tips = [(state.get("name") or state["rev"][:7] if state["rev"] != "workspace" else "workspace", state),
                 *((r.get("name") or r["revs"][0]["rev"][:7], r["revs"][0]) for r in state.get("experiments") or [])]
-        out += [(name, exp["rev"], rows) for name, exp in tips if (rows := _board(exp["rev"]) or _from_scores(exp))]
+        for name, exp in tips:
+            scores = (((exp.get("data") or {}).get("metrics") or {}).get(SCORES) or {}).get("data") or {}
+            if rows := _board(exp["rev"]) or _from_scores(scores):
+                out.append((name, rows, (scores.get("best") or {}).get("variant")))
     return out
 
 
@@ -48,12 +56,11 @@ def _board(rev: str) -> list[dict[str, Any]] | None:
         return None
 
 
-def _from_scores(exp: dict[str, Any]) -> list[dict[str, Any]]:
+def _from_scores(data: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows from the metrics DVC shows, without intervals: for an experiment whose leaderboard is not in git."""
-    data = (((exp.get("data") or {}).get("metrics") or {}).get(SCORES) or {}).get("data") or {}
     names = {"acc": "accuracy", "sens": "recall", "spec": "specificity", "auroc": "auroc", "val_auroc": "val_auroc"}
-    variants = list(data.get("val_auroc") or {})
-    return [{"variant": v, **{key: (data.get(short) or {}).get(v) for short, key in names.items()}} for v in variants]
+    return [{"variant": v, **{key: (data.get(short) or {}).get(v) for short, key in names.items()}}
+            for v in data.get("val_auroc") or {}]
 
 
 def cell(row: dict[str, Any], key: str) -> str:
@@ -61,26 +68,26 @@ def cell(row: dict[str, Any], key: str) -> str:
     v = row.get(key)
     if v is None:
         return "-"
-    ci = row.get(f"{key}_ci95")
-    return f"{v:.3f}" + (f" [{ci[0]:.3f}–{ci[1]:.3f}]".replace("0.", ".") if ci else "")
+    return f"{v:.3f}{short_interval(row.get(f'{key}_ci95'))}"
 
 
-def best(rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
-    """The row with the highest validation `metric`, the first of equal ones (io.best_on_val's rule)."""
+def best(rows: list[dict[str, Any]], metric: str, named: str | None) -> dict[str, Any]:
+    """The row of the variant the run named best, else the one with the highest validation `metric`."""
     scored = [r for r in rows if r.get(f"val_{metric}") is not None]
-    return max(scored, key=lambda r: r[f"val_{metric}"]) if scored else rows[0]
+    by_name = [r for r in rows if r["variant"] == named]
+    return by_name[0] if by_name else max(scored, key=lambda r: r[f"val_{metric}"]) if scored else rows[0]
 
 
-def table(exps: list[tuple[str, str, list[dict[str, Any]]]], metric: str, per_variant: bool, width: int) -> str:
+def table(exps: list[Experiment], metric: str, per_variant: bool, width: int) -> str:
     """The text `cxr results` prints; the experiment column is cut to keep each line within `width`."""
     if not exps:
         raise CxrError(f"no experiment has results yet; run {run_pipeline()}")
     label = "AUROC" if metric == "auroc" else metric
     head = ["experiment", "variant", f"val {label}", *TEST.values()]
     body = []
-    for name, _, rows in exps:
-        for i, r in enumerate(sorted(rows, key=lambda r: -(r.get(f"val_{metric}") or -1.0)) if per_variant
-                              else [best(rows, metric)]):
+    for name, rows, named in exps:
+        top = best(rows, metric, named)
+        for i, r in enumerate([top, *(r for r in rows if r is not top)] if per_variant else [top]):
             v = r.get(f"val_{metric}")
             body.append([name if i == 0 else "", r["variant"], "-" if v is None else f"{v:.3f}",
                          *(cell(r, k) for k in TEST)])

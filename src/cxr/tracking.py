@@ -76,7 +76,7 @@ def setup(experiment: str, root: Path | None = None) -> str:
             return exp.experiment_id
     except mlflow.exceptions.MlflowException as e:
         raise CxrError(f"cannot use the MLflow store at {store_and_error(e)}; check "
-                       "MLFLOW_TRACKING_URI or that the server is up (see README)") from e
+                       "MLFLOW_TRACKING_URI or that the server is up (see docs/mlflow.md)") from e
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from cxr import tracking
-from cxr.io import atomic_path, best_on_val, read_report, write_csv, write_json
+from cxr.io import atomic_path, best_on_val, read_report, short_interval, write_csv, write_json
 from cxr.params import HEADLINE, WITH_INTERVAL, Params
 from cxr.plots import bars_figure, curve_figure, histories_figure
 
@@ -64,15 +64,16 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
-def cell(row: dict[str, Any], key: str) -> str:
-    """A leaderboard value as text: a score with its 95% interval where it has one, e.g. 0.9167 [0.894–0.938]."""
+def cell(row: dict[str, Any], key: str, short: bool = False) -> str:
+    """A leaderboard value as text: a score with its 95% interval where it has one, e.g. 0.9167 [0.894–0.938]
+    (`short`, for a terminal: 0.9167 [.894–.938])."""
     v = row.get(key)
     if v is None:
         return ""
     if not isinstance(v, float):
         return str(v)
     ci = row.get(f"{key}_ci95")
-    return f"{v:.4f}" + (f" [{ci[0]:.3f}–{ci[1]:.3f}]" if ci else "")
+    return f"{v:.4f}" + (short_interval(ci) if short else f" [{ci[0]:.3f}–{ci[1]:.3f}]" if ci else "")
 
 
 def flat(rows: Rows) -> Rows:
@@ -167,11 +168,11 @@ def scores(rows: Rows, best: str | None) -> dict[str, dict[str, Any]]:
     return head | {name: {r["variant"]: r.get(key) for r in rows} for name, key in SCORES.items()}
 
 
-def _table(rows: Rows, metric: str, *extra: str) -> tuple[list[str], list[list[str]]]:
+def _table(rows: Rows, metric: str, *extra: str, short: bool = False) -> tuple[list[str], list[list[str]]]:
     """The leaderboard's headline columns (and `extra` ones), as text with intervals: a header and a row each."""
     head = ["variant", f"val {metric}", *SUMMARY.values(), *extra]
     keys = ["variant", f"val_{metric}", *SUMMARY, *extra]
-    return head, [[cell(r, k) or "-" for k in keys] for r in rows]
+    return head, [[cell(r, k, short) or "-" for k in keys] for r in rows]
 
 
 GAP = 0.05  # val minus test AUROC of the top row above which the summary says the test set is shifted
@@ -195,7 +196,13 @@ def explain(rows: Rows, metric: str, split: dict[str, Any] | None) -> list[str]:
         lines.append(f"Warning (split stage): {sum(crossing.values())} patients have images on both sides of the "
                      f"source's splits ({', '.join(f'{k}: {v}' for k, v in crossing.items())}), so those test "
                      "scores are optimistic; split.pool: true re-splits every image by patient.")
-    return [wrapped for line in lines for wrapped in textwrap.wrap(line, 120, subsequent_indent="  ")]
+    return lines
+
+
+def wrap(lines: list[str], width: int = 120) -> list[str]:
+    """Long lines of words folded to the terminal's usual width, continuation lines indented."""
+    return [w for line in lines for w in (textwrap.wrap(line, width, subsequent_indent="  ") if len(line) > width
+                                          else [line])]
 
 
 def summary(rows: Rows, metric: str, out: Path, groups: Groups | None = None,
@@ -203,15 +210,16 @@ def summary(rows: Rows, metric: str, out: Path, groups: Groups | None = None,
     """The headline columns with their intervals as a plain-text table, what the ranking and columns mean, what
     validation cannot decide, the seed spread, and where the rest is: what the compare stage prints at the end of
     a run. `split`: the split stage's report (reports/split.json)."""
-    head, body = _table(rows, metric, "threshold")
+    head, body = _table(rows, metric, "threshold", short=True)
     widths = [max(len(c[i]) for c in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
              for row in [head, *body]]
     return "\n".join([f"Leaderboard: test scores [95% interval] at the threshold chosen on val, best first by val "
-                      f"{metric}", *lines, *explain(rows, metric, split), *threshold_lines(rows),
-                      *spread_lines(groups or []),
-                      f"Full table and figures: {out}/leaderboard.md, {out}/*.png; every run in MLflow: make ui; "
-                      "all experiments: cxr results"])
+                      f"{metric}", *lines, *wrap([*explain(rows, metric, split), *threshold_lines(rows),
+                                                  *spread_lines(groups or []),
+                                                  f"Full table and figures: {out}/leaderboard.md, {out}/*.png, "
+                                                  "dvc plots show; every run in MLflow: make ui; all experiments: "
+                                                  "cxr results"])])
 
 
 def note(rows: Rows, metric: str, experiment_id: str = "", reused: frozenset[str] = frozenset()) -> str:
@@ -267,9 +275,10 @@ def plot_data(p: Params, rows: Rows, reports: Path) -> dict[str, list[dict[str, 
             total = sum(cells[(actual, b)] for b in names)
             confusion += [{"variant": v, "actual": actual, "predicted": b, "count": cells[(actual, b)],
                            "share": round(cells[(actual, b)] / total, 4) if total else 0.0} for b in names]
-        scores_ += [{"variant": v, "rank": rank, "score": label, "value": r[key], "low": (r.get(f"{key}_ci95") or [None])[0],
-                     "high": (r.get(f"{key}_ci95") or [None, None])[1]}
-                    for key, label in WORDS.items() if r.get(key) is not None]
+        for key, label in WORDS.items():
+            low, high = r.get(f"{key}_ci95") or (None, None)
+            if r.get(key) is not None:
+                scores_.append({"variant": v, "rank": rank, "score": label, "value": r[key], "low": low, "high": high})
     return {"roc": roc, "pr": pr, "history": history, "confusion": confusion, "scores": scores_}
 
 
