@@ -99,6 +99,7 @@ def test_pipeline_runs_then_is_a_noop_then_reruns_one_variant(repo):
         assert sorted(by_id[i].info.run_name for i in listed) == sorted([*VARIANTS, "ens"])
         note = c.data.tags["mlflow.note.content"]
         assert all(f"(#/experiments/{exp.experiment_id}/runs/{i})" in note for i in listed)
+        assert f"(#/compare-runs?runs=[{','.join(f'%22{i}%22' for i in listed)}]" in note  # MLflow's comparison
     assert compares[1].data.tags["mlflow.note.content"].count(") (reused) |") == 2  # linear, tinyvgg: not retrained
     for r in variant_runs:  # one name per quantity: the speed per epoch, not also a mean under another name
         assert "train/images_per_s" in r.data.metrics or r.info.run_name == "ens"

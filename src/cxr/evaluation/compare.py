@@ -236,6 +236,10 @@ def note(rows: Rows, metric: str, experiment_id: str = "", reused: frozenset[str
              f"{metric} (all columns: leaderboard.md). (reused): trained by an earlier pipeline run, unchanged "
              "since, so its run is nested under that run's parent.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if experiment_id and rows:  # one click to MLflow's comparison of exactly this run's variants
+        ids = ",".join(f"%22{r['run_id']}%22" for r in rows)
+        lines.insert(1, f"\n[Compare all {len(rows)} variants of this pipeline run](#/compare-runs?runs=[{ids}]"
+                        f"&experiments=[%22{experiment_id}%22])")
     lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines)
 
