@@ -1,4 +1,5 @@
-"""The `cxr` command: predict with the champion, promote after `dvc repro`, retrain (both, as CI does)."""
+"""The `cxr` command: promote after a pipeline run, predict with the champion, compare the experiments, retrain
+(pipeline and promotion, as CI does)."""
 
 from __future__ import annotations
 
@@ -75,13 +76,12 @@ def main() -> None:
         sp.add_argument("--comparison", default="comparison", help="the last run's compare stage output (its "
                         "leaderboard lists the variants that ran)")
         sp.set_defaults(func=func)
-    for sp in (pr, sub.choices["promote"]):  # also after the command; retrain's `dvc repro` reads params.yaml
-        sp.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: params.yaml)")
     rs = sub.add_parser("results", help="the DVC experiments' test scores within the terminal's width: each "
                         "one's best variant by validation, or --variants")
     rs.add_argument("--variants", action="store_true", help="one row per experiment and variant")
-    rs.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: params.yaml)")
     rs.set_defaults(func=_results)
+    for sp in (pr, sub.choices["promote"], rs):  # also after the command; retrain's `dvc repro` reads params.yaml
+        sp.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: params.yaml)")
     rt = sub.choices["retrain"]
     rt.add_argument("--refresh-data", action="store_true", help="re-run download even if its params are unchanged")
     rt.add_argument("--profile", default="", help="run configs/<profile>.yaml (e.g. quick, for a CPU) instead of "

@@ -66,14 +66,16 @@ def _round(x: float | None) -> float | None:
 
 def cell(row: dict[str, Any], key: str, short: bool = False) -> str:
     """A leaderboard value as text: a score with its 95% interval where it has one, e.g. 0.9167 [0.894–0.938]
-    (`short`, for a terminal: 0.9167 [.894–.938])."""
+    (`short`, for a terminal: 0.917 [.894–.938])."""
     v = row.get(key)
     if v is None:
         return ""
     if not isinstance(v, float):
         return str(v)
     ci = row.get(f"{key}_ci95")
-    return f"{v:.4f}" + (short_interval(ci) if short else f" [{ci[0]:.3f}–{ci[1]:.3f}]" if ci else "")
+    if short:
+        return f"{v:.3f}{short_interval(ci)}"
+    return f"{v:.4f}" + (f" [{ci[0]:.3f}–{ci[1]:.3f}]" if ci else "")
 
 
 def flat(rows: Rows) -> Rows:
