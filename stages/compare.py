@@ -2,19 +2,17 @@
 (params `compare`, `promote.metric`)."""
 
 import argparse
-import json
 from pathlib import Path
 
 from cxr import cli, params
-from cxr.evaluation.compare import compare, spread, summary
+from cxr.evaluation.compare import compare, split_report, spread, summary
 
 
 def main(args: argparse.Namespace) -> None:
     p = params.load(args.params)
     reports = Path(args.reports)
     rows = compare(p, reports, Path(args.out))
-    split = json.loads((reports / "split.json").read_text()) if (reports / "split.json").exists() else None
-    print(summary(rows, p.compare.metric, Path(args.out), spread(p, rows), split))
+    print(summary(rows, p.compare.metric, Path(args.out), spread(p, rows), split_report(reports)))
 
 
 if __name__ == "__main__":

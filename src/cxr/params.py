@@ -108,6 +108,14 @@ class EvaluateParams:
 Metric = Literal["accuracy", "precision", "recall", "specificity", "f1", "auroc", "average_precision"]
 HEADLINE: tuple[str, ...] = typing.get_args(Metric)  # the headline scores, in that order
 WITH_INTERVAL = ("accuracy", "recall", "specificity", "f1", "auroc")  # those with a 95% interval
+# comparison/scores.json, the only DVC metrics file: its names -> leaderboard keys. `dvc exp show` names its columns
+# auroc.<variant> (test), val_auroc.<variant>, acc.<variant>..., short and unique, each variant's test AUROC first.
+SCORES = {"auroc": "auroc", "val_auroc": "val_auroc", "acc": "accuracy", "sens": "recall", "spec": "specificity"}
+
+
+def metric_label(metric: str) -> str:
+    """A metric's name in words for people: AUROC, else as params.yaml spells it."""
+    return "AUROC" if metric == "auroc" else metric
 
 
 @dataclass(frozen=True)

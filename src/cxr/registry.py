@@ -21,7 +21,7 @@ from cxr.errors import CxrError, run_pipeline
 from cxr.inference import HASHES, CardError, ModelCard, load_logged, logged_file
 from cxr.io import atomic_path, best_on_val, read_csv, write_json
 from cxr.metrics import metric, paired_bootstrap
-from cxr.params import Params
+from cxr.params import Params, metric_label
 
 log = logging.getLogger(__name__)
 ALIAS = "champion"
@@ -114,7 +114,7 @@ def describe_model(client: MlflowClient, name: str, classes: tuple[str, ...] | l
             f"says) in, the class out; labels {labels}. Each version is one pipeline variant or ensemble, trained by "
             f"`dvc repro` or a profile (its description: the run's data and scores). The `{ALIAS}` alias is the "
             f"version `cxr predict` uses: `cxr promote` registers the variant best on validation "
-            f"{'AUROC' if p.promote.metric == 'auroc' else p.promote.metric} and moves the alias only when it beats "
+            f"{metric_label(p.promote.metric)} and moves the alias only when it beats "
             f"the {ALIAS} on the test images neither model trained or validated on (paired bootstrap, 95% interval "
             f"of the difference above promote.min_delta {p.promote.min_delta}).")
     try:

@@ -14,9 +14,10 @@ from typing import Any
 
 from cxr.errors import CxrError, run_pipeline
 from cxr.io import short_interval
+from cxr.params import SCORES, metric_label
 
 BOARD = "comparison/leaderboard.json"
-SCORES = "comparison/scores.json"
+SCORES_FILE = "comparison/scores.json"
 TEST = {"accuracy": "acc", "recall": "sens", "specificity": "spec", "auroc": "AUROC"}
 
 
@@ -35,7 +36,7 @@ def experiments() -> list[Experiment]:
         tips = [(state.get("name") or state["rev"][:7] if state["rev"] != "workspace" else "workspace", state),
                 *((r.get("name") or r["revs"][0]["rev"][:7], r["revs"][0]) for r in state.get("experiments") or [])]
         for name, exp in tips:
-            scores = (((exp.get("data") or {}).get("metrics") or {}).get(SCORES) or {}).get("data") or {}
+            scores = (((exp.get("data") or {}).get("metrics") or {}).get(SCORES_FILE) or {}).get("data") or {}
             if rows := _board(exp["rev"]) or _from_scores(scores):
                 out.append((name, rows, (scores.get("best") or {}).get("variant")))
     return out
@@ -58,8 +59,7 @@ def _board(rev: str) -> list[dict[str, Any]] | None:
 
 def _from_scores(data: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows from the metrics DVC shows, without intervals: for an experiment whose leaderboard is not in git."""
-    names = {"acc": "accuracy", "sens": "recall", "spec": "specificity", "auroc": "auroc", "val_auroc": "val_auroc"}
-    return [{"variant": v, **{key: (data.get(short) or {}).get(v) for short, key in names.items()}}
+    return [{"variant": v, **{key: (data.get(short) or {}).get(v) for short, key in SCORES.items()}}
             for v in data.get("val_auroc") or {}]
 
 
@@ -82,7 +82,7 @@ def table(exps: list[Experiment], metric: str, per_variant: bool, width: int) ->
     """The text `cxr results` prints; the experiment column is cut to keep each line within `width`."""
     if not exps:
         raise CxrError(f"no experiment has results yet; run {run_pipeline()}")
-    label = "AUROC" if metric == "auroc" else metric
+    label = metric_label(metric)
     head = ["experiment", "variant", f"val {label}", *TEST.values()]
     body = []
     for name, rows, named in exps:

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from cxr import tracking
 from cxr.io import atomic_path, best_on_val, read_report, short_interval, write_csv, write_json
-from cxr.params import HEADLINE, WITH_INTERVAL, Params
+from cxr.params import HEADLINE, SCORES, WITH_INTERVAL, Params, metric_label
 from cxr.plots import bars_figure, curve_figure, histories_figure
 
 Rows = list[dict[str, Any]]
@@ -157,11 +157,6 @@ def markdown(rows: Rows, metric: str, groups: Groups | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-# comparison/scores.json, the only DVC metrics file: `dvc exp show` names its columns auroc.<variant> (test),
-# val_auroc.<variant>, acc.<variant>..., short and unique, each variant's test AUROC first, to fit 120 columns.
-SCORES = {"auroc": "auroc", "val_auroc": "val_auroc", "acc": "accuracy", "sens": "recall", "spec": "specificity"}
-
-
 def scores(rows: Rows, best: str | None) -> dict[str, dict[str, Any]]:
     """`best`: the variant promotion would pick (by validation) and its scores, first, so that a narrow `dvc exp
     show --keep 'Experiment|^best'` compares experiments whatever their variants; then each score per variant."""
@@ -183,10 +178,9 @@ GAP = 0.05  # val minus test AUROC of the top row above which the summary says t
 def explain(rows: Rows, metric: str, split: dict[str, Any] | None) -> list[str]:
     """The leaderboard's words: why the top row is first, what sens and spec mean, a large validation/test gap,
     and the split stage's warning about patients on both sides of the source's splits."""
-    label = "AUROC" if metric == "auroc" else metric
-    lines = [f"Ranked by validation {label}, the one score choices are made on (the top row is what `cxr promote` "
-             "registers); test is read once and never ranked on. sens = sensitivity: the share of pneumonia "
-             "images called pneumonia; spec = specificity: the share of normal images called normal."]
+    lines = [f"Ranked by validation {metric_label(metric)}, the one score choices are made on (the top row is what "
+             "`cxr promote` registers); test is read once and never ranked on. sens = sensitivity: the share of "
+             "pneumonia images called pneumonia; spec = specificity: the share of normal images called normal."]
     top = rows[0] if rows else {}
     if top.get("val_auroc") is not None and top.get("auroc") is not None and top["val_auroc"] - top["auroc"] > GAP:
         lines.append(f"{top['variant']}: validation AUROC {top['val_auroc']:.3f} against test {top['auroc']:.3f}. "
@@ -205,6 +199,12 @@ def wrap(lines: list[str], width: int = 120) -> list[str]:
     """Long lines of words folded to the terminal's usual width, continuation lines indented."""
     return [w for line in lines for w in (textwrap.wrap(line, width, subsequent_indent="  ") if len(line) > width
                                           else [line])]
+
+
+def split_report(reports: Path) -> dict[str, Any] | None:
+    """The split stage's report (reports/split.json) for the summary's words, if the pipeline wrote one."""
+    path = reports / "split.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def summary(rows: Rows, metric: str, out: Path, groups: Groups | None = None,
