@@ -1,20 +1,28 @@
 """`dvc exp run` / `dvc repro` of the real pipeline in a temporary git repo, on a small real subset; then
 DVC's plots and experiment table, and the MLflow runs seen through a real `mlflow server`'s REST API."""
 
+import base64
+import csv
+import io
 import json
 import re
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
-import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
-from conftest import ROOT, make_imagefolder, make_project, mlflow_server, ran, sh, tracking_at
+from conftest import ROOT, make_imagefolder, make_project, mlflow_server, project_env, ran, sh, tracking_at
+from cxr import serving
+from cxr.evaluation.variant import png
 
 VARIANTS = ("linear", "mlp", "tinyvgg")  # the ones that train in seconds on a CPU
 EPOCHS = 2
@@ -136,7 +144,10 @@ EXP_SHOW = "dvc exp show --no-pager --drop '.*' --keep 'Experiment|^best\\.'"
 def test_dvc_plots_overlay_every_variant_and_exp_show_fits_a_terminal(repo):
     repo, _ = repo
     plots = json.loads(sh(repo, "dvc", "plots", "show", "--json"))["data"]
-    assert list(plots) == list(PLOTS)  # one chart per question, not one per variant and file
+    # one chart per question, not one per variant and file; then each variant's error gallery, an image
+    galleries = sorted(f"reports/{v}/gallery.jpg" for v in (*VARIANTS, "ens"))
+    assert list(plots)[:len(PLOTS)] == list(PLOTS) and sorted(list(plots)[len(PLOTS):]) == galleries
+    assert all(plots[g][0]["type"] == "image" for g in galleries)
     for name in PLOTS:
         [plot] = plots[name]
         values = plot["content"]["data"]["values"]
@@ -215,7 +226,7 @@ def test_every_variant_run_is_complete_through_the_rest_api(repo, server):
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     data_md5 = next(o["md5"] for o in lock["split"]["outs"] if o["path"] == "data/split")
     head = sh(repo, "git", "rev-parse", "HEAD").strip()
-    test_images = np.load(repo / "data" / "split" / "32" / "test_images.npy")[:3, None]
+    test_images = np.load(repo / "data" / "split" / "32" / "test_images.npy")[:3]
     for v in VARIANTS:
         run = max((r for r in runs if r["info"]["run_name"] == v), key=lambda r: r["info"]["start_time"])
         run_id = run["info"]["run_id"]
@@ -232,10 +243,10 @@ def test_every_variant_run_is_complete_through_the_rest_api(repo, server):
         plots = {f["path"] for f in _api(server, "artifacts/list", run_id=run_id, path="plots")["files"]}
         assert {"plots/confusion_matrix.png", "plots/roc.png", "plots/pr.png", "plots/history.png"} <= plots
         model_id = json.loads((repo / "reports" / v / "evaluation.json").read_text())["mlflow"]["model_id"]
-        with tracking_at(server):  # the logged model is looked up through the server
-            model = mlflow.pytorch.load_model(f"models:/{model_id}")
-        out = model(torch.from_numpy(test_images.astype(np.float32) / 255))
-        assert out.shape == (3, 1) and torch.isfinite(out).all()
+        with tracking_at(server):  # the logged model is looked up through the server, and takes image files
+            model = mlflow.pyfunc.load_model(f"models:/{model_id}")
+        out = model.predict(pd.DataFrame({"image": [png(a) for a in test_images]}))
+        assert out.shape == (3, 4) and out["p_pneumonia"].between(0, 1).all()
     # The comparison of the latest pipeline run (the one that retrained mlp) and the board it wrote.
     latest = max((r for r in runs if r["info"]["run_name"] == "mlp"), key=lambda r: r["info"]["start_time"])
     parent_id = {t["key"]: t["value"] for t in latest["data"]["tags"]}["mlflow.parentRunId"]
@@ -281,7 +292,7 @@ def test_two_queued_experiments_train_at_once_and_both_land_in_mlflow(repo):
         assert {"plots/confusion_matrix.png", "plots/roc.png", "plots/pr.png", "plots/history.png"} <= plots
         [model] = client.search_logged_models([exp.experiment_id], f"source_run_id = '{run.info.run_id}'")
         with tracking_at(uri):
-            assert mlflow.pytorch.load_model(f"models:/{model.model_id}") is not None
+            assert mlflow.pyfunc.load_model(f"models:/{model.model_id}") is not None
         spans.append((run.info.start_time, run.info.end_time))
     (a0, a1), (b0, b1) = spans
     assert a0 < b1 and b0 < a1  # the two trainings overlapped in time
@@ -320,3 +331,52 @@ def test_promote_and_predict_take_the_variants_the_last_run_ran_not_params_yaml_
     finally:
         moved.rename(repo / "comparison")
     assert "comparison/leaderboard.json is missing" in err and "make quick DATA=" in err
+
+
+def _invoke(url: str, images: list[bytes] | None = None, body: bytes | None = None) -> tuple[int, dict]:
+    """POST images (base64, as `mlflow models serve` documents it) or a raw body; the status and JSON answer."""
+    if body is None:
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [
+            [base64.b64encode(b).decode()] for b in images or []]}}).encode()
+    request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def test_mlflow_serves_the_champion_on_image_files_as_evaluate_scored_them_and_refuses_bad_ones(repo, tmp_path):
+    """`mlflow models serve -m models:/chest-xray-classifier@champion` (a real server on 127.0.0.1) takes the
+    image files themselves and answers what evaluate wrote for them; a bad request gets a 4xx and one line, and
+    the server goes on answering."""
+    repo, _ = repo
+    sh(repo, "cxr", "promote")  # the champion (already it when the test above ran)
+    store = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
+    variant = MlflowClient(store).get_model_version_by_alias("chest-xray-classifier", "champion").tags["variant"]
+    folder = Path(yaml.safe_load((repo / "params.yaml").read_text())["data"]["path"])
+    rows = list(csv.DictReader((repo / "reports" / variant / "predictions.csv").open()))
+    files = [(folder / r["name"]).read_bytes() for r in rows]
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (600, 600), dtype=np.uint8)).save(noise, "PNG")
+    bomb = io.BytesIO()
+    Image.new("L", (9500, 9500)).save(bomb, "PNG", optimize=True)  # 90 Mpx in about 90 kB
+    env = project_env() | {"MLFLOW_TRACKING_URI": store, "CXR_SERVE_MAX_MB": "0.2"}
+    with serving.served("models:/chest-xray-classifier@champion", env) as url:
+        status, answer = _invoke(url, files)  # one batch of every test image
+        assert status == 200 and len(answer["predictions"]) == len(rows)
+        for r, got in zip(rows, answer["predictions"], strict=True):
+            assert abs(got["p_pneumonia"] - float(r["p_pneumonia"])) <= 1e-6 and got["decision"] == r["predicted"]
+            assert got["class"] == ("NORMAL", "PNEUMONIA").index(got["decision"]) and 0 < got["threshold"] < 1
+        for bad, reason in ((b"not an image", "not an image Pillow can read"),
+                            (files[0][:len(files[0]) // 2], "corrupt or truncated"),
+                            (noise.getvalue(), "over the 0.2 MB limit"),
+                            (bomb.getvalue(), "decompression bomb")):
+            status, answer = _invoke(url, [files[0], bad])
+            assert status == 400 and answer["message"].startswith("image 1 of 2") and reason in answer["message"]
+            assert "\n" not in answer["message"]
+            assert _invoke(url, files[:1])[0] == 200  # still up, and answering
+        assert _invoke(url, [])[1]["message"].startswith("no images in the request")
+        status, answer = _invoke(url, body=b"")
+        assert 400 <= status < 500, answer
+        assert _invoke(url, files[:1])[0] == 200

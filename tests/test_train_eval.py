@@ -11,6 +11,7 @@ import time
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from cxr.data.split import split
 from cxr.data.store import load_split
 from cxr.errors import CxrError
 from cxr.evaluation.ensemble import run_ensemble
-from cxr.evaluation.variant import evaluate_variant
+from cxr.evaluation.variant import evaluate_variant, png
 from cxr.inference import TTA_VIEWS, ModelCard, view
 from cxr.inference import load as load_checkpoint
 from cxr.metrics import choose_threshold, scores
@@ -120,10 +121,12 @@ def test_evaluate_writes_metrics_and_the_mlflow_model_predicts_the_same(data, tm
     [logged] = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id='{run_id}'")
     card = ModelCard.from_dict(get_model_info(f"models:/{logged.model_id}").metadata, "logged")
     assert card.threshold == on_disk["threshold"] and card.image_size == 32 and card.fit == "stretch"
-    loaded = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
-    x = torch.from_numpy(test.images[:7, None].astype(np.float32) / 255)  # batch size other than the example's
-    ours = load_checkpoint(tmp_path / "m" / "model.pt")[0](x)
-    assert torch.allclose(loaded(x), ours, atol=1e-5)
+    # MLflow's model takes image files and scores them as evaluate did: here the test arrays as PNGs, 7 of them
+    # (another batch size than the input example's)
+    served = mlflow.pyfunc.load_model(f"models:/{logged.model_id}").predict(
+        pd.DataFrame({"image": [png(a) for a in test.images[:7]]}))
+    assert np.allclose(served["p_pneumonia"], probs[:7], atol=1e-6)
+    assert list(served["decision"]) == [r["predicted"] for r in rows[:7]]
 
     # Every test and val score has its 95% interval around it; the subtypes' sensitivities are those of the
     # predictions (Kaggle's names say bacteria or virus); the threshold lies in the range of equally good ones.
@@ -149,7 +152,7 @@ def test_evaluate_writes_metrics_and_the_mlflow_model_predicts_the_same(data, tm
     assert card.source == "https://huggingface.co/datasets/keremberke/chest-xray-classification"  # params.yaml's
     assert card.tta_views == ((1.0, 0.0, 0.0),)
     listed = list(csv.DictReader(open(mlflow.artifacts.download_artifacts(
-        f"{logged.artifact_location}/extra_files/image_hashes.csv"))))
+        f"{logged.artifact_location}/artifacts/image_hashes.csv"))))
     assert sorted((r["split"], r["sha256"]) for r in listed) == sorted(
         [("train", m["sha256"]) for m in train.meta] + [("val", m["sha256"]) for m in val.meta])
 

@@ -1,5 +1,5 @@
 """The `cxr` command: promote after a pipeline run, predict with the champion, compare the experiments, retrain
-(pipeline and promotion, as CI does)."""
+(pipeline and promotion, as CI does), explain what drove a prediction."""
 
 from __future__ import annotations
 
@@ -12,22 +12,43 @@ from cxr import cli, params, tracking
 from cxr.errors import CxrError
 
 
-def _predict(args: argparse.Namespace) -> None:
-    from cxr.predict import IMAGE_SUFFIXES, expand, predict, render
+def _images(args: argparse.Namespace) -> tuple[str, list[Path], list[str]]:
+    """The model URI and the image files of `cxr predict` / `cxr explain`, and the names that match nothing:
+    checked before the model loads (seconds), so that a typo fails at once."""
+    from cxr.predict import IMAGE_SUFFIXES, expand
 
     p = params.load(args.params)
-    uri = args.model or f"models:/{p.mlflow.registered_model}@champion"
-    paths, missing = expand(args.images)  # before the model loads (seconds): a typo fails at once
+    paths, missing = expand(args.images)
     if not paths:
         raise CxrError("; ".join(missing) or
                        f"no images in {' '.join(args.images)} ({'/'.join(sorted(IMAGE_SUFFIXES))} files)")
     tracking.setup(p.mlflow.experiment)
+    return args.model or f"models:/{p.mlflow.registered_model}@champion", paths, missing
+
+
+def _unread(errors: list[str]) -> None:
+    if errors:
+        raise CxrError("; ".join(errors) + ("" if len(errors) == 1 else f" ({len(errors)} images)"))
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from cxr.predict import predict, render
+
+    uri, paths, missing = _images(args)
     rows, errors, card = predict(uri, paths)
     if rows:  # none readable: the error alone, no empty table
         sys.stdout.write(render(rows, card, uri, "json" if args.json else "csv" if args.csv else "table"))
-    errors = missing + errors
-    if errors:
-        raise CxrError("; ".join(errors) + ("" if len(errors) == 1 else f" ({len(errors)} images)"))
+    _unread(missing + errors)
+
+
+def _explain(args: argparse.Namespace) -> None:
+    from cxr.predict import explain_images
+
+    uri, paths, missing = _images(args)
+    lines, errors = explain_images(uri, paths, Path(args.out))
+    if lines:
+        print("\n".join(lines))
+    _unread(missing + errors)
 
 
 def _promote(args: argparse.Namespace) -> None:
@@ -66,6 +87,12 @@ def main() -> None:
     fmt.add_argument("--json", action="store_true", help="one JSON object per image and line")
     fmt.add_argument("--csv", action="store_true", help="CSV, a header then one row per image")
     pr.set_defaults(func=_predict)
+    ex = sub.add_parser("explain", help="per image, a PNG of what drove P(pneumonia): Grad-CAM for convolutional "
+                        "models, the input gradient for the others, with the prediction")
+    ex.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (searched recursively), globs")
+    ex.add_argument("--model", help="an MLflow model URI (default: models:/<mlflow.registered_model>@champion)")
+    ex.add_argument("--out", default="explanations", help="folder for the PNGs (default: explanations)")
+    ex.set_defaults(func=_explain)
     for name, func, text in (("promote", _promote, "register the last run's best variant (val); make it champion "
                               "if it beats the current one on test"),
                              ("retrain", _retrain, "dvc repro, then promote, then a markdown summary")):
@@ -80,7 +107,7 @@ def main() -> None:
                         "one's best variant by validation, or --variants")
     rs.add_argument("--variants", action="store_true", help="one row per experiment and variant")
     rs.set_defaults(func=_results)
-    for sp in (pr, sub.choices["promote"], rs):  # also after the command; retrain's `dvc repro` reads params.yaml
+    for sp in (pr, ex, sub.choices["promote"], rs):  # also after the command; retrain's `dvc repro` reads params.yaml
         sp.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: params.yaml)")
     rt = sub.choices["retrain"]
     rt.add_argument("--refresh-data", action="store_true", help="re-run download even if its params are unchanged")

@@ -30,8 +30,8 @@ TTA_VIEWS: tuple[View, ...] = ((1.0, 0.0, 0.0), (1.08, 0.0, 0.0), (0.93, 0.0, 0.
              (1.0, 0.0, 0.04), (1.0, 0.0, -0.04), (1.08, 0.0, 0.04))
 
 
-# A logged model's extra files: split, sha256 and name of each image it trained on; and its card and weights as
-# `save` writes them, which is all that loading it reads (the flavor's own files are for MLflow's tools).
+# A logged model's artifacts: split, sha256 and name of each image it trained on; and its card and weights as
+# `save` writes them, which is all that loading it reads (the pyfunc's code is for MLflow's tools).
 HASHES = "image_hashes.csv"
 WEIGHTS = "model.pt"
 
@@ -209,19 +209,24 @@ def load_logged(uri: str) -> tuple[Classifier, ModelCard]:
             raise CxrError(f"cannot load {uri} from {store_and_error(store)}; "
                            f"run {run_pipeline()} then `cxr promote` first, or check "
                            "MLFLOW_TRACKING_URI") from store
-        raise CardError(f"{name} is refused: it has no card and weights file (extra_files/{WEIGHTS}), so it "
+        raise CardError(f"{name} is refused: it has no card and weights file (artifacts/{WEIGHTS}), so it "
                         "is not a model this version of the project logged, and its other files are code; "
                         "run `dvc repro` to retrain it") from e
     return load(Path(path), name)
 
 
 def logged_file(uri: str, name: str) -> str:
-    """The extra file `name` logged with the MLflow model at `uri`, downloaded; from the model's own artifact
+    """The file `name` logged with the MLflow model at `uri`, downloaded; from the model's own artifact
     repository, so registered (models:/m@a), logged (models:/m-<id>) and runs:/ URIs alike. Raises
     MlflowException or OSError when the model or the file is missing."""
+    from mlflow.exceptions import MlflowException
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    return get_artifact_repository(uri).download_artifacts(f"extra_files/{name}")
+    repo = get_artifact_repository(uri)
+    try:
+        return repo.download_artifacts(f"artifacts/{name}")  # the image pyfunc's (cxr.serving)
+    except (MlflowException, OSError):
+        return repo.download_artifacts(f"extra_files/{name}")  # a model logged before it, as a torch flavor
 
 
 def version_of(uri: str) -> str:

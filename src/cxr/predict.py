@@ -13,19 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from cxr.data.gray import decode
+from cxr import explain
 from cxr.data.sources import IMAGE_SUFFIXES
 from cxr.inference import ModelCard, load_logged
-
-
-def read(path: Path, card: ModelCard) -> np.ndarray:
-    """One image as the grayscale stage stored it for this model; OSError with the reason when it cannot."""
-    if not path.is_file():
-        raise OSError("no such file" if not path.exists() else "not a file")
-    result = decode((str(path), str(path)), [card.image_size], card.fit, card.draft, card.equalize)  # the stage's
-    if isinstance(result, str):
-        raise OSError(result)
-    return result[0][0]
+from cxr.io import atomic_path
+from cxr.plots import plt
+from cxr.serving import read, score
 
 
 def expand(items: list[str]) -> tuple[list[Path], list[str]]:
@@ -47,10 +40,9 @@ def expand(items: list[str]) -> tuple[list[Path], list[str]]:
     return out, missing
 
 
-def predict(uri: str, paths: list[Path]) -> tuple[list[dict[str, Any]], list[str], ModelCard]:
-    """Per readable image {image, p_pneumonia, decision, threshold} (binary; P(PNEUMONIA) unrounded, float32,
-    against the threshold chosen on validation) or {image, p_<class>..., decision}; one 'path: reason' per
-    image that could not be read; and the model's card."""
+def _load(uri: str, paths: list[Path]) -> tuple[Any, ModelCard, list[Path], list[np.ndarray], list[str]]:
+    """The model and card at `uri`; the readable images as the card prepares them, and 'path: reason' for the
+    others."""
     model, card = load_logged(uri)
     good, images, errors = [], [], []
     for path in paths:
@@ -59,18 +51,38 @@ def predict(uri: str, paths: list[Path]) -> tuple[list[dict[str, Any]], list[str
             good.append(path)
         except OSError as e:
             errors.append(f"{path}: {e}")
-    if not images:
-        return [], errors, card
-    probs = card.probs_of(model, np.stack(images))
-    rows = []
-    for path, pr, k in zip(good, probs.tolist(), card.predicted(probs).tolist(), strict=True):
-        row: dict[str, Any] = {"image": str(path)}
-        if card.binary:
-            row |= {"p_pneumonia": pr, "decision": card.classes[k], "threshold": card.threshold}
-        else:
-            row |= {f"p_{c.lower()}": v for c, v in zip(card.classes, pr, strict=True)} | {"decision": card.classes[k]}
-        rows.append(row)
+    return model, card, good, images, errors
+
+
+def predict(uri: str, paths: list[Path]) -> tuple[list[dict[str, Any]], list[str], ModelCard]:
+    """Per readable image {image, score's columns}; one 'path: reason' per image that could not be read; and
+    the model's card."""
+    model, card, good, images, errors = _load(uri, paths)
+    rows = [{"image": str(path)} | row for path, row in zip(good, score(model, card, images), strict=True)]
     return rows, errors, card
+
+
+def explain_images(uri: str, paths: list[Path], out: Path) -> tuple[list[str], list[str]]:
+    """`cxr explain`: per readable image, out/<name>.png (the image as the model saw it, the map of what drove
+    P(pneumonia) over it, the prediction in the title); a line per image written, and 'path: reason' per image
+    that could not be read."""
+    model, card, good, images, errors = _load(uri, paths)
+    if not images:
+        return [], errors
+    rows = score(model, card, images)
+    heat, label = explain.saliency(model, card, np.stack(images))
+    out.mkdir(parents=True, exist_ok=True)
+    names: dict[str, int] = {}
+    lines = []
+    for path, row, image, h in zip(good, rows, images, heat, strict=True):
+        n = names[path.stem] = names.get(path.stem, 0) + 1  # same names in two folders: a suffix, not a clash
+        target = out / f"{path.stem}{'' if n == 1 else f'-{n}'}.png"
+        fig = explain.figure(image, h, str(path), row, label)
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+        plt.close(fig)
+        lines.append(f"{target}  {explain.verdict(row)}  ({label})")
+    return lines, errors
 
 
 def render(rows: list[dict[str, Any]], card: ModelCard, uri: str, fmt: str) -> str:

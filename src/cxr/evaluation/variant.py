@@ -4,6 +4,7 @@ run, plus the model with its card (threshold chosen on validation)."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -14,9 +15,9 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
-from mlflow.models import infer_signature
+from PIL import Image
 
-from cxr import bootstrap, inference, tracking
+from cxr import bootstrap, explain, inference, serving, tracking
 from cxr.data.split import SUBTYPES, subtype
 from cxr.data.store import Split, images_digest, load_split, size_dir
 from cxr.errors import CxrError
@@ -38,7 +39,7 @@ from cxr.metrics import (
     threshold_range,
 )
 from cxr.params import Params
-from cxr.plots import confusion_figure, curve_figure, reliability_figure
+from cxr.plots import confusion_figure, curve_figure, plt, reliability_figure
 from cxr.task import predicted
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,29 @@ def image_hashes(card: inference.ModelCard, train: Split, val: Split) -> list[di
             for name, data in (("train", train), ("val", val)) for m in data.meta]
 
 
+def error_gallery(model: torch.nn.Module, card: inference.ModelCard, test: Split, probs: torch.Tensor,
+                  k: int = 4) -> tuple[Any, dict[str, list[dict[str, Any]]]]:
+    """The figure of explain.pick's test images with their maps, and its rows as {name, label, p_pneumonia}."""
+    p = (probs if card.binary else 1 - probs[:, 0]).numpy()
+    rows = explain.pick(p, test.labels, (card.predicted(probs) != 0).numpy(), k)
+    idx = sorted({i for r in rows.values() for i in r})
+    heat, label = explain.saliency(model, card, test.images[idx])
+    at = {i: j for j, i in enumerate(idx)}
+    names = [test.meta[i]["name"] for i in idx]
+    fig = explain.gallery(test.images[idx], heat, names, p[idx], {g: [at[i] for i in r] for g, r in rows.items()},
+                          f"{card.variant}: the most confident errors and right answers on test ({label}; "
+                          f"threshold {card.threshold:.3f})")
+    listed = {g: [{"name": test.meta[i]["name"], "label": card.classes[test.labels[i]], "p_pneumonia": float(p[i])}
+                  for i in r] for g, r in rows.items()}
+    return fig, listed
+
+
+def png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, report_dir: Path) -> dict[str, Any]:
     """Log metrics, figures and the model to the variant's MLflow run, then write
     report_dir/{metrics,evaluation,confusion,roc,pr}.json and predictions.csv."""
@@ -232,9 +256,9 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
     run_id = json.loads((model_dir / "run.json").read_text())["run_id"]
     tracking.setup(p.mlflow.experiment)
     names_out = ("metrics", "confusion", "roc", "pr", "reliability", "evaluation")
-    paths = [*(report_dir / f"{n}.json" for n in names_out), report_dir / "predictions.csv"]
+    paths = [*(report_dir / f"{n}.json" for n in names_out), report_dir / "predictions.csv", report_dir / "gallery.jpg"]
     with atomic_paths(*paths) as tmps, mlflow.start_run(run_id=run_id):
-        out = dict(zip([*names_out, "predictions"], tmps, strict=True))
+        out = dict(zip([*names_out, "predictions", "gallery"], tmps, strict=True))
         for name, obj in (("metrics", headline(metrics)), ("confusion", rows), ("roc", curve_rows["roc"]),
                           ("pr", curve_rows["pr"]), ("reliability", calibration["reliability"])):
             write_json(out[name], obj)
@@ -244,21 +268,14 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
         # The description: training's first paragraph (what the variant is), then the scores of this evaluation.
         note = mlflow.MlflowClient().get_run(run_id).data.tags.get(tracking.NOTE, f"**{variant}**")
         mlflow.set_tag(tracking.NOTE, note.split("\n\n")[0] + "\n\n" + scores_note(metrics, len(test.labels)))
-        example = test.images[:2, None].astype(np.float32) / 255.0  # batch of 2: keeps the batch dim dynamic
-        with torch.no_grad():
-            signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
-        # The card: what `cxr predict` and promotion need to apply the model exactly as evaluated here.
-        # Stated requirements: MLflow's own inference loads the model again in a subprocess (11.4 s against
-        # 0.4 s per variant here). The pt2 program needs torch alone, not torchvision.
-        # The images it trained and validated on go with the model: promotion keeps them out of its test. So do
-        # its card and weights, which are what this project loads (never the flavor's program or a pickle).
+        # The model MLflow serves takes images (cxr.serving): its card and weights are what it and this project
+        # load (never a pickle); the images it trained and validated on go with it, so that promotion keeps them
+        # out of its test. Its input example: two test images, as PNG files.
         with tempfile.TemporaryDirectory() as extra:
             write_csv(Path(extra) / inference.HASHES, hashes)
             inference.save(Path(extra) / inference.WEIGHTS, model, card)
-            files = [str(Path(extra) / f) for f in (inference.HASHES, inference.WEIGHTS)]
-            info = mlflow.pytorch.log_model(model, name="model", input_example=example, signature=signature,
-                                            metadata=card.to_dict(), extra_files=files,
-                                            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+            info = serving.log_model(Path(extra) / inference.WEIGHTS, Path(extra) / inference.HASHES, card,
+                                     [png(a) for a in test.images[:2]])
         # "val_best", not "val": training logs val/* per epoch, and this is one more point, at the kept weights.
         for split, key in (("test", "test"), ("test_threshold_0_5", "test_at_0.5"), ("val", "val_best")):
             if split in metrics:
@@ -275,6 +292,11 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
         mlflow.log_metrics({f"calibration/{k}": v for k, v in metrics["calibration"].items()},
                            model_id=info.model_id)
         mlflow.log_figure(reliability_figure(calibration["reliability"], variant), "plots/reliability.png")
+        gallery, listed = error_gallery(model, card, test, p_test)
+        gallery.savefig(out["gallery"], dpi=90, format="jpeg", pil_kwargs={"quality": 85})  # a PNG: 1.3 MB
+        mlflow.log_figure(gallery, "plots/error_gallery.jpg", save_kwargs={"dpi": 90, "pil_kwargs": {"quality": 85}})
+        mlflow.log_dict(listed, "error_gallery.json")
+        plt.close(gallery)
         metrics["mlflow"] = {"run_id": run_id, "model_id": info.model_id, "model_uri": info.model_uri}
         write_json(out["evaluation"], metrics)
     t = metrics["test"]
