@@ -1,6 +1,6 @@
 """A bounded load test of the champion as MLflow serves it (`mlflow models serve --env-manager local` on
-127.0.0.1, one worker): `--requests` POSTs of one image and of batches of 32 real test JPEGs (base64, as the
-server documents), 1, 4 and 16 at a time. Prints latency percentiles, images/s and errors per case, beside
+127.0.0.1, one worker): 500 POSTs of one image and 100 of batches of 32 real test JPEGs (base64, as the server
+documents), 1, 4 and 16 at a time. Prints latency percentiles, images/s and errors per case, beside
 `cxr predict` on the same images in the same run: the command as a user runs it (start-up and model load
 included) and its scoring alone (cxr.serving.score, in this process).
 
@@ -68,7 +68,8 @@ def main() -> None:
     parser.add_argument("--model", default="models:/chest-xray-classifier@champion")
     parser.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "chest_xray_224" / "test",
                         help="a folder of images (searched recursively)")
-    parser.add_argument("--requests", type=int, default=500, help="requests per case")
+    parser.add_argument("--requests", type=int, default=500, help="requests per case of one image")
+    parser.add_argument("--batch-requests", type=int, default=100, help="requests per case of more images")
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--batches", default="1,32", help="images per request")
     args = parser.parse_args()
@@ -79,15 +80,16 @@ def main() -> None:
     data = [f.read_bytes() for f in files]
     _, card = load_logged(args.model)
     print(f"{args.model}: {card.variant} ({card.arch}, {card.image_size} px, TTA {len(card.tta_views)}); "
-          f"{len(files)} images from {args.images}; {args.requests} requests per case; {os.cpu_count()} CPUs\n")
+          f"{len(files)} images from {args.images}; {os.cpu_count()} CPUs, shared by the server and this client\n")
     print("| client | images/request | concurrent | requests | errors | p50 ms | p95 ms | p99 ms | images/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     with serving.served(args.model, dict(os.environ)) as url:
         for per in map(int, args.batches.split(",")):
             bodies = [body(data[i:i + per]) for i in range(0, len(data) - per + 1, per)]
+            n = args.requests if per == 1 else args.batch_requests
             for concurrent in map(int, args.concurrency.split(",")):
-                r = load(url, bodies, per, args.requests, concurrent)
-                print(f"| mlflow models serve | {per} | {concurrent} | {args.requests} | {r['errors']} | "
+                r = load(url, bodies, per, n, concurrent)
+                print(f"| mlflow models serve | {per} | {concurrent} | {n} | {r['errors']} | "
                       f"{r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | {r['images_s']:.0f} |", flush=True)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "cxr", "predict", "--csv", "--model", args.model, *map(str, files)],

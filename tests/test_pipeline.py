@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import re
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -333,6 +334,16 @@ def test_promote_and_predict_take_the_variants_the_last_run_ran_not_params_yaml_
     assert "comparison/leaderboard.json is missing" in err and "make quick DATA=" in err
 
 
+def _champion(repo: Path) -> str:
+    """The registered champion's variant; `cxr promote` first where there is none yet (tests may run alone)."""
+    client = MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    try:
+        return client.get_model_version_by_alias("chest-xray-classifier", "champion").tags["variant"]
+    except mlflow.exceptions.MlflowException:
+        sh(repo, "cxr", "promote")
+        return client.get_model_version_by_alias("chest-xray-classifier", "champion").tags["variant"]
+
+
 def _invoke(url: str, images: list[bytes] | None = None, body: bytes | None = None) -> tuple[int, dict]:
     """POST images (base64, as `mlflow models serve` documents it) or a raw body; the status and JSON answer."""
     if body is None:
@@ -351,9 +362,7 @@ def test_mlflow_serves_the_champion_on_image_files_as_evaluate_scored_them_and_r
     image files themselves and answers what evaluate wrote for them; a bad request gets a 4xx and one line, and
     the server goes on answering."""
     repo, _ = repo
-    sh(repo, "cxr", "promote")  # the champion (already it when the test above ran)
-    store = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
-    variant = MlflowClient(store).get_model_version_by_alias("chest-xray-classifier", "champion").tags["variant"]
+    variant, store = _champion(repo), f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
     folder = Path(yaml.safe_load((repo / "params.yaml").read_text())["data"]["path"])
     rows = list(csv.DictReader((repo / "reports" / variant / "predictions.csv").open()))
     files = [(folder / r["name"]).read_bytes() for r in rows]
@@ -373,10 +382,44 @@ def test_mlflow_serves_the_champion_on_image_files_as_evaluate_scored_them_and_r
                             (noise.getvalue(), "over the 0.2 MB limit"),
                             (bomb.getvalue(), "decompression bomb")):
             status, answer = _invoke(url, [files[0], bad])
-            assert status == 400 and answer["message"].startswith("image 1 of 2") and reason in answer["message"]
+            assert status == 400 and answer["message"].startswith("image 2 of 2") and reason in answer["message"]
             assert "\n" not in answer["message"]
             assert _invoke(url, files[:1])[0] == 200  # still up, and answering
         assert _invoke(url, [])[1]["message"].startswith("no images in the request")
         status, answer = _invoke(url, body=b"")
         assert 400 <= status < 500, answer
         assert _invoke(url, files[:1])[0] == 200
+
+
+def test_cxr_explain_draws_what_drove_each_prediction_and_names_unreadable_files(repo, tmp_path):
+    repo, _ = repo
+    folder = make_imagefolder(tmp_path / "new", per_class=1, splits=("test",), with_duplicates=False)
+    (folder / "test" / "broken.jpeg").write_bytes(b"not an image")
+    evaluated = json.loads((repo / "reports" / "tinyvgg" / "evaluation.json").read_text())["mlflow"]["model_uri"]
+    out = sh(repo, "cxr", "explain", str(folder), "--model", evaluated, "--out", str(tmp_path / "maps"), ok=False)
+    rows = csv.DictReader((repo / "reports" / "tinyvgg" / "predictions.csv").open())  # these images are in test
+    scores = {Path(r["name"]).stem: float(r["p_pneumonia"]) for r in rows}
+    written = [line for line in out.splitlines() if line.startswith(str(tmp_path / "maps"))]
+    assert len(written) == 2 and "broken.jpeg: not an image" in out.splitlines()[-1]
+    for line in written:  # the PNG, P(pneumonia) as evaluate scored it, the decision and the method
+        png_path = Path(line.split()[0])
+        assert f"P(pneumonia) {scores[png_path.stem]:.3f} " in line and "Grad-CAM on " in line
+        assert Image.open(png_path).size[0] > 300
+    # By default the champion: linear, MLP and an ensemble have no one convolutional map to weigh.
+    variant, one = _champion(repo), next(folder.rglob("IM-*.jpeg"))
+    champ = sh(repo, "cxr", "explain", str(one), "--out", str(tmp_path / "champ"))
+    assert ("Grad-CAM on " if variant == "tinyvgg" else "(input gradient)") in champ
+    assert (tmp_path / "champ" / f"{one.stem}.png").exists()
+
+
+@pytest.mark.slow
+def test_the_serve_load_bench_prints_its_table_against_the_champion(repo):
+    repo, _ = repo
+    _champion(repo)
+    images = Path(yaml.safe_load((repo / "params.yaml").read_text())["data"]["path"]) / "test"
+    out = sh(ROOT, sys.executable, "bench/serve_load.py", "--images", str(images), "--requests", "20",
+             "--batch-requests", "4", "--concurrency", "1,4",
+             env={"MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"})
+    rows = re.findall(r"^\| mlflow models serve \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|", out, re.M)
+    assert [r[:3] for r in rows] == [("1", "1", "20"), ("1", "4", "20"), ("32", "1", "4"), ("32", "4", "4")], out
+    assert all(r[3] == "0" for r in rows) and "| cxr predict (command, model load included) |" in out

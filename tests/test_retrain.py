@@ -16,7 +16,7 @@ from conftest import make_imagefolder, make_project, sh, tracking_at
 from cxr.__main__ import main as cxr_main
 from cxr.data.gray import decode
 from cxr.inference import load_logged
-from cxr.predict import read
+from cxr.serving import read
 
 MIN_DELTA = 0.005
 
@@ -102,7 +102,8 @@ def test_retrain_promotes_first_keeps_the_champion_on_noise_promotes_a_clearly_b
     paths = [folder / r["name"] for r in rows]  # names are relative to the source folder
     out = sh(repo, "cxr", "predict", "--json", *map(str, paths))
     got = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert [list(g) for g in got] == [["image", "p_pneumonia", "decision", "threshold"]] * len(got)  # one probability
+    # binary: one probability column
+    assert [list(g) for g in got] == [["image", "p_pneumonia", "decision", "threshold", "class"]] * len(got)
     assert [g["image"] for g in got] == list(map(str, paths))
     for g, r in zip(got, rows, strict=True):
         assert g["p_pneumonia"] == pytest.approx(float(r["p_pneumonia"]), abs=1e-6) and g["decision"] == r["predicted"]
@@ -124,7 +125,7 @@ def test_retrain_promotes_first_keeps_the_champion_on_noise_promotes_a_clearly_b
             assert decision == by_path[path]["predicted"]
     as_csv = list(csv.DictReader(io.StringIO(cxr("predict", "--csv", *map(str, paths[:3])))))
     assert [r["image"] for r in as_csv] == list(map(str, paths[:3]))
-    assert list(as_csv[0]) == ["image", "p_pneumonia", "decision", "threshold"]
+    assert list(as_csv[0]) == ["image", "p_pneumonia", "decision", "threshold", "class"]
     assert [float(r["p_pneumonia"]) for r in as_csv] == pytest.approx([float(r["p_pneumonia"]) for r in rows[:3]],
                                                                        abs=1e-6)
 

@@ -117,7 +117,17 @@ def test_evaluate_writes_metrics_and_the_mlflow_model_predicts_the_same(data, tm
     assert run.data.metrics["test/auroc"] == pytest.approx(metrics["test"]["auroc"])
     arts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "plots")}
     assert {"plots/confusion_matrix.png", "plots/roc.png", "plots/pr.png", "plots/history.png",
-            "predictions.csv"} <= arts
+            "predictions.csv", "plots/error_gallery.jpg", "error_gallery.json"} <= arts
+    # The gallery: the most confident errors and right answers of the predictions, at the chosen threshold.
+    listed = mlflow.artifacts.load_dict(f"runs:/{run_id}/error_gallery.json")
+    scored = sorted(((float(r["p_pneumonia"]), r["name"], r["label"], r["predicted"]) for r in rows), reverse=True)
+    fp = [pr for pr, _, label, called in scored if label == "NORMAL" and called == "PNEUMONIA"][:4]
+    fn = [pr for pr, _, label, called in scored[::-1] if label == "PNEUMONIA" and called == "NORMAL"][:4]
+    for group, expected in (("false positives", fp), ("false negatives", fn)):  # by score: ties may swap names
+        assert [g["p_pneumonia"] for g in listed[group]] == pytest.approx(expected, abs=1e-7)
+        assert all(g["label"] == ("NORMAL" if group == "false positives" else "PNEUMONIA") for g in listed[group])
+    assert len(listed["true positives"]) == len(listed["true negatives"]) == 4
+    assert (tmp_path / "r" / "gallery.jpg").read_bytes()[:2] == b"\xff\xd8"  # a JPEG, for dvc plots
     [logged] = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id='{run_id}'")
     card = ModelCard.from_dict(get_model_info(f"models:/{logged.model_id}").metadata, "logged")
     assert card.threshold == on_disk["threshold"] and card.image_size == 32 and card.fit == "stretch"

@@ -5,6 +5,8 @@ never a pickle), and MLflow loads it from that code file ("models from code"), n
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import os
 import socket
@@ -14,6 +16,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -101,10 +104,13 @@ def decoded(items: list[Any], card: ModelCard, max_mb: float) -> list[np.ndarray
     if not items:
         raise BadRequest("no images in the request; send one or more base64-encoded image files")
     out = []
-    for i, item in enumerate(items):
+    for i, item in enumerate(items, 1):
         where = f"image {i}" + (f" of {len(items)}" if len(items) > 1 else "")
-        if isinstance(item, str):  # a list sent in-process, or a column the server left as text
-            item = item.encode()
+        if isinstance(item, str):  # base64 text: from a caller in-process, or a column the server did not decode
+            try:
+                item = base64.b64decode(item, validate=True)
+            except binascii.Error:
+                raise BadRequest(f"{where} is text, not base64 of an image file") from None
         if not isinstance(item, bytes | bytearray):
             raise BadRequest(f"{where} is {type(item).__name__}, not the bytes of an image file")
         if len(item) > max_mb * 2**20:
@@ -120,15 +126,14 @@ def decoded(items: list[Any], card: ModelCard, max_mb: float) -> list[np.ndarray
 def log_model(weights: Path, hashes: Path, card: ModelCard, example: list[bytes]) -> Any:
     """Log the model of the active run: this pyfunc, its card and weights (inference.WEIGHTS) and the images it
     saw (inference.HASHES) as artifacts, the card as metadata, `example` (encoded images) as its input example."""
-    import PIL
-    import torch
-    import torchvision
-
-    pins = [f"{m.__name__}=={m.__version__.split('+')[0]}" for m in (torch, torchvision, np, pd, PIL)]
+    # What the model's code needs beyond MLflow's own requirements (this project itself is not on PyPI); read
+    # from the installed metadata: importing torchvision for its version costs 2 s
+    pins = [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "torchvision", "numpy", "pandas",
+                                                                    "pillow", "tqdm")]
     return mlflow.pyfunc.log_model(
         name="model", python_model=str(CODE), artifacts={"weights": str(weights), "hashes": str(hashes)},
         signature=signature(card), input_example=pd.DataFrame({COLUMN: example}), metadata=card.to_dict(),
-        pip_requirements=[p.replace("PIL==", "pillow==") for p in pins])
+        pip_requirements=pins)
 
 
 @contextlib.contextmanager

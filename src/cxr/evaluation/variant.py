@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -167,20 +168,26 @@ def scores_note(metrics: dict[str, Any], n_test: int) -> str:
     return f"Test ({n_test} images){at}: {shown} (95% intervals, stratified bootstrap). Val AUROC {val}."
 
 
+def log_figure(fig: Any, path: str) -> None:
+    """Log a figure to the active run, then free it (tests evaluate many variants in one process)."""
+    mlflow.log_figure(fig, path)
+    plt.close(fig)
+
+
 def _log_figures(variant: str, names: list[str], p_test: torch.Tensor, y_test: torch.Tensor, threshold: float,
                  binary: bool, curve_rows: dict[str, list]) -> None:
     rule = f", t={threshold:.2f}" if binary else ""
-    mlflow.log_figure(confusion_figure(confusion(p_test, y_test, threshold), names, f"{variant} test{rule}"),
+    log_figure(confusion_figure(confusion(p_test, y_test, threshold), names, f"{variant} test{rule}"),
                       "plots/confusion_matrix.png")
     if binary:
-        mlflow.log_figure(confusion_figure(confusion(p_test, y_test), names, f"{variant} test, t=0.5"),
+        log_figure(confusion_figure(confusion(p_test, y_test), names, f"{variant} test, t=0.5"),
                           "plots/confusion_matrix_t0.5.png")
     per_class = _per_class_curves(p_test, y_test, names, curve_rows)
     exact = {"test": (auroc(p_test, y_test), average_precision(p_test, y_test))} if binary else {}
-    mlflow.log_figure(curve_figure({k: c["roc"] for k, c in per_class.items()}, "fpr", "tpr",
+    log_figure(curve_figure({k: c["roc"] for k, c in per_class.items()}, "fpr", "tpr",
                                    f"{variant} ROC (test)", True, {k: v[0] for k, v in exact.items()}),
                       "plots/roc.png")
-    mlflow.log_figure(curve_figure({k: c["pr"] for k, c in per_class.items()}, "recall", "precision",
+    log_figure(curve_figure({k: c["pr"] for k, c in per_class.items()}, "recall", "precision",
                                    f"{variant} PR (test)", False, {k: v[1] for k, v in exact.items()}, "AP"),
                       "plots/pr.png")
 
@@ -291,12 +298,14 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
         _log_figures(variant, names, p_test, y_test, card.threshold, card.binary, curve_rows)
         mlflow.log_metrics({f"calibration/{k}": v for k, v in metrics["calibration"].items()},
                            model_id=info.model_id)
-        mlflow.log_figure(reliability_figure(calibration["reliability"], variant), "plots/reliability.png")
+        log_figure(reliability_figure(calibration["reliability"], variant), "plots/reliability.png")
         gallery, listed = error_gallery(model, card, test, p_test)
         gallery.savefig(out["gallery"], dpi=90, format="jpeg", pil_kwargs={"quality": 85})  # a PNG: 1.3 MB
-        mlflow.log_figure(gallery, "plots/error_gallery.jpg", save_kwargs={"dpi": 90, "pil_kwargs": {"quality": 85}})
-        mlflow.log_dict(listed, "error_gallery.json")
         plt.close(gallery)
+        with tempfile.TemporaryDirectory() as tmp:  # drawn once: the same file to MLflow
+            shutil.copy(out["gallery"], Path(tmp) / "error_gallery.jpg")
+            mlflow.log_artifact(str(Path(tmp) / "error_gallery.jpg"), "plots")
+        mlflow.log_dict(listed, "error_gallery.json")
         metrics["mlflow"] = {"run_id": run_id, "model_id": info.model_id, "model_uri": info.model_uri}
         write_json(out["evaluation"], metrics)
     t = metrics["test"]
