@@ -178,18 +178,16 @@ def _log_figures(variant: str, names: list[str], p_test: torch.Tensor, y_test: t
                  binary: bool, curve_rows: dict[str, list]) -> None:
     rule = f", t={threshold:.2f}" if binary else ""
     log_figure(confusion_figure(confusion(p_test, y_test, threshold), names, f"{variant} test{rule}"),
-                      "plots/confusion_matrix.png")
+               "plots/confusion_matrix.png")
     if binary:
         log_figure(confusion_figure(confusion(p_test, y_test), names, f"{variant} test, t=0.5"),
-                          "plots/confusion_matrix_t0.5.png")
+                   "plots/confusion_matrix_t0.5.png")
     per_class = _per_class_curves(p_test, y_test, names, curve_rows)
     exact = {"test": (auroc(p_test, y_test), average_precision(p_test, y_test))} if binary else {}
     log_figure(curve_figure({k: c["roc"] for k, c in per_class.items()}, "fpr", "tpr",
-                                   f"{variant} ROC (test)", True, {k: v[0] for k, v in exact.items()}),
-                      "plots/roc.png")
+                            f"{variant} ROC (test)", True, {k: v[0] for k, v in exact.items()}), "plots/roc.png")
     log_figure(curve_figure({k: c["pr"] for k, c in per_class.items()}, "recall", "precision",
-                                   f"{variant} PR (test)", False, {k: v[1] for k, v in exact.items()}, "AP"),
-                      "plots/pr.png")
+                            f"{variant} PR (test)", False, {k: v[1] for k, v in exact.items()}, "AP"), "plots/pr.png")
 
 
 def predictions(test: Split, probs: torch.Tensor, card: inference.ModelCard) -> list[dict[str, Any]]:
@@ -232,6 +230,7 @@ def error_gallery(model: torch.nn.Module, card: inference.ModelCard, test: Split
 
 
 def png(image: np.ndarray) -> bytes:
+    """A uint8 gray array as a PNG file's bytes: what the served model takes."""
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
