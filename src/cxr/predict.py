@@ -77,7 +77,7 @@ def explain_images(uri: str, paths: list[Path], out: Path) -> tuple[list[str], l
     for path, row, image, h in zip(good, rows, images, heat, strict=True):
         n = names[path.stem] = names.get(path.stem, 0) + 1  # same names in two folders: a suffix, not a clash
         target = out / f"{path.stem}{'' if n == 1 else f'-{n}'}.png"
-        fig = explain.figure(image, h, str(path), row, label)
+        fig = explain.figure(image, h, path.name, row, label)  # the full path is in the line printed
         with atomic_path(target) as tmp:
             fig.savefig(tmp, dpi=100, format="png")
         plt.close(fig)
