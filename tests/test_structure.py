@@ -14,7 +14,7 @@ LEVELS = {
     0: ("cxr", "cxr.errors", "cxr.params", "cxr.io", "cxr.tracking", "cxr.cli", "cxr.task"),
     1: ("cxr.models", "cxr.data", "cxr.metrics", "cxr.plots"),
     2: ("cxr.inference", "cxr.bootstrap"),
-    3: ("cxr.serving", "cxr.explain"),
+    3: ("cxr.serving", "cxr.explain", "cxr.shift"),
     4: ("cxr.training", "cxr.evaluation", "cxr.registry", "cxr.predict", "cxr.results"),
     5: ("cxr.retrain", "cxr.profiles", "cxr.__main__", "cxr.pyfunc_model"),
 }

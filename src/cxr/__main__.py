@@ -51,6 +51,22 @@ def _explain(args: argparse.Namespace) -> None:
     _unread(missing + errors)
 
 
+def _shift(args: argparse.Namespace) -> None:
+    from cxr import shift
+    from cxr.inference import load_logged
+
+    model = card = None
+    size = args.size
+    if not args.no_model:
+        p = params.load(args.params)
+        tracking.setup(p.mlflow.experiment)
+        model, card = load_logged(args.model or f"models:/{p.mlflow.registered_model}@champion")
+        size = card.image_size
+    report = shift.shift(shift.load_set(args.reference, size), shift.load_set(args.target, size), model, card)
+    shift.write(report, Path(args.out))
+    sys.stdout.write(shift.render(report) + f"Report and figure: {args.out}/shift.json, {args.out}/shift.png\n")
+
+
 def _promote(args: argparse.Namespace) -> None:
     from cxr.registry import promote
 
@@ -107,7 +123,17 @@ def main() -> None:
                         "one's best variant by validation, or --variants")
     rs.add_argument("--variants", action="store_true", help="one row per experiment and variant")
     rs.set_defaults(func=_results)
-    for sp in (pr, ex, sub.choices["promote"], rs):  # also after the command; retrain's `dvc repro` reads params.yaml
+    sh = sub.add_parser("shift", help="are TARGET's images what REFERENCE's are? image statistics, and the model's "
+                        "scores and features (a domain classifier), with a verdict")
+    for name in ("reference", "target"):
+        sh.add_argument(name, help="a prepared split (data/split:test), a folder of images or a .npz[:split]")
+    sh.add_argument("--model", help="an MLflow model URI (default: models:/<mlflow.registered_model>@champion)")
+    sh.add_argument("--no-model", action="store_true", help="image statistics only")
+    sh.add_argument("--size", type=int, default=128, help="image size with --no-model (default 128)")
+    sh.add_argument("--out", default="reports/shift", help="folder for shift.json and shift.png")
+    sh.set_defaults(func=_shift)
+    # --params also after the command; retrain's `dvc repro` reads params.yaml
+    for sp in (pr, ex, sh, sub.choices["promote"], rs):
         sp.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: params.yaml)")
     rt = sub.choices["retrain"]
     rt.add_argument("--refresh-data", action="store_true", help="re-run download even if its params are unchanged")

@@ -1,0 +1,263 @@
+"""Shift between two image sets (a reference, e.g. what a model trained on, and a target, e.g. new images):
+image statistics with a two-sample test and an effect size each, and, given a model, its score distributions
+and a domain classifier on its penultimate features (can the two sets be told apart?), an estimate of the
+target's prevalence, a verdict in words and a figure.
+
+Two-sample tests: scipy's Kolmogorov-Smirnov (a well-kept implementation of an exact test that needs no
+distributional assumption); the domain classifier is a logistic regression written here (20 lines of torch)
+rather than scikit-learn, which is a test-only dependency of this project."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats as scipy_stats
+
+from cxr import LABELS, bootstrap
+from cxr.data.gray import decode
+from cxr.data.sources import IMAGE_SUFFIXES
+from cxr.data.store import load_split, size_dir
+from cxr.errors import CxrError
+from cxr.inference import ModelCard, full_float32, to_device
+from cxr.metrics import auroc
+from cxr.plots import plt
+
+STATS = ("width", "height", "aspect", "mean", "std", "sharpness", "border", "marker")
+ALPHA = 0.01  # per test, before Bonferroni over the statistics
+MIN_EFFECT = 0.2  # |standardised mean difference| below this is no shift worth a word, however significant
+DOMAIN_AUROC = 0.6  # the domain classifier's interval must lie above this to call the sets different
+
+
+@dataclass
+class ImageSet:
+    name: str
+    images: np.ndarray  # (N, S, S) uint8, prepared at one size for both sets
+    width: np.ndarray  # the originals' sizes
+    height: np.ndarray
+    labels: np.ndarray | None  # 0 NORMAL, 1 PNEUMONIA where known
+
+
+def load_set(spec: str, size: int, fit: str = "stretch") -> ImageSet:
+    """`spec`: a prepared split `DATA_DIR:SPLIT` (e.g. data/split:test), a MedMNIST `.npz[:SPLIT]`, or a folder of
+    images (searched recursively; a NORMAL or PNEUMONIA folder name gives the label)."""
+    path, _, split = spec.partition(":")
+    p = Path(path)
+    if p.suffix == ".npz":
+        with np.load(p) as z:
+            images = z[f"{split or 'test'}_images"]
+            labels = z[f"{split or 'test'}_labels"].reshape(-1)
+        images = images[..., 0] if images.ndim == 4 else images
+        h, w = images.shape[1:3]
+        resized = np.stack([decode(("", im), [size], fit)[0][0] for im in images])  # type: ignore[index]
+        return ImageSet(spec, resized, np.full(len(images), w), np.full(len(images), h), labels.astype(int))
+    if split:
+        data = load_split(size_dir(p, size), split)
+        return ImageSet(spec, np.asarray(data.images), np.array([int(m["width"]) for m in data.meta]),
+                        np.array([int(m["height"]) for m in data.meta]), np.asarray(data.labels))
+    if not p.is_dir():
+        raise CxrError(f"{spec}: no such folder, .npz or DATA_DIR:SPLIT; give e.g. data/split:test or a folder")
+    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    rows = [(f, decode(("", str(f)), [size], fit, size)) for f in files]
+    good = [(f, r) for f, r in rows if not isinstance(r, str)]
+    if not good:
+        raise CxrError(f"{spec}: no readable images ({'/'.join(sorted(IMAGE_SUFFIXES))})")
+    folders = [[*f.relative_to(p).parts[-2::-1], p.resolve().name] for f, _ in good]  # the nearest folder first
+    names = [next((d.upper() for d in ds if d.upper() in LABELS), "") for ds in folders]
+    labels = np.array([LABELS.index(n) for n in names]) if all(names) else None
+    return ImageSet(spec, np.stack([r[0][0] for _, r in good]), np.array([r[1] for _, r in good]),
+                    np.array([r[2] for _, r in good]), labels)
+
+
+def image_stats(s: ImageSet) -> dict[str, np.ndarray]:
+    """Per image: original width, height and aspect; mean and std of the grey levels; sharpness (variance of
+    the Laplacian); border (mean grey of the outer 1/16 frame); marker (share of near-white pixels, >= 240, in
+    the four corners of side 1/6: where radiographers' letters and text sit)."""
+    x = s.images.astype(np.float32)
+    n, side = len(x), x.shape[1]
+    lap = x[:, 1:-1, :-2] + x[:, 1:-1, 2:] + x[:, :-2, 1:-1] + x[:, 2:, 1:-1] - 4 * x[:, 1:-1, 1:-1]
+    b, c = max(1, side // 16), max(1, side // 6)
+    frame = np.ones((side, side), bool)
+    frame[b:-b, b:-b] = False
+    corners = np.zeros((side, side), bool)
+    for rows in (slice(0, c), slice(-c, None)):
+        for cols in (slice(0, c), slice(-c, None)):
+            corners[rows, cols] = True
+    return {"width": s.width.astype(float), "height": s.height.astype(float), "aspect": s.width / s.height,
+            "mean": x.reshape(n, -1).mean(1), "std": x.reshape(n, -1).std(1), "sharpness": lap.reshape(n, -1).var(1),
+            "border": x[:, frame].mean(1), "marker": (x[:, corners] >= 240).mean(1)}
+
+
+def two_sample(a: np.ndarray, b: np.ndarray, tests: int) -> dict[str, Any]:
+    """KS statistic and p-value, the standardised mean difference (target - reference, pooled sd), and whether
+    it is a shift: p below ALPHA / tests and |difference| at least MIN_EFFECT."""
+    ks = scipy_stats.ks_2samp(a, b)
+    sd = math.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2) if len(a) > 1 and len(b) > 1 else 0.0
+    d = float((b.mean() - a.mean()) / sd) if sd > 0 else (0.0 if a.mean() == b.mean() else math.inf)
+    return {"reference_mean": float(a.mean()), "target_mean": float(b.mean()), "ks": float(ks.statistic),
+            "p": float(ks.pvalue), "effect": d, "shift": bool(ks.pvalue < ALPHA / tests and abs(d) >= MIN_EFFECT)}
+
+
+@torch.no_grad()
+def features_and_scores(model: torch.nn.Module, card: ModelCard,
+                        images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input of the model's last linear layer (its penultimate features) and P(pneumonia), identity view."""
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    seen: list[torch.Tensor] = []
+    hook = last.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0].flatten(1).float().cpu()))
+    x = to_device(images, torch.device("cpu"))
+    try:
+        with full_float32():
+            logits = torch.cat([model.eval()(x[i:i + 256].float().div(255)) for i in range(0, len(x), 256)])
+    finally:
+        hook.remove()
+    probs = card.probabilities(logits[None])
+    return torch.cat(seen), probs if probs.ndim == 1 else 1 - probs[:, 0]
+
+
+def domain_auroc(a: torch.Tensor, b: torch.Tensor, folds: int = 5, seed: int = 0) -> dict[str, Any]:
+    """How well a logistic regression on the features tells the target from the reference: its AUROC on
+    held-out folds (0.5: indistinguishable), with a 95% bootstrap interval over the images."""
+    x = torch.cat([a, b]).double()
+    x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
+    y = torch.cat([torch.zeros(len(a)), torch.ones(len(b))])
+    gen = torch.Generator().manual_seed(seed)
+    fold = torch.empty(len(y), dtype=torch.long)
+    for cls in (0, 1):  # stratified folds
+        idx = torch.nonzero(y == cls).flatten()
+        fold[idx[torch.randperm(len(idx), generator=gen)]] = torch.arange(len(idx)) % folds
+    out = torch.empty(len(y), dtype=torch.float64)
+    ones = torch.ones(len(y), 1, dtype=torch.float64)
+    x = torch.cat([x, ones], 1)  # the intercept
+    for k in range(folds):
+        held = fold == k
+        with torch.no_grad():
+            out[held] = x[held] @ _logistic(x[~held], y[~held].double())
+    resamples = bootstrap.resample_counts(y.long(), bootstrap.RESAMPLES, seed)
+    lo, hi = torch.quantile(bootstrap.weighted_auroc(out, y.bool(), resamples), torch.tensor(bootstrap.LEVELS,
+                                                                                              dtype=torch.float64))
+    return {"auroc": auroc(out.float(), y.long()), "ci95": [float(lo), float(hi)], "folds": folds,
+            "different": bool(lo > DOMAIN_AUROC)}
+
+
+def _logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2) -> torch.Tensor:
+    """Weights of an L2-penalised logistic regression (last column of x: the intercept, not penalised)."""
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+
+    def loss() -> torch.Tensor:
+        opt.zero_grad()
+        value = torch.nn.functional.binary_cross_entropy_with_logits(x @ w, y) + l2 * w[:-1].square().sum()
+        value.backward()
+        return value
+
+    opt.step(loss)
+    return w.detach()
+
+
+def prevalence(p_target: torch.Tensor, prior: float, steps: int = 100) -> float:
+    """The target's share of pneumonia by EM on calibrated scores (Saerens et al. 2002): it assumes the classes
+    look alike in both sets, which a domain classifier that tells them apart says is false."""
+    p, q = p_target.double().clamp(1e-6, 1 - 1e-6), prior
+    for _ in range(steps):
+        r = (q / prior) * p / ((q / prior) * p + ((1 - q) / (1 - prior)) * (1 - p))
+        q = float(r.mean())
+    return q
+
+
+def verdict(report: dict[str, Any]) -> str:
+    images = [k for k, v in report["images"].items() if v["shift"]]
+    model = report.get("model") or {}
+    parts = []
+    if images or (model and model["domain"]["different"]):
+        why = [f"{k} ({report['images'][k]['effect']:+.2f} sd)" for k in images]
+        if model and model["domain"]["different"]:
+            d = model["domain"]
+            why.append(f"the model's features tell them apart (domain AUROC {d['auroc']:.3f} "
+                       f"[{d['ci95'][0]:.3f}–{d['ci95'][1]:.3f}])")
+        parts.append("shift in images: " + ", ".join(why))
+    if model and model["scores"]["shift"]:
+        s = model["scores"]
+        parts.append(f"shift in scores: mean P(pneumonia) {s['reference_mean']:.3f} -> {s['target_mean']:.3f}")
+    return "; ".join(parts) if parts else "no shift: the target looks like the reference in every measure"
+
+
+def shift(reference: ImageSet, target: ImageSet, model: torch.nn.Module | None = None,
+          card: ModelCard | None = None) -> dict[str, Any]:
+    """The report: per statistic its test, and with a model its scores, domain classifier and prevalence."""
+    ra, ta = image_stats(reference), image_stats(target)
+    report: dict[str, Any] = {"reference": {"name": reference.name, "images": len(reference.images)},
+                              "target": {"name": target.name, "images": len(target.images)},
+                              "images": {k: two_sample(ra[k], ta[k], len(STATS)) for k in STATS}}
+    if model is not None and card is not None:
+        fa, pa = features_and_scores(model, card, reference.images)
+        fb, pb = features_and_scores(model, card, target.images)
+        prior = float(reference.labels.mean()) if reference.labels is not None else float(pa.mean())
+        dom = domain_auroc(fa, fb)
+        report["model"] = {"variant": card.variant, "scores": two_sample(pa.numpy(), pb.numpy(), 1), "domain": dom,
+                           "prevalence": {"reference": prior, "reliable": not dom["different"],
+                                          "target_estimate": prevalence(pb, prior) if 0 < prior < 1 else None}}
+        if target.labels is not None:
+            report["model"]["prevalence"]["target_actual"] = float(target.labels.mean())
+        report["_scores"] = (pa.numpy(), pb.numpy())
+    report["verdict"] = verdict(report)
+    report["_stats"] = (ra, ta)
+    return report
+
+
+def figure(report: dict[str, Any]) -> Any:
+    """Each statistic's two histograms overlaid, and the score distributions where a model was given."""
+    ra, ta = report["_stats"]
+    panels = [(k, ra[k], ta[k]) for k in STATS] + ([("P(pneumonia)", *report["_scores"])] if "_scores" in report
+                                                   else [])
+    cols = 3
+    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(11, 2.6 * math.ceil(len(panels) / cols)),
+                             layout="constrained", squeeze=False)
+    for ax, (name, a, b) in zip(axes.flat, panels, strict=False):
+        bins = np.histogram_bin_edges(np.concatenate([a, b]), 30)
+        ax.hist(a, bins, alpha=0.5, density=True, label=report["reference"]["name"])
+        ax.hist(b, bins, alpha=0.5, density=True, label=report["target"]["name"])
+        test = report["images"].get(name) or (report.get("model") or {}).get("scores", {})
+        ax.set_title(f"{name}: KS {test.get('ks', 0):.2f}, d {test.get('effect', 0):+.2f}", fontsize=9)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(report["verdict"][:150], fontsize=9)
+    return fig
+
+
+def render(report: dict[str, Any]) -> str:
+    """The verdict, then a line per statistic (and the model's figures), for a terminal."""
+    lines = [f"{report['reference']['name']} ({report['reference']['images']} images) -> {report['target']['name']} "
+             f"({report['target']['images']} images)", report["verdict"], "",
+             f"{'statistic':<12}{'reference':>12}{'target':>12}{'KS':>7}{'p':>10}{'effect sd':>11}  shift"]
+    rows = dict(report["images"]) | ({"P(pneumonia)": report["model"]["scores"]} if report.get("model") else {})
+    for k, v in rows.items():
+        lines.append(f"{k:<12}{v['reference_mean']:>12.4g}{v['target_mean']:>12.4g}{v['ks']:>7.3f}{v['p']:>10.2g}"
+                     f"{v['effect']:>+11.2f}  {'yes' if v['shift'] else ''}".rstrip())
+    if report.get("model"):
+        m = report["model"]
+        d, q = m["domain"], m["prevalence"]
+        lines.append(f"domain classifier on {m['variant']}'s features: AUROC {d['auroc']:.3f} [{d['ci95'][0]:.3f}–"
+                     f"{d['ci95'][1]:.3f}] ({d['folds']}-fold; 0.5 = indistinguishable)")
+        actual = f", actual {q['target_actual']:.3f}" if "target_actual" in q else ""
+        caveat = "" if q["reliable"] else " (unreliable: the sets differ, and EM assumes the classes look alike)"
+        if q["target_estimate"] is not None:  # EM needs a reference with both classes
+            lines.append(f"pneumonia prevalence: reference {q['reference']:.3f}, target estimated "
+                         f"{q['target_estimate']:.3f}{actual}{caveat}")
+    return "\n".join(lines) + "\n"
+
+
+def write(report: dict[str, Any], out: Path) -> None:
+    """out/shift.json (the report) and out/shift.png (the figure), both or neither."""
+    from cxr.io import atomic_paths, write_json
+
+    with atomic_paths(out / "shift.json", out / "shift.png") as (js, fig_path):
+        write_json(js, {k: v for k, v in report.items() if not k.startswith("_")})
+        fig = figure(report)
+        fig.savefig(fig_path, dpi=90, format="png")
+        plt.close(fig)

@@ -1,0 +1,43 @@
+"""`cxr shift` on real X-rays: what it flags (full-resolution originals against the 224 px set; a brightened
+copy), and what it must not (two random halves of one set)."""
+
+import json
+import sys
+
+import numpy as np
+
+from conftest import ROOT, make_imagefolder, sh, shared
+from cxr import shift
+from cxr.inference import ModelCard
+
+
+def test_full_resolution_originals_differ_from_the_224_px_set_in_size_and_the_command_says_so(tmp_path):
+    ref = make_imagefolder(tmp_path / "224", per_class=40, splits=("train",), with_duplicates=False)
+    out = sh(ROOT, sys.executable, "-m", "cxr", "shift", str(ref), str(shared("chest_xray_fullres_sample")),
+             "--no-model", "--size", "64", "--out", str(tmp_path / "report"))
+    report = json.loads((tmp_path / "report" / "shift.json").read_text())
+    assert report["images"]["width"]["shift"] and report["images"]["height"]["shift"]
+    assert report["images"]["width"]["target_mean"] > 1000 and report["reference"]["images"] == 80
+    assert report["verdict"].startswith("shift in images: width") and report["verdict"] in out
+    assert (tmp_path / "report" / "shift.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_halves_of_one_set_show_no_shift_and_a_brightened_copy_is_told_apart():
+    folder = shared("chest_xray_224") / "test" / "NORMAL"
+    card = ModelCard("cnn", "tinyvgg", 64, ("NORMAL", "PNEUMONIA"), "stretch", 64, "none", 0.5, 0.25)
+    model = card.build().eval()  # untrained: its features still see the images
+    s = shift.load_set(str(folder), 64)
+    idx = np.random.default_rng(0).permutation(len(s.images))
+    half = len(idx) // 2
+
+    def part(name, i, images=None):
+        return shift.ImageSet(name, s.images[i] if images is None else images, s.width[i], s.height[i], s.labels[i])
+
+    same = shift.shift(part("a", idx[:half]), part("b", idx[half:]), model, card)
+    assert same["verdict"].startswith("no shift") and not same["model"]["domain"]["different"]
+    lo, hi = same["model"]["domain"]["ci95"]
+    assert lo < 0.5 < hi
+    brighter = np.clip(s.images[idx[half:]].astype(int) + 40, 0, 255).astype(np.uint8)
+    moved = shift.shift(part("a", idx[:half]), part("b+40", idx[half:], brighter), model, card)
+    assert moved["images"]["mean"]["shift"] and moved["model"]["domain"]["different"]
+    assert moved["verdict"].startswith("shift in images: mean")
