@@ -130,7 +130,7 @@ def main() -> None:
     sh.add_argument("--model", help="an MLflow model URI (default: models:/<mlflow.registered_model>@champion)")
     sh.add_argument("--no-model", action="store_true", help="image statistics only")
     sh.add_argument("--size", type=int, default=128, help="image size with --no-model (default 128)")
-    sh.add_argument("--out", default="reports/shift", help="folder for shift.json and shift.png")
+    sh.add_argument("--out", default="shift", help="folder for shift.json and shift.png (default: shift)")
     sh.set_defaults(func=_shift)
     # --params also after the command; retrain's `dvc repro` reads params.yaml
     for sp in (pr, ex, sh, sub.choices["promote"], rs):
