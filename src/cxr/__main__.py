@@ -23,7 +23,12 @@ def _images(args: argparse.Namespace) -> tuple[str, list[Path], list[str]]:
         raise CxrError("; ".join(missing) or
                        f"no images in {' '.join(args.images)} ({'/'.join(sorted(IMAGE_SUFFIXES))} files)")
     tracking.setup(p.mlflow.experiment)
-    return args.model or f"models:/{p.mlflow.registered_model}@champion", paths, missing
+    return _model_uri(args, p), paths, missing
+
+
+def _model_uri(args: argparse.Namespace, p: params.Params) -> str:
+    """--model, or the registered champion."""
+    return args.model or f"models:/{p.mlflow.registered_model}@champion"
 
 
 def _unread(errors: list[str]) -> None:
@@ -60,7 +65,7 @@ def _shift(args: argparse.Namespace) -> None:
     if not args.no_model:
         p = params.load(args.params)
         tracking.setup(p.mlflow.experiment)
-        model, card = load_logged(args.model or f"models:/{p.mlflow.registered_model}@champion")
+        model, card = load_logged(_model_uri(args, p))
         size = card.image_size
     report = shift.shift(shift.load_set(args.reference, size), shift.load_set(args.target, size), model, card)
     shift.write(report, Path(args.out))

@@ -23,7 +23,7 @@ from cxr.data.gray import decode
 from cxr.data.sources import IMAGE_SUFFIXES
 from cxr.data.store import load_split, size_dir
 from cxr.errors import CxrError
-from cxr.inference import ModelCard, full_float32, to_device
+from cxr.inference import ModelCard, predict_logits, to_device
 from cxr.metrics import auroc
 from cxr.plots import plt
 
@@ -109,10 +109,8 @@ def features_and_scores(model: torch.nn.Module, card: ModelCard,
     last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
     seen: list[torch.Tensor] = []
     hook = last.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0].flatten(1).float().cpu()))
-    x = to_device(images, torch.device("cpu"))
     try:
-        with full_float32():
-            logits = torch.cat([model.eval()(x[i:i + 256].float().div(255)) for i in range(0, len(x), 256)])
+        logits = predict_logits(model.cpu(), to_device(images, torch.device("cpu")))  # batched, in float32
     finally:
         hook.remove()
     probs = card.probabilities(logits[None])
@@ -137,11 +135,9 @@ def domain_auroc(a: torch.Tensor, b: torch.Tensor, folds: int = 5, seed: int = 0
         held = fold == k
         with torch.no_grad():
             out[held] = x[held] @ _logistic(x[~held], y[~held].double())
-    resamples = bootstrap.resample_counts(y.long(), bootstrap.RESAMPLES, seed)
-    lo, hi = torch.quantile(bootstrap.weighted_auroc(out, y.bool(), resamples), torch.tensor(bootstrap.LEVELS,
-                                                                                              dtype=torch.float64))
-    return {"auroc": auroc(out.float(), y.long()), "ci95": [float(lo), float(hi)], "folds": folds,
-            "different": bool(lo > DOMAIN_AUROC)}
+    ci = bootstrap.interval(bootstrap.weighted_auroc(out, y.bool(), bootstrap.resample_counts(y.long(), seed=seed)))
+    assert ci is not None  # both sets are in every resample: the strata are the sets
+    return {"auroc": auroc(out.float(), y.long()), "ci95": ci, "folds": folds, "different": bool(ci[0] > DOMAIN_AUROC)}
 
 
 def _logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2) -> torch.Tensor:
