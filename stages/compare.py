@@ -5,14 +5,14 @@ import argparse
 from pathlib import Path
 
 from cxr import cli, params
-from cxr.evaluation.compare import compare, split_report, spread, summary
+from cxr.evaluation.compare import compare, spread, stage_reports, summary
 
 
 def main(args: argparse.Namespace) -> None:
     p = params.load(args.params)
     reports = Path(args.reports)
     rows = compare(p, reports, Path(args.out))
-    print(summary(rows, p.compare.metric, Path(args.out), spread(p, rows), split_report(reports)))
+    print(summary(rows, p.compare.metric, Path(args.out), spread(p, rows), stage_reports(reports)))
 
 
 if __name__ == "__main__":

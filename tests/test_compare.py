@@ -43,14 +43,21 @@ def test_variants_that_differ_only_in_their_seed_get_mean_sd_and_range_beside_th
 def test_the_leaderboard_says_how_it_ranks_what_sens_and_spec_are_a_shift_and_shared_patients():
     rows = [row("a", 4, val_auroc=0.99), row("b", 1, val_auroc=0.95)]  # a: test AUROC 0.92, val 0.99
     split = {"source_patients_across_splits": {"train-test": 170}, "pooled": False}
-    text = summary(rows, "auroc", Path("comparison"), [], split)
+    shift = {"verdict": "shift in images: mean (+0.50 sd)", "shifted": {"images": True, "scores": False}}
+    text = summary(rows, "auroc", Path("comparison"), [], {"split": split, "shift": shift})
+    said = "Validation against test (shift stage, reports/shift.json and shift.png): shift in images: mean (+0.50 sd)."
+    flat = text.replace("\n  ", " ")
+    assert said in flat and "Validation cannot speak for the test set" in flat
+    assert said in markdown(rows, "auroc", [], shift)
     assert "Ranked by validation AUROC" in text and "sens = sensitivity: the share of pneumonia" in text
     assert "a: validation AUROC 0.990 against test 0.924" in text and "shifted" in text
     assert "170 patients have images on both sides of the source's splits (train-test: 170)" in text
     words = text[text.index("Ranked by"):].splitlines()
     assert max(map(len, words)) <= 120  # the words wrap (the table above is as wide as its intervals)
-    calm = summary([row("a", 4, val_auroc=0.93)], "auroc", Path("comparison"), [], {**split, "pooled": True})
+    calm = summary([row("a", 4, val_auroc=0.93)], "auroc", Path("comparison"), [],
+                   {"split": {**split, "pooled": True}, "shift": {"verdict": "no shift: ...", "shifted": {}}})
     assert "shifted" not in calm and "patients" not in calm  # a small gap, and a pooled split: no words
+    assert "no shift: .... Choices made on validation should carry over to test." in calm.replace("\n  ", " ")
 
 
 def test_cxr_results_fits_120_columns_with_every_default_variant():

@@ -42,7 +42,7 @@ def repo(tmp_path_factory):
 
 def test_pipeline_runs_then_is_a_noop_then_reruns_one_variant(repo):
     repo, log = repo
-    expected = {"download", "grayscale", "split", "ensemble@ens", "compare"} | {
+    expected = {"download", "grayscale", "split", "shift", "ensemble@ens", "compare"} | {
         f"{s}@{v}" for s in ("train", "evaluate") for v in VARIANTS}
     assert ran(log) == expected
     assert "\r" not in log  # progress bars only on a terminal: piped, a line per epoch
@@ -73,6 +73,15 @@ def test_pipeline_runs_then_is_a_noop_then_reruns_one_variant(repo):
         assert len(preds) - 1 == t["tp"] + t["fp"] + t["tn"] + t["fn"]
     split_report = json.loads((repo / "reports" / "split.json").read_text())
     assert split_report["carved"] == ["val"] and split_report["duplicates"]["within_split_extra_copies"]["train"] > 0
+    # Can validation speak for test? The shift stage says, before any training; the leaderboard repeats it.
+    shift = json.loads((repo / "reports" / "shift.json").read_text())
+    counts = {s: len((repo / "data" / "split" / "32" / f"{s}_meta.csv").read_text().splitlines()) - 1
+              for s in ("val", "test")}
+    assert (shift["reference"], shift["target"]) == ({"name": "data/split:val", "images": counts["val"]},
+                                                     {"name": "data/split:test", "images": counts["test"]})
+    assert shift["domain"]["class_balanced"] and shift["domain"]["ci95"][0] <= shift["domain"]["auroc"]
+    assert shift["verdict"] in log and (repo / "reports" / "shift.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"(shift stage, reports/shift.json and shift.png): {shift['verdict']}." in board
 
     noop = sh(repo, "dvc", "repro")
     assert ran(noop) == set() and "Data and pipelines are up to date" in noop
@@ -111,6 +120,10 @@ def test_pipeline_runs_then_is_a_noop_then_reruns_one_variant(repo):
         assert all(f"(#/experiments/{exp.experiment_id}/runs/{i})" in note for i in listed)
         assert f"(#/compare-runs?runs=[{','.join(f'%22{i}%22' for i in listed)}]" in note  # MLflow's comparison
     assert compares[1].data.tags["mlflow.note.content"].count(") (reused) |") == 2  # linear, tinyvgg: not retrained
+    assert compares[1].data.tags["shift.verdict"] == shift["verdict"]
+    assert shift["verdict"] in compares[1].data.tags["mlflow.note.content"]
+    assert {a.path for a in client.list_artifacts(compares[1].info.run_id, "shift")} == {"shift/shift.json",
+                                                                                         "shift/shift.png"}
     for r in variant_runs:  # one name per quantity: the speed per epoch, not also a mean under another name
         assert "train/images_per_s" in r.data.metrics or r.info.run_name == "ens"
         assert not {"images/per_s", "epoch/seconds", "seconds"} & set(r.data.metrics)
@@ -145,9 +158,11 @@ EXP_SHOW = "dvc exp show --no-pager --drop '.*' --keep 'Experiment|^best\\.'"
 def test_dvc_plots_overlay_every_variant_and_exp_show_fits_a_terminal(repo):
     repo, _ = repo
     plots = json.loads(sh(repo, "dvc", "plots", "show", "--json"))["data"]
-    # one chart per question, not one per variant and file; then each variant's error gallery, an image
+    # one chart per question, not one per variant and file; then the shift stage's figure and each variant's
+    # error gallery, images
     galleries = sorted(f"reports/{v}/gallery.jpg" for v in (*VARIANTS, "ens"))
-    assert list(plots)[:len(PLOTS)] == list(PLOTS) and sorted(list(plots)[len(PLOTS):]) == galleries
+    assert list(plots)[:len(PLOTS)] == list(PLOTS)
+    assert sorted(list(plots)[len(PLOTS):]) == sorted([*galleries, "reports/shift.png"])
     assert all(plots[g][0]["type"] == "image" for g in galleries)
     for name in PLOTS:
         [plot] = plots[name]

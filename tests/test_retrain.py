@@ -5,6 +5,7 @@ with the champion gives what its evaluation gave."""
 import csv
 import io
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -15,7 +16,8 @@ from mlflow.tracking import MlflowClient
 from conftest import make_imagefolder, make_project, sh, tracking_at
 from cxr.__main__ import main as cxr_main
 from cxr.data.gray import decode
-from cxr.inference import load_logged
+from cxr.inference import HASHES, load_logged, logged_file
+from cxr.io import read_csv
 from cxr.serving import read
 
 MIN_DELTA = 0.005
@@ -29,12 +31,20 @@ def project(tmp_path_factory):
                         gray={"image_size": 64, "extra_sizes": [224]}, promote={"min_delta": MIN_DELTA})
 
 
-def retrain(repo, variant: dict) -> tuple[dict, str]:
+def retrain(repo, variant: dict, *args: str, on_shift: str = "warn", ok: bool = True) -> tuple[dict, str, str]:
+    """`cxr retrain` of the variant `cand`: the promotion's record, the summary file so far and the output."""
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["models"]["cand"], params["variants"] = variant, ["cand"]
+    params["retrain"]["on_shift"] = on_shift
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(repo, "cxr", "retrain", "--summary", "summary.md")
-    return json.loads((repo / "promotion.json").read_text()), (repo / "summary.md").read_text()
+    out = sh(repo, "cxr", "retrain", "--summary", "summary.md", *args, ok=ok)
+    return json.loads((repo / "promotion.json").read_text()), (repo / "summary.md").read_text(), out
+
+
+def champion_seen(repo) -> set[str]:
+    """The sha256s of the images the champion trained and validated on (its image_hashes.csv)."""
+    with tracking_at(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"):
+        return {r["sha256"] for r in read_csv(logged_file("models:/chest-xray-classifier@champion", HASHES))}
 
 
 def card_of(repo):
@@ -43,18 +53,19 @@ def card_of(repo):
 
 
 def test_retrain_promotes_first_keeps_the_champion_on_noise_promotes_a_clearly_better_one(project, monkeypatch,
-                                                                                          capsys):
+                                                                                          capsys, tmp_path):
     folder, repo = project
-    first, text = retrain(repo, {"arch": "tinyvgg", "epochs": 1, "lr": 1.0e-4})
+    first, text, _ = retrain(repo, {"arch": "tinyvgg", "epochs": 1, "lr": 1.0e-4})
     n = first["test_images"]  # Kaggle has a few byte-identical copies across its train and test folders
     assert first["decision"] == "promoted" and first["reason"].startswith("no champion yet; test auroc ")
     assert first["reason"].endswith(f" on the {n['used']} of {n['total']} test images it never saw")
     assert n["used"] == n["total"] - n["seen_by_candidate"]
     assert first["champion_version"] == first["candidate"]["version"] and first["previous_champion"] is None
     assert "## Retraining: promoted a new champion" in text and "| cand |" in text
+    assert first["shift"] is None and "### Shift" not in text  # no champion: nothing to compare with
 
     # The same recipe, a hair's breadth apart: a difference within the test set's noise moves nothing.
-    noise, text = retrain(repo, {"arch": "tinyvgg", "epochs": 1, "lr": 1.05e-4})
+    noise, text, _ = retrain(repo, {"arch": "tinyvgg", "epochs": 1, "lr": 1.05e-4})
     assert noise["decision"] == "kept" and noise["champion_version"] == first["candidate"]["version"]
     before = noise["previous_champion"]
     assert before["version"] == first["candidate"]["version"]
@@ -65,8 +76,41 @@ def test_retrain_promotes_first_keeps_the_champion_on_noise_promotes_a_clearly_b
     assert "95% interval" in noise["reason"] and "not above min_delta" in noise["reason"]
     assert f"[{diff['ci95_low']:+.4f}, {diff['ci95_high']:+.4f}]" in text  # the summary shows the interval
     assert text.count("## Retraining:") == 2 and "kept the champion" in text
+    # The images the champion never saw (here the test split) against those it trained or validated on (fewer
+    # than 50 validation images here), in its features too.
+    report = noise["shift"]
+    seen = champion_seen(repo)
+    metas = [m for s in ("train", "val", "test") for m in read_csv(repo / "data" / "split" / "64" / f"{s}_meta.csv")]
+    assert report["reference"]["images"] == sum(m["sha256"] in seen for m in metas) >= len(seen)
+    assert report["reference"]["name"] == "trained or validated on" and "memorisation alone" in report["verdict"]
+    assert report["model"]["variant"] == first["candidate"]["variant"]
+    assert report["target"]["images"] == n["total"] - n["seen_by_candidate"]
+    assert f"### Shift: the images the champion never saw against those it was validated on\n\n{report['verdict']}." \
+        in text
+    assert json.loads((repo / "shift" / "shift.json").read_text())["verdict"] == report["verdict"]
 
-    better, _ = retrain(repo, {"arch": "mlp", "epochs": 3, "lr": 1.0e-3})
+    # New images 40 grey levels brighter (a new scanner, say: here the test split, in a copy of the prepared
+    # data): with retrain.on_shift stop, nothing is promoted, the job fails with one line, the summary says why.
+    brighter = tmp_path / "split"
+    shutil.copytree(repo / "data" / "split", brighter)
+    for f in brighter.glob("*/test_images.npy"):
+        np.save(f, np.clip(np.load(f).astype(int) + 40, 0, 255).astype(np.uint8))
+    better_recipe = {"arch": "mlp", "epochs": 3, "lr": 1.0e-3}
+    stopped, text, out = retrain(repo, better_recipe, "--data", str(brighter), on_shift="stop", ok=False)
+    assert stopped["decision"] == "stopped" and stopped["champion_version"] == first["candidate"]["version"]
+    assert stopped["reason"].startswith("retrain.on_shift is stop and the images the champion never saw are shifted "
+                                        "in images")
+    assert "the comparison alone would have" in stopped["reason"] and stopped["shift"]["images"]["mean"]["shift"]
+    assert "## Retraining: stopped before promotion (retrain.on_shift: stop)" in text
+    assert "retrain.on_shift is stop: nothing was promoted" in text
+    assert out.count("error: promotion stopped (retrain.on_shift: stop): shift in images: mean (+") == 1
+    client = MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    assert client.get_model_version_by_alias("chest-xray-classifier", "champion").version == \
+        first["candidate"]["version"]
+    logged = {a.path for a in client.list_artifacts(stopped["candidate"]["run_id"], "shift")}
+    assert logged == {"shift/shift.json", "shift/shift.png"}
+
+    better, text, _ = retrain(repo, better_recipe)  # warn, the data as prepared: the comparison decides
     assert better["decision"] == "promoted", better["reason"]
     assert better["difference"]["ci95_low"] > MIN_DELTA
     assert better["previous_champion"]["version"] == first["candidate"]["version"]
@@ -85,7 +129,6 @@ def test_retrain_promotes_first_keeps_the_champion_on_noise_promotes_a_clearly_b
     assert json.loads((repo / "promotion.json").read_text())["reason"] == \
         f"the candidate is already the champion (version {better['candidate']['version']})"
 
-    client = MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
     name = better["registered_model"]
     assert client.get_model_version_by_alias(name, "champion").version == better["candidate"]["version"]
     for record in (first, noise, better):

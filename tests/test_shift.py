@@ -41,3 +41,19 @@ def test_halves_of_one_set_show_no_shift_and_a_brightened_copy_is_told_apart():
     moved = shift.shift(part("a", idx[:half]), part("b+40", idx[half:], brighter), model, card)
     assert moved["images"]["mean"]["shift"] and moved["model"]["domain"]["different"]
     assert moved["verdict"].startswith("shift in images: mean")
+
+
+def test_a_change_in_the_share_of_pneumonia_alone_is_no_shift_once_each_class_holds_half_of_its_set():
+    """Kaggle's test images, split into a mostly normal set (200 normal, 20 pneumonia) and a mostly pneumonia one
+    (34, 370): a domain classifier that ignores the labels tells them apart by their classes; weighted by
+    class, it must not (prior shift is not a shift in how the images look)."""
+    s = shift.load_set(str(shared("chest_xray_224") / "test"), 64)
+    rng = np.random.default_rng(0)
+    normal, pneumonia = (rng.permutation(np.flatnonzero(s.labels == c)) for c in (0, 1))
+    a, b = np.concatenate([normal[:200], pneumonia[:20]]), np.concatenate([normal[200:], pneumonia[20:]])
+    fa, fb = shift.image_features(s.images[a]), shift.image_features(s.images[b])
+    blind, _ = shift.domain_auroc(fa, fb)
+    weighted, held = shift.domain_auroc(fa, fb, s.labels[a], s.labels[b])
+    assert blind["different"] and blind["auroc"] > 0.8 and not blind["class_balanced"]
+    assert weighted["class_balanced"] and not weighted["different"]
+    assert weighted["ci95"][0] < 0.5 < weighted["ci95"][1] and held.shape == (len(a) + len(b),)

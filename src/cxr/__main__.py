@@ -89,13 +89,16 @@ def _results(args: argparse.Namespace) -> None:
 def _retrain(args: argparse.Namespace) -> None:
     from cxr.retrain import retrain
 
-    text = retrain(params.load(args.params), args.refresh_data, Path(args.reports), Path(args.data),
-                   Path(args.comparison), Path(args.out), args.profile, args.source)
+    text, record = retrain(params.load(args.params), args.refresh_data, Path(args.reports), Path(args.data),
+                           Path(args.comparison), Path(args.out), args.profile, args.source)
     print(text)
     target = args.summary or os.environ.get("GITHUB_STEP_SUMMARY")
     if target:
         with open(target, "a") as f:
             f.write(text + "\n")
+    if record["decision"] == "stopped":  # a failed job: someone looks at the shift before anything is promoted
+        raise CxrError(f"promotion stopped (retrain.on_shift: stop): {record['shift']['verdict']}; see "
+                       "shift/shift.png, then `cxr promote` to promote anyway, or set retrain.on_shift: warn")
 
 
 def main() -> None:

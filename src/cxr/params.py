@@ -139,6 +139,13 @@ class PromoteParams:
 
 
 @dataclass(frozen=True)
+class RetrainParams:
+    # `cxr retrain` compares the images the champion never saw with those it trained on: on a shift, warn (the
+    # summary says so) or stop (no promotion; `cxr promote` promotes anyway once someone has looked)
+    on_shift: Literal["warn", "stop"] = "warn"
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 42
     data: DataParams = DataParams()
@@ -152,6 +159,7 @@ class Params:
     compare: CompareParams = CompareParams()
     mlflow: MlflowParams = MlflowParams()
     promote: PromoteParams = PromoteParams()
+    retrain: RetrainParams = RetrainParams()
 
     @property
     def entries(self) -> list[str]:

@@ -17,7 +17,7 @@ import yaml
 
 from cxr import params
 from cxr.errors import CxrError
-from cxr.evaluation.compare import split_report, summary
+from cxr.evaluation.compare import stage_reports, summary
 
 CONFIGS = Path("configs")
 DVC = [sys.executable, "-m", "dvc"]  # this environment's DVC
@@ -108,7 +108,7 @@ def run(profile: str, data: str = "", name: str = "", extra: tuple[str, ...] = (
                        "params.yaml, dvc.lock and the outputs are as they were before it")
     if skipped:  # nothing changed since the last run: its leaderboard, as the compare stage prints it
         rows, groups = (json.loads(Path(f"comparison/{f}.json").read_text()) for f in ("leaderboard", "seed_spread"))
-        print(summary(rows, params.load().compare.metric, Path("comparison"), groups, split_report(Path("reports"))))
+        print(summary(rows, params.load().compare.metric, Path("comparison"), groups, stage_reports(Path("reports"))))
     kept_text = "params.yaml holds its params" if keep_params else \
         f"params.yaml is unchanged (`dvc exp apply {name}` adopts its params)"
     print(f"{profile}: {minutes:.1f} min wall time. The experiment is `dvc exp show`'s {name!r}; {kept_text}")

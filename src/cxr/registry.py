@@ -60,15 +60,22 @@ def test_probs(uri: str, data: Path) -> tuple[torch.Tensor | None, ModelCard | N
         model, card = load_logged(uri)
     except CardError as e:  # a model of an older version of the project: it cannot be applied as it was
         return None, None, str(e)
+    if why_not := not_applicable(card, data):
+        return None, card, why_not
+    return card.probs_of(model, load_split(data / str(card.image_size), "test").images), card, ""
+
+
+def not_applicable(card: ModelCard, data: Path) -> str:
+    """Why a model with this card cannot be applied to the data prepared now, or "" when it can."""
     folder = data / str(card.image_size)
     if not (folder / "test_labels.npy").exists():
-        return None, card, f"its image size {card.image_size} is not prepared (add it to gray.extra_sizes, re-run)"
+        return f"its image size {card.image_size} is not prepared (add it to gray.extra_sizes, re-run)"
     prep = preprocessing(folder)
     if (card.fit, card.draft, card.equalize) != (prep["fit"], prep["draft"], prep.get("equalize", "none")) \
             or list(card.classes) != classes(folder):
-        return None, card, (f"it was trained on other preprocessing (fit {card.fit}, draft {card.draft}, equalize "
-                            f"{card.equalize}, {'/'.join(card.classes)})")
-    return card.probs_of(model, load_split(folder, "test").images), card, ""
+        return (f"it was trained on other preprocessing (fit {card.fit}, draft {card.draft}, equalize "
+                f"{card.equalize}, {'/'.join(card.classes)})")
+    return ""
 
 
 def unseen(p: Params, test: Split, seen: dict[str, frozenset[str]]) -> tuple[torch.Tensor, dict[str, int]]:
@@ -124,7 +131,7 @@ def describe_model(client: MlflowClient, name: str, classes: tuple[str, ...] | l
         raise CxrError(f"cannot describe {name} in {tracking.store_and_error(e)}") from e
 
 
-def _champion(client: MlflowClient, name: str) -> Any | None:
+def champion(client: MlflowClient, name: str) -> Any | None:
     """The champion's model version; None only when the registry says the alias does not exist. Any other
     failure (a timeout, a server error, a refused login) stops: taken for "no champion", it would promote."""
     try:
@@ -146,10 +153,11 @@ def _decide(p: Params, champ_probs: torch.Tensor, champ_card: ModelCard,
     return stats["ci95_low"] > p.promote.min_delta, stats
 
 
-def promote(p: Params, reports: Path, data: Path, out: Path, comparison: Path = Path("comparison")) \
-        -> dict[str, Any]:
+def promote(p: Params, reports: Path, data: Path, out: Path, comparison: Path = Path("comparison"),
+            shift: dict[str, Any] | None = None) -> dict[str, Any]:
     """Register the candidate, decide on the test images neither model saw, move the alias if it wins; write the
-    decision to `out` and as tags."""
+    decision to `out` and as tags. `shift`: `cxr retrain`'s shift report (verdict, shifted): with
+    retrain.on_shift stop, a shift holds the decision back (decision "stopped": the champion stays)."""
     tracking.setup(p.mlflow.experiment)
     client, name, key = MlflowClient(), p.mlflow.registered_model, p.promote.metric
     cand = candidate(p, reports, comparison)
@@ -162,7 +170,7 @@ def promote(p: Params, reports: Path, data: Path, out: Path, comparison: Path = 
     test = load_split(data / str(cand_card.image_size), "test")
     labels, names = torch.from_numpy(test.labels), list(cand_card.classes)
     seen = {"candidate": seen_images(cand_uri)}
-    champ = _champion(client, name)
+    champ = champion(client, name)
     probs, card, why_not = None, None, ""
     if champ is not None and champ.version != cand["version"]:
         probs, card, why_not = test_probs(f"models:/{name}@{ALIAS}", data)
@@ -192,16 +200,24 @@ def promote(p: Params, reports: Path, data: Path, out: Path, comparison: Path = 
                   f"{cand['test']:.4f} vs {score:.4f} (version {champ.version}): {stats['difference']:+.4f}, 95% "
                   f"interval [{stats['ci95_low']:+.4f}, {stats['ci95_high']:+.4f}] ({stats['resamples']} paired "
                   f"bootstrap resamples), {verdict} min_delta {p.promote.min_delta}")
+    decision = "promoted" if promoted else "kept"
+    if before is not None and shift and any(shift["shifted"].values()) and p.retrain.on_shift == "stop":
+        kinds = " and ".join(k for k, v in shift["shifted"].items() if v)
+        reason = (f"retrain.on_shift is stop and the images the {ALIAS} never saw are shifted in {kinds} from those "
+                  f"it was validated on; the comparison alone would have "
+                  f"{'promoted the candidate' if promoted else 'kept the champion'}: {reason}")
+        promoted, decision = False, "stopped"
     if promoted:
         client.set_registered_model_alias(name, ALIAS, cand["version"])
-    decision = "promoted" if promoted else "kept"
     record = {"decision": decision, "reason": reason, "registered_model": name, "metric": key,
               "min_delta": p.promote.min_delta, "test_images": images, "candidate": cand,
               "previous_champion": before, "difference": stats,
-              "champion_version": cand["version"] if promoted else champ.version,
+              "champion_version": cand["version"] if promoted else champ.version, "shift": shift,
               "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     tags = {"promotion.decision": decision, "promotion.reason": reason, f"val_{key}": f"{cand['val']:.4f}",
             f"test_{key}": f"{cand['test']:.4f}"}
+    if shift:
+        tags["shift.verdict"] = shift["verdict"][:5000]  # MLflow's limit on a tag's value
     if stats:
         tags["promotion.ci95"] = f"[{stats['ci95_low']:+.4f}, {stats['ci95_high']:+.4f}]"
     if before is not None or champ is None:  # a champion re-selected keeps the tags of its promotion

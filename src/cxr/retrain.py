@@ -1,5 +1,6 @@
-"""`cxr retrain`: what the scheduled CI job runs. `dvc repro` (re-downloading the source first if asked),
-then promotion, then a markdown summary for people (and for `$GITHUB_STEP_SUMMARY`)."""
+"""`cxr retrain`: what the scheduled CI job runs. `dvc repro` (re-downloading the source first if asked), the
+shift of the images the champion never saw from those it was validated on, then promotion (held back on a shift if
+`retrain.on_shift` is stop), then a markdown summary for people (and for `$GITHUB_STEP_SUMMARY`)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,16 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from cxr import params, profiles
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from cxr import params, profiles, shift, tracking
+from cxr.data.store import load_split
 from cxr.errors import CxrError
+from cxr.inference import HASHES, CardError, load_logged, logged_file
+from cxr.io import read_csv
 from cxr.params import Params
-from cxr.registry import promote
+from cxr.registry import ALIAS, champion, not_applicable, promote
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +34,89 @@ def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return res
 
 
-def summary(record: dict[str, Any], comparison: Path) -> str:
-    """Markdown: the decision, candidate against champion, the leaderboard and what changed since HEAD."""
+SHIFT = Path("shift")  # where `cxr retrain` writes its shift report (`cxr shift` writes there by default too)
+MIN_IMAGES = 50  # on either side, or no shift report: a domain classifier's folds need some of each class
+MAX_IMAGES = 1000  # a seeded sample of each side beyond this: the report stays within a minute on a CPU
+HEADS = {"promoted": "promoted a new champion", "kept": "kept the champion",
+         "stopped": "stopped before promotion (retrain.on_shift: stop)"}
+
+
+def champion_shift(p: Params, data: Path) -> dict[str, Any] | None:
+    """The prepared images the champion never trained or validated on (the new ones, and the test split) against
+    those it was validated on (its image_hashes.csv), through its features where it applies to this data:
+    cxr.shift's report; None without a champion. Its validation images, not its training images: on those its
+    features carry what it memorised, which a domain classifier reads as a shift (0.92 on a 1-epoch tinyvgg's
+    150 training images against Kaggle's test, tests/test_retrain.py); with fewer than MIN_IMAGES of them, its
+    training images join them and the report says so. Too few on a side: a report that says so."""
+    tracking.setup(p.mlflow.experiment)
+    name = p.mlflow.registered_model
+    if champion(MlflowClient(), name) is None:
+        return None
+    uri = f"models:/{name}@{ALIAS}"
+    rows = read_csv(logged_file(uri, HASHES))
+    val, seen = {r["sha256"] for r in rows if r["split"] == "val"}, {r["sha256"] for r in rows}
+    try:
+        model, card = load_logged(uri)
+        why_not = not_applicable(card, data)
+    except CardError as e:
+        why_not = str(e)
+    size = p.gray.image_size if why_not else card.image_size
+    splits = [load_split(data / str(size), name, mmap=True) for name in ("train", "val", "test")]
+    inside = {"validated on": val, "trained or validated on": seen}
+    picked = {side: [(s, i) for s in splits for i, m in enumerate(s.meta) if m["sha256"] in hashes]
+              for side, hashes in inside.items()}
+    picked["never seen"] = [(s, i) for s in splits for i, m in enumerate(s.meta) if m["sha256"] not in seen]
+    picked.pop("validated on" if len(picked["validated on"]) < MIN_IMAGES else "trained or validated on")
+    if min(map(len, picked.values())) < MIN_IMAGES:
+        return {"verdict": "not measured: " + " and ".join(f"{len(v)} images the champion {k}" for k, v in
+                                                            picked.items()) +
+                f" are in the prepared data; the report needs {MIN_IMAGES} of each", "shifted": {}}
+    rng = np.random.default_rng(p.seed)
+    sets = []
+    for side, items in picked.items():
+        if len(items) > MAX_IMAGES:
+            items = [items[i] for i in sorted(rng.choice(len(items), MAX_IMAGES, replace=False))]
+        metas = [s.meta[i] for s, i in items]
+        sets.append(shift.ImageSet(side, np.stack([s.images[i] for s, i in items]),
+                                   np.array([int(m["width"]) for m in metas]),
+                                   np.array([int(m["height"]) for m in metas]),
+                                   np.array([s.labels[i] for s, i in items])))
+    report = shift.shift(*sets, *((None, None) if why_not else (model, card)))
+    if why_not:
+        report["verdict"] += f" (images only: the champion cannot be applied to this data, {why_not})"
+    elif "trained or validated on" in picked:
+        report["verdict"] += (f" (fewer than {MIN_IMAGES} of its validation images are here: its training images "
+                              "are in the reference, on which its features may differ by memorisation alone)")
+    return report
+
+
+def shift_lines(report: dict[str, Any] | None, decision: str, on_shift: str) -> list[str]:
+    """The summary's section on the images the champion never saw against those it was validated on."""
+    if report is None:
+        return []
+    lines = ["### Shift: the images the champion never saw against those it was validated on", "",
+             f"{report['verdict']}."]
+    if "images" in report:
+        doms = [("images", report["domain"])] + ([("champion's features", report["model"]["domain"])]
+                                                 if report.get("model") else [])
+        ref, target = report["reference"], report["target"]
+        lines += ["", "Domain classifiers (0.5: indistinguishable): " + "; ".join(
+            f"on the {what}, AUROC {d['auroc']:.3f} [{d['ci95'][0]:.3f}–{d['ci95'][1]:.3f}]" for what, d in doms) +
+            f"; {ref['images']} images it {ref['name']} against {target['images']} it never saw. Report and figure: "
+            f"{SHIFT}/shift.json, {SHIFT}/shift.png (and the candidate's MLflow run, under shift/)."]
+    if decision == "stopped":
+        lines += ["", "retrain.on_shift is stop: nothing was promoted. Look at the report; `cxr promote` decides "
+                  "without it, or set retrain.on_shift: warn."]
+    elif any(report["shifted"].values()) and on_shift == "warn":
+        lines += ["", "retrain.on_shift is warn: promotion went on as usual (stop would have held it back)."]
+    return [*lines, ""]
+
+
+def summary(record: dict[str, Any], comparison: Path, on_shift: str = "warn") -> str:
+    """Markdown: the decision, candidate against champion, the shift of the new images, the leaderboard and
+    what changed since HEAD."""
     m, cand, prev = record["metric"], record["candidate"], record["previous_champion"]
-    lines = [f"## Retraining: {'promoted a new champion' if record['decision'] == 'promoted' else 'kept the champion'}",
+    lines = [f"## Retraining: {HEADS[record['decision']]}",
              "", f"{record['reason']}.", "", f"| | variant | version | val {m} | test {m} |", "|---|---|---|---|---|",
              f"| candidate | {cand['variant']} | {cand['version']} | {cand['val']:.4f} | {cand['test']:.4f} |"]
     if prev:
@@ -46,6 +132,7 @@ def summary(record: dict[str, Any], comparison: Path) -> str:
         lines += ["", f"Test scores are on the {n['used']} of {n['total']} test images that no model compared trained "
                       f"or validated on ({seen})."]
     lines += ["", f"`{record['registered_model']}@champion` is version {record['champion_version']}.", ""]
+    lines += shift_lines(record.get("shift"), record["decision"], on_shift)
     board = comparison / "leaderboard.md"
     if board.exists():
         lines += ["##" + board.read_text().removeprefix("#"), ""]  # a section of the summary
@@ -72,9 +159,9 @@ def _num(x: float | None, sign: str = "") -> str:
 
 
 def retrain(p: Params, refresh_data: bool, reports: Path, data: Path, comparison: Path, out: Path,
-            profile: str = "", source: str = "") -> str:
-    """Run the pipeline (as params.yaml says, or a profile of it on `source`) and the promotion; return the
-    markdown summary."""
+            profile: str = "", source: str = "") -> tuple[str, dict[str, Any]]:
+    """Run the pipeline (as params.yaml says, or a profile of it on `source`), the shift report and the
+    promotion; return the markdown summary and the promotion's record."""
     if profile:  # e.g. quick on a CPU runner: its params stay in params.yaml for promotion (CI's checkout)
         profiles.run(profile, source, keep_params=True, force=refresh_data)  # a small run: all of it again
         p = params.load()
@@ -82,5 +169,12 @@ def retrain(p: Params, refresh_data: bool, reports: Path, data: Path, comparison
         if refresh_data:  # the source may have changed upstream while its params did not
             dvc("repro", "--force", "--single-item", "download")
         dvc("repro")
-    record = promote(p, reports, data, out, comparison)
-    return summary(record, comparison)
+    report = champion_shift(p, data)
+    if report and "images" in report:
+        shift.write(report, SHIFT)
+    brief = report and {k: v for k, v in report.items() if not k.startswith("_")}
+    record = promote(p, reports, data, out, comparison, brief)
+    if report and "images" in report:  # beside the candidate's scores, where its promotion tags are
+        for path in (SHIFT / "shift.json", SHIFT / "shift.png"):
+            MlflowClient().log_artifact(record["candidate"]["run_id"], str(path), "shift")
+    return summary(record, comparison, p.retrain.on_shift), record

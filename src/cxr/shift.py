@@ -10,6 +10,7 @@ rather than scikit-learn, which is a test-only dependency of this project."""
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from scipy import stats as scipy_stats
+from torch.nn import functional
 
 from cxr import LABELS, bootstrap
 from cxr.data.gray import decode
@@ -24,7 +26,6 @@ from cxr.data.sources import IMAGE_SUFFIXES
 from cxr.data.store import load_split, size_dir
 from cxr.errors import CxrError
 from cxr.inference import ModelCard, predict_logits, to_device
-from cxr.metrics import auroc
 from cxr.plots import plt
 
 STATS = ("width", "height", "aspect", "mean", "std", "sharpness", "border", "marker")
@@ -117,42 +118,65 @@ def features_and_scores(model: torch.nn.Module, card: ModelCard,
     return torch.cat(seen), probs if probs.ndim == 1 else 1 - probs[:, 0]
 
 
-def domain_auroc(a: torch.Tensor, b: torch.Tensor, folds: int = 5, seed: int = 0) -> dict[str, Any]:
+def image_features(images: np.ndarray) -> torch.Tensor:
+    """Features that need no model, for a domain classifier on the images themselves: each image at 16x16 (area
+    means) and its 32-bin histogram of grey levels."""
+    x = torch.from_numpy(images).float()[:, None] / 255
+    thumb = functional.adaptive_avg_pool2d(x, 16).flatten(1)
+    bins = (x.flatten(1) * 32).long().clamp(max=31) + 32 * torch.arange(len(x))[:, None]
+    hist = torch.bincount(bins.flatten(), minlength=32 * len(x)).reshape(len(x), 32) / x[0].numel()
+    return torch.cat([thumb, hist.float()], 1)
+
+
+def domain_auroc(a: torch.Tensor, b: torch.Tensor, la: np.ndarray | None = None, lb: np.ndarray | None = None,
+                 folds: int = 5, seed: int = 0) -> tuple[dict[str, Any], torch.Tensor]:
     """How well a logistic regression on the features tells the target from the reference: its AUROC on
-    held-out folds (0.5: indistinguishable), with a 95% bootstrap interval over the images."""
+    held-out folds (0.5: indistinguishable), with a 95% bootstrap interval over the images. With both sets'
+    labels (each with both classes), each class holds half of its set's weight, in the fit and in the AUROC: a
+    different share of pneumonia (prior shift) then tells the sets nothing; only a different look does. Also
+    returns the held-out scores (reference first)."""
     x = torch.cat([a, b]).double()
     x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
     y = torch.cat([torch.zeros(len(a)), torch.ones(len(b))])
+    strata, w = y.long(), torch.ones(len(y), dtype=torch.float64)
+    balanced = la is not None and lb is not None and all(len(np.unique(v)) == 2 for v in (la, lb))
+    if balanced:
+        strata = 2 * y.long() + torch.from_numpy(np.concatenate([la, lb]).astype(np.int64)).clamp(max=1)
+        for s in range(4):
+            cell = strata == s
+            w[cell] = float((y == y[cell][0]).sum()) / (2 * float(cell.sum()))
     gen = torch.Generator().manual_seed(seed)
     fold = torch.empty(len(y), dtype=torch.long)
-    for cls in (0, 1):  # stratified folds
-        idx = torch.nonzero(y == cls).flatten()
+    for s in strata.unique():  # stratified folds
+        idx = torch.nonzero(strata == s).flatten()
         fold[idx[torch.randperm(len(idx), generator=gen)]] = torch.arange(len(idx)) % folds
     out = torch.empty(len(y), dtype=torch.float64)
-    ones = torch.ones(len(y), 1, dtype=torch.float64)
-    x = torch.cat([x, ones], 1)  # the intercept
+    x = torch.cat([x, torch.ones(len(y), 1, dtype=torch.float64)], 1)  # the intercept
     for k in range(folds):
         held = fold == k
-        with torch.no_grad():
-            out[held] = x[held] @ _logistic(x[~held], y[~held].double())
-    ci = bootstrap.interval(bootstrap.weighted_auroc(out, y.bool(), bootstrap.resample_counts(y.long(), seed=seed)))
-    assert ci is not None  # both sets are in every resample: the strata are the sets
-    return {"auroc": auroc(out.float(), y.long()), "ci95": ci, "folds": folds, "different": bool(ci[0] > DOMAIN_AUROC)}
+        out[held] = x[held] @ _logistic(x[~held], y[~held].double(), w[~held])
+    point = float(bootstrap.weighted_auroc(out, y.bool(), w[None])[0])
+    ci = bootstrap.interval(bootstrap.weighted_auroc(out, y.bool(), bootstrap.resample_counts(strata, seed=seed) * w))
+    assert ci is not None  # both sets are in every resample: the strata lie within the sets
+    return {"auroc": round(point, 6), "ci95": ci, "folds": folds, "class_balanced": balanced,
+            "different": bool(ci[0] > DOMAIN_AUROC)}, out
 
 
-def _logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2) -> torch.Tensor:
-    """Weights of an L2-penalised logistic regression (last column of x: the intercept, not penalised)."""
-    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+def _logistic(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, l2: float = 1e-2) -> torch.Tensor:
+    """Weights of an L2-penalised logistic regression with sample weights `w` (last column of x: the
+    intercept, not penalised)."""
+    beta = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([beta], max_iter=200, line_search_fn="strong_wolfe")
 
     def loss() -> torch.Tensor:
         opt.zero_grad()
-        value = torch.nn.functional.binary_cross_entropy_with_logits(x @ w, y) + l2 * w[:-1].square().sum()
+        value = (functional.binary_cross_entropy_with_logits(x @ beta, y, reduction="none") * w).sum() / w.sum() + \
+            l2 * beta[:-1].square().sum()
         value.backward()
         return value
 
     opt.step(loss)
-    return w.detach()
+    return beta.detach()
 
 
 def prevalence(p_target: torch.Tensor, prior: float, steps: int = 100) -> float:
@@ -165,18 +189,29 @@ def prevalence(p_target: torch.Tensor, prior: float, steps: int = 100) -> float:
     return q
 
 
-def verdict(report: dict[str, Any]) -> str:
-    images = [k for k, v in report["images"].items() if v["shift"]]
+def shifted(report: dict[str, Any]) -> dict[str, bool]:
+    """Which kinds of shift the report found: images (a statistic, or a domain classifier on the images or on the
+    model's features) and scores."""
     model = report.get("model") or {}
+    return {"images": any(v["shift"] for v in report["images"].values()) or report["domain"]["different"]
+            or bool(model and model["domain"]["different"]),
+            "scores": bool(model and model["scores"]["shift"])}
+
+
+def _domain(d: dict[str, Any]) -> str:
+    return f"AUROC {d['auroc']:.3f} [{d['ci95'][0]:.3f}–{d['ci95'][1]:.3f}]"
+
+
+def verdict(report: dict[str, Any]) -> str:
+    found, model = shifted(report), report.get("model") or {}
     parts = []
-    if images or (model and model["domain"]["different"]):
-        why = [f"{k} ({report['images'][k]['effect']:+.2f} sd)" for k in images]
-        if model and model["domain"]["different"]:
-            d = model["domain"]
-            why.append(f"the model's features tell them apart (domain AUROC {d['auroc']:.3f} "
-                       f"[{d['ci95'][0]:.3f}–{d['ci95'][1]:.3f}])")
+    if found["images"]:
+        why = [f"{k} ({v['effect']:+.2f} sd)" for k, v in report["images"].items() if v["shift"]]
+        for name, d in (("the images", report["domain"]), ("the model's features", model.get("domain"))):
+            if d and d["different"]:
+                why.append(f"a classifier on {name} tells them apart ({_domain(d)})")
         parts.append("shift in images: " + ", ".join(why))
-    if model and model["scores"]["shift"]:
+    if found["scores"]:
         s = model["scores"]
         parts.append(f"shift in scores: mean P(pneumonia) {s['reference_mean']:.3f} -> {s['target_mean']:.3f}")
     return "; ".join(parts) if parts else "no shift: the target looks like the reference in every measure"
@@ -184,45 +219,69 @@ def verdict(report: dict[str, Any]) -> str:
 
 def shift(reference: ImageSet, target: ImageSet, model: torch.nn.Module | None = None,
           card: ModelCard | None = None) -> dict[str, Any]:
-    """The report: per statistic its test, and with a model its scores, domain classifier and prevalence."""
+    """The report: per statistic its test, a domain classifier on the images, and with a model its scores, a
+    domain classifier on its features and the target's prevalence."""
     ra, ta = image_stats(reference), image_stats(target)
+    la, lb = reference.labels, target.labels
     report: dict[str, Any] = {"reference": {"name": reference.name, "images": len(reference.images)},
                               "target": {"name": target.name, "images": len(target.images)},
-                              "images": {k: two_sample(ra[k], ta[k], len(STATS)) for k in STATS}}
+                              "images": {k: two_sample(ra[k], ta[k], len(STATS)) for k in STATS},
+                              "domain": {}}
+    ha, hb = image_features(reference.images), image_features(target.images)
+    report["domain"], held = domain_auroc(ha, hb, la, lb)
+    report["_panels"] = {"grey levels": (ha[:, -32:].mean(0).numpy(), hb[:, -32:].mean(0).numpy()),
+                         "domain classifier, images": _split(held, len(ha))}
     if model is not None and card is not None:
         fa, pa = features_and_scores(model, card, reference.images)
         fb, pb = features_and_scores(model, card, target.images)
-        prior = float(reference.labels.mean()) if reference.labels is not None else float(pa.mean())
-        dom = domain_auroc(fa, fb)
+        prior = float((la > 0).mean()) if la is not None else float(pa.mean())
+        dom, held = domain_auroc(fa, fb, la, lb)
+        report["_panels"] |= {"domain classifier, features": _split(held, len(fa)),
+                              "P(pneumonia)": (pa.numpy(), pb.numpy())}
         report["model"] = {"variant": card.variant, "scores": two_sample(pa.numpy(), pb.numpy(), 1), "domain": dom,
                            "prevalence": {"reference": prior, "reliable": not dom["different"],
                                           "target_estimate": prevalence(pb, prior) if 0 < prior < 1 else None}}
-        if target.labels is not None:
-            report["model"]["prevalence"]["target_actual"] = float(target.labels.mean())
-        report["_scores"] = (pa.numpy(), pb.numpy())
+        if lb is not None:
+            report["model"]["prevalence"]["target_actual"] = float((lb > 0).mean())
+    report["shifted"] = shifted(report)
     report["verdict"] = verdict(report)
     report["_stats"] = (ra, ta)
     return report
 
 
+def _split(x: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
+    return x[:n].numpy(), x[n:].numpy()
+
+
 def figure(report: dict[str, Any]) -> Any:
-    """Each statistic's two histograms overlaid, and the score distributions where a model was given."""
+    """Each statistic's two histograms overlaid (those constant and equal in both sets left out), the mean
+    histogram of grey levels, the domain classifiers' held-out scores, and P(pneumonia) where a model was given."""
     ra, ta = report["_stats"]
-    panels = [(k, ra[k], ta[k]) for k in STATS] + ([("P(pneumonia)", *report["_scores"])] if "_scores" in report
-                                                   else [])
+    panels = [(k, ra[k], ta[k]) for k in STATS if np.ptp(np.concatenate([ra[k], ta[k]])) > 0]
+    panels += [(k, *v) for k, v in report["_panels"].items()]
+    tests = report["images"] | {"P(pneumonia)": (report.get("model") or {}).get("scores", {}),
+                                "domain classifier, images": report["domain"],
+                                "domain classifier, features": (report.get("model") or {}).get("domain", {})}
     cols = 3
-    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(11, 2.6 * math.ceil(len(panels) / cols)),
-                             layout="constrained", squeeze=False)
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(11, 2.6 * rows + 0.5), layout="constrained", squeeze=False)
+    names = report["reference"]["name"], report["target"]["name"]
     for ax, (name, a, b) in zip(axes.flat, panels, strict=False):
+        t = tests.get(name, {})
+        if name == "grey levels":  # already a histogram: the mean share of pixels per bin
+            for h, who in zip((a, b), names, strict=True):
+                ax.stairs(h, np.linspace(0, 256, len(h) + 1), label=who)
+            ax.set_title("grey levels (mean share of pixels)", fontsize=9)
+            continue
         bins = np.histogram_bin_edges(np.concatenate([a, b]), 30)
-        ax.hist(a, bins, alpha=0.5, density=True, label=report["reference"]["name"])
-        ax.hist(b, bins, alpha=0.5, density=True, label=report["target"]["name"])
-        test = report["images"].get(name) or (report.get("model") or {}).get("scores", {})
-        ax.set_title(f"{name}: KS {test.get('ks', 0):.2f}, d {test.get('effect', 0):+.2f}", fontsize=9)
+        for x, who in zip((a, b), names, strict=True):
+            ax.hist(x, bins, alpha=0.5, density=True, label=who)
+        ax.set_title(f"{name}: AUROC {t['auroc']:.3f}" if "auroc" in t else
+                     f"{name}: KS {t.get('ks', 0):.2f}, d {t.get('effect', 0):+.2f}", fontsize=9)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle(report["verdict"][:150], fontsize=9)
+    fig.suptitle("\n".join(textwrap.wrap(report["verdict"], 150)), fontsize=9)
     return fig
 
 
@@ -235,11 +294,13 @@ def render(report: dict[str, Any]) -> str:
     for k, v in rows.items():
         lines.append(f"{k:<12}{v['reference_mean']:>12.4g}{v['target_mean']:>12.4g}{v['ks']:>7.3f}{v['p']:>10.2g}"
                      f"{v['effect']:>+11.2f}  {'yes' if v['shift'] else ''}".rstrip())
+    weighting = " (each class half of its set)" if report["domain"]["class_balanced"] else ""
+    lines.append(f"domain classifier on the images (16x16 and histogram){weighting}: {_domain(report['domain'])} "
+                 f"({report['domain']['folds']}-fold; 0.5 = indistinguishable)")
     if report.get("model"):
         m = report["model"]
         d, q = m["domain"], m["prevalence"]
-        lines.append(f"domain classifier on {m['variant']}'s features: AUROC {d['auroc']:.3f} [{d['ci95'][0]:.3f}–"
-                     f"{d['ci95'][1]:.3f}] ({d['folds']}-fold; 0.5 = indistinguishable)")
+        lines.append(f"domain classifier on {m['variant']}'s features{weighting}: {_domain(d)}")
         actual = f", actual {q['target_actual']:.3f}" if "target_actual" in q else ""
         caveat = "" if q["reliable"] else " (unreliable: the sets differ, and EM assumes the classes look alike)"
         if q["target_estimate"] is not None:  # EM needs a reference with both classes

@@ -144,13 +144,14 @@ def threshold_lines(rows: Rows) -> list[str]:
             for r in rows if r.get("threshold_wide")]
 
 
-def markdown(rows: Rows, metric: str, groups: Groups | None = None) -> str:
+def markdown(rows: Rows, metric: str, groups: Groups | None = None, shift: dict[str, Any] | None = None) -> str:
     head = [k for k in (rows[0] if rows else {"variant": 0})
             if k not in ("run_id", "model_id", "threshold_wide") and not k.endswith("_ci95")]
     lines = [f"# Leaderboard (test scores, sorted by validation {metric})", "",
              "Scores [95% interval: stratified bootstrap, 2,000 resamples]; recall_bacteria and recall_virus: the "
              "sensitivity within each pneumonia subtype; test_ece: top-label (Guo et al.), test_class_ece: "
-             "class-wise.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             "class-wise.", *(f"\n{line}" for line in shift_lines(shift)), "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(cell(r, k) for k in head) + " |" for r in rows]
     if extra := [*threshold_lines(rows), *spread_lines(groups or [])]:
         lines += ["", "```", *extra, "```"]
@@ -175,20 +176,23 @@ def _table(rows: Rows, metric: str, *extra: str, short: bool = False) -> tuple[l
 GAP = 0.05  # val minus test AUROC of the top row above which the summary says the test set is shifted
 
 
-def explain(rows: Rows, metric: str, split: dict[str, Any] | None) -> list[str]:
-    """The leaderboard's words: why the top row is first, what sens and spec mean, a large validation/test gap,
-    and the split stage's warning about patients on both sides of the source's splits."""
+def explain(rows: Rows, metric: str, stages: dict[str, dict[str, Any]]) -> list[str]:
+    """The leaderboard's words: why the top row is first, what sens and spec mean, the shift stage's verdict, a
+    large validation/test gap, and the split stage's warning about patients on both sides of the source's
+    splits. `stages`: stage_reports."""
     lines = [f"Ranked by validation {metric_label(metric)}, the one score choices are made on (the top row is what "
              "`cxr promote` registers); test is read once and never ranked on. sens = sensitivity: the share of "
-             "pneumonia images called pneumonia; spec = specificity: the share of normal images called normal."]
+             "pneumonia images called pneumonia; spec = specificity: the share of normal images called normal.",
+             *shift_lines(stages.get("shift"))]
     top = rows[0] if rows else {}
     if top.get("val_auroc") is not None and top.get("auroc") is not None and top["val_auroc"] - top["auroc"] > GAP:
         lines.append(f"{top['variant']}: validation AUROC {top['val_auroc']:.3f} against test {top['auroc']:.3f}. "
                      "The test split is shifted from the training data, and validation, carved from training, "
                      "cannot see it: validation overrates every variant; judge them on the test columns, which "
                      "no choice has seen.")
-    crossing = (split or {}).get("source_patients_across_splits") or {}
-    if crossing and not (split or {}).get("pooled"):
+    split = stages.get("split") or {}
+    crossing = split.get("source_patients_across_splits") or {}
+    if crossing and not split.get("pooled"):
         lines.append(f"Warning (split stage): {sum(crossing.values())} patients have images on both sides of the "
                      f"source's splits ({', '.join(f'{k}: {v}' for k, v in crossing.items())}), so those test "
                      "scores are optimistic; split.pool: true re-splits every image by patient.")
@@ -201,30 +205,43 @@ def wrap(lines: list[str], width: int = 120) -> list[str]:
                                           else [line])]
 
 
-def split_report(reports: Path) -> dict[str, Any] | None:
-    """The split stage's report (reports/split.json) for the summary's words, if the pipeline wrote one."""
-    path = reports / "split.json"
-    return json.loads(path.read_text()) if path.exists() else None
+def stage_reports(reports: Path) -> dict[str, dict[str, Any]]:
+    """The split and shift stages' reports (reports/split.json, reports/shift.json) that the pipeline wrote, for
+    the leaderboard's words."""
+    return {name: json.loads(path.read_text()) for name in ("split", "shift")
+            if (path := reports / f"{name}.json").exists()}
+
+
+def shift_lines(shift: dict[str, Any] | None) -> list[str]:
+    """The shift stage's verdict on validation against test, and what it means for the choices made on
+    validation."""
+    if not shift:
+        return []
+    meaning = ("Validation cannot speak for the test set: what was chosen on it (variant, epoch, threshold) may "
+               "not carry over" if any(shift["shifted"].values()) else "Choices made on validation should carry "
+               "over to test")
+    return [f"Validation against test (shift stage, reports/shift.json and shift.png): {shift['verdict']}. {meaning}."]
 
 
 def summary(rows: Rows, metric: str, out: Path, groups: Groups | None = None,
-            split: dict[str, Any] | None = None) -> str:
+            stages: dict[str, dict[str, Any]] | None = None) -> str:
     """The headline columns with their intervals as a plain-text table, what the ranking and columns mean, what
     validation cannot decide, the seed spread, and where the rest is: what the compare stage prints at the end of
-    a run. `split`: the split stage's report (reports/split.json)."""
+    a run. `stages`: stage_reports."""
     head, body = _table(rows, metric, "threshold", short=True)
     widths = [max(len(c[i]) for c in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
              for row in [head, *body]]
     return "\n".join([f"Leaderboard: test scores [95% interval] at the threshold chosen on val, best first by val "
-                      f"{metric}", *lines, *wrap([*explain(rows, metric, split), *threshold_lines(rows),
+                      f"{metric}", *lines, *wrap([*explain(rows, metric, stages or {}), *threshold_lines(rows),
                                                   *spread_lines(groups or []),
                                                   f"Full table and figures: {out}/leaderboard.md, {out}/*.png, "
                                                   "dvc plots show; every run in MLflow: make ui; all experiments: "
                                                   "cxr results"])])
 
 
-def note(rows: Rows, metric: str, experiment_id: str = "", reused: frozenset[str] = frozenset()) -> str:
+def note(rows: Rows, metric: str, experiment_id: str = "", reused: frozenset[str] = frozenset(),
+         shift: dict[str, Any] | None = None) -> str:
     """The parent run's description: the headline columns as a markdown table (the full one is an artifact), each
     variant linked to its run; a variant reused from an earlier pipeline run (its run is that one's child) is
     marked, so the table lists every variant of this run whichever parent its run has."""
@@ -236,8 +253,8 @@ def note(rows: Rows, metric: str, experiment_id: str = "", reused: frozenset[str
             row[0] += " (reused)"
     lines = [f"**Leaderboard**: test scores [95% interval] at the threshold chosen on val, best first by val "
              f"{metric} (all columns: leaderboard.md). (reused): trained by an earlier pipeline run, unchanged "
-             "since, so its run is nested under that run's parent.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             "since, so its run is nested under that run's parent.", *(f"\n{line}" for line in shift_lines(shift)),
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if experiment_id and rows:  # one click to MLflow's comparison of exactly this run's variants
         ids = ",".join(f"%22{r['run_id']}%22" for r in rows)
         lines.insert(1, f"\n[Compare all {len(rows)} variants of this pipeline run](#/compare-runs?runs=[{ids}]"
@@ -295,8 +312,9 @@ def compare(p: Params, reports: Path, out: Path) -> Rows:
     best = best_on_val([r["variant"] for r in rows], reports, p.promote.metric)[0] if rows else None
     groups = spread(p, rows)
     figs = figures(p, rows, reports)
+    shift = stage_reports(reports).get("shift")
     with atomic_path(out, is_dir=True) as tmp:
-        (tmp / "leaderboard.md").write_text(markdown(rows, p.compare.metric, groups))
+        (tmp / "leaderboard.md").write_text(markdown(rows, p.compare.metric, groups, shift))
         write_csv(tmp / "leaderboard.csv", flat(rows))
         write_json(tmp / "leaderboard.json", rows)
         write_json(tmp / "seed_spread.json", groups)
@@ -306,25 +324,33 @@ def compare(p: Params, reports: Path, out: Path) -> Rows:
         (tmp / "plots").mkdir()
         for name, data in plot_data(p, rows, reports).items():
             write_json(tmp / "plots" / f"{name}.json", data)
-        log_comparison(p, rows, groups, figs, best)
+        log_comparison(p, rows, groups, figs, best, reports)
     return rows
 
 
-def log_comparison(p: Params, rows: Rows, groups: Groups, figs: dict[str, Any], best: str | None) -> str:
-    """An MLflow run for this pipeline run: the leaderboard and figures; each variant run that has no parent
-    yet (trained since the last compare) becomes its child, so the UI nests one pipeline run's variants."""
+def log_comparison(p: Params, rows: Rows, groups: Groups, figs: dict[str, Any], best: str | None,
+                   reports: Path) -> str:
+    """An MLflow run for this pipeline run: the leaderboard, figures and the shift stage's report; each variant
+    run that has no parent yet (trained since the last compare) becomes its child, so the UI nests one pipeline
+    run's variants."""
+    shift = stage_reports(reports).get("shift")
     root = tracking.project_root()
     experiment_id = tracking.setup(p.mlflow.experiment, root)
     client = MlflowClient()
     reused = frozenset(r["run_id"] for r in rows if "mlflow.parentRunId" in client.get_run(r["run_id"]).data.tags)
     # Named after the DVC experiment, described by the leaderboard: the parent row the UI shows first.
     tags = {**tracking.run_tags("compare", root), "cxr.kind": "comparison",
-            tracking.NOTE: note(rows, p.compare.metric, experiment_id, reused),
+            tracking.NOTE: note(rows, p.compare.metric, experiment_id, reused, shift),
             "variant_runs": ",".join(r["run_id"] for r in rows)}
     with mlflow.start_run(experiment_id=experiment_id, run_name=tracking.pipeline_run_name(), tags=tags) as run:
         mlflow.log_dict(rows, "leaderboard.json")
         mlflow.log_dict(groups, "seed_spread.json")
-        mlflow.log_text(markdown(rows, p.compare.metric, groups), "leaderboard.md")
+        mlflow.log_text(markdown(rows, p.compare.metric, groups, shift), "leaderboard.md")
+        for name in ("shift.json", "shift.png"):  # validation against test, as the shift stage found it
+            if (reports / name).exists():
+                mlflow.log_artifact(str(reports / name), "shift")
+        if shift:
+            mlflow.set_tag("shift.verdict", shift["verdict"][:5000])
         for name, fig in figs.items():
             mlflow.log_figure(fig, f"plots/{name}")
         if best:  # the variant promotion would pick: best on validation
