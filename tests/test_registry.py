@@ -51,9 +51,9 @@ def test_only_a_missing_alias_means_no_champion(server, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     good = f"http://admin:{PASSWORD}@127.0.0.1:{server}"
     MlflowClient(good).create_registered_model("m")
-    assert registry._champion(MlflowClient(good), "m") is None  # the registry says: no such alias
+    assert registry.champion(MlflowClient(good), "m") is None  # the registry says: no such alias
     with tracking_at(bad := good.replace(PASSWORD, "not-it")), pytest.raises(CxrError, match="nothing was promoted"):
-        registry._champion(MlflowClient(bad), "m")
+        registry.champion(MlflowClient(bad), "m")
 
 
 def test_a_model_from_before_the_card_cannot_be_scored_so_a_champion_of_it_is_replaced(tmp_path):

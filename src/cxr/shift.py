@@ -32,6 +32,7 @@ STATS = ("width", "height", "aspect", "mean", "std", "sharpness", "border", "mar
 ALPHA = 0.01  # per test, before Bonferroni over the statistics
 MIN_EFFECT = 0.2  # |standardised mean difference| below this is no shift worth a word, however significant
 DOMAIN_AUROC = 0.6  # the domain classifier's interval must lie above this to call the sets different
+NEAR_COPIES = 0.4  # its interval below this: the sets share near-copies of images (each one's twin is misread)
 
 
 @dataclass
@@ -118,6 +119,12 @@ def features_and_scores(model: torch.nn.Module, card: ModelCard,
     return torch.cat(seen), probs if probs.ndim == 1 else 1 - probs[:, 0]
 
 
+def both_classes(la: np.ndarray | None, lb: np.ndarray | None) -> bool:
+    """Both sets labelled, each with normal and pneumonia images (three-class labels: bacteria and virus are
+    pneumonia)."""
+    return la is not None and lb is not None and all(len(np.unique(v > 0)) == 2 for v in (la, lb))
+
+
 def image_features(images: np.ndarray) -> torch.Tensor:
     """Features that need no model, for a domain classifier on the images themselves: each image at 16x16 (area
     means) and its 32-bin histogram of grey levels."""
@@ -139,9 +146,9 @@ def domain_auroc(a: torch.Tensor, b: torch.Tensor, la: np.ndarray | None = None,
     x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
     y = torch.cat([torch.zeros(len(a)), torch.ones(len(b))])
     strata, w = y.long(), torch.ones(len(y), dtype=torch.float64)
-    balanced = la is not None and lb is not None and all(len(np.unique(v)) == 2 for v in (la, lb))
+    balanced = both_classes(la, lb)
     if balanced:
-        strata = 2 * y.long() + torch.from_numpy(np.concatenate([la, lb]).astype(np.int64)).clamp(max=1)
+        strata = 2 * y.long() + torch.from_numpy(np.concatenate([la, lb]) > 0).long()  # type: ignore[list-item]
         for s in range(4):
             cell = strata == s
             w[cell] = float((y == y[cell][0]).sum()) / (2 * float(cell.sum()))
@@ -191,11 +198,13 @@ def prevalence(p_target: torch.Tensor, prior: float, steps: int = 100) -> float:
 
 def shifted(report: dict[str, Any]) -> dict[str, bool]:
     """Which kinds of shift the report found: images (a statistic, or a domain classifier on the images or on the
-    model's features) and scores."""
+    model's features) and scores (within each class where both sets are labelled: a new share of pneumonia
+    moves the mean score, and is no shift)."""
     model = report.get("model") or {}
+    scores = model.get("scores_by_class") or {"all": model.get("scores") or {}}
     return {"images": any(v["shift"] for v in report["images"].values()) or report["domain"]["different"]
             or bool(model and model["domain"]["different"]),
-            "scores": bool(model and model["scores"]["shift"])}
+            "scores": any(v.get("shift", False) for v in scores.values())}
 
 
 def _domain(d: dict[str, Any]) -> str:
@@ -204,17 +213,28 @@ def _domain(d: dict[str, Any]) -> str:
 
 def verdict(report: dict[str, Any]) -> str:
     found, model = shifted(report), report.get("model") or {}
+    domains = [("the images", report["domain"]), ("the model's features", model.get("domain"))]
     parts = []
     if found["images"]:
         why = [f"{k} ({v['effect']:+.2f} sd)" for k, v in report["images"].items() if v["shift"]]
-        for name, d in (("the images", report["domain"]), ("the model's features", model.get("domain"))):
-            if d and d["different"]:
-                why.append(f"a classifier on {name} tells them apart ({_domain(d)})")
+        why += [f"a classifier on {name} tells them apart ({_domain(d)})" for name, d in domains
+                if d and d["different"]]
         parts.append("shift in images: " + ", ".join(why))
     if found["scores"]:
+        moved = [(f" of {c} images", v) for c, v in (model.get("scores_by_class") or {}).items() if v["shift"]]
+        parts.append("shift in scores: " + ", ".join(f"mean P(pneumonia){c} {v['reference_mean']:.3f} -> "
+                                                     f"{v['target_mean']:.3f}"
+                                                     for c, v in moved or [("", model["scores"])]))
+    elif model and model["scores"]["shift"] and model.get("scores_by_class"):
         s = model["scores"]
-        parts.append(f"shift in scores: mean P(pneumonia) {s['reference_mean']:.3f} -> {s['target_mean']:.3f}")
-    return "; ".join(parts) if parts else "no shift: the target looks like the reference in every measure"
+        parts.append(f"no shift in scores within each class: the mean P(pneumonia) moved ({s['reference_mean']:.3f} "
+                     f"-> {s['target_mean']:.3f}) with the share of pneumonia")
+    text = "; ".join(parts) if found["images"] or found["scores"] else \
+        "; ".join(["no shift: the target looks like the reference in every measure", *parts])
+    copies = [f"{name} ({_domain(d)})" for name, d in domains if d and d["ci95"][1] < NEAR_COPIES]
+    if copies:  # a cross-validated classifier calls each image's twin, held out, the other set's
+        text += f"; the sets share near-copies of images: a classifier on {' and '.join(copies)} scores below chance"
+    return text
 
 
 def shift(reference: ImageSet, target: ImageSet, model: torch.nn.Module | None = None,
@@ -243,6 +263,11 @@ def shift(reference: ImageSet, target: ImageSet, model: torch.nn.Module | None =
                                           "target_estimate": prevalence(pb, prior) if 0 < prior < 1 else None}}
         if lb is not None:
             report["model"]["prevalence"]["target_actual"] = float((lb > 0).mean())
+        if both_classes(la, lb):
+            assert la is not None and lb is not None
+            report["model"]["scores_by_class"] = {
+                c: two_sample(pa.numpy()[(la > 0) == k], pb.numpy()[(lb > 0) == k], 2)
+                for k, c in enumerate(LABELS)}
     report["shifted"] = shifted(report)
     report["verdict"] = verdict(report)
     report["_stats"] = (ra, ta)
@@ -289,11 +314,15 @@ def render(report: dict[str, Any]) -> str:
     """The verdict, then a line per statistic (and the model's figures), for a terminal."""
     lines = [f"{report['reference']['name']} ({report['reference']['images']} images) -> {report['target']['name']} "
              f"({report['target']['images']} images)", report["verdict"], "",
-             f"{'statistic':<12}{'reference':>12}{'target':>12}{'KS':>7}{'p':>10}{'effect sd':>11}  shift"]
-    rows = dict(report["images"]) | ({"P(pneumonia)": report["model"]["scores"]} if report.get("model") else {})
+             f"{'statistic':<13}{'reference':>11}{'target':>12}{'KS':>7}{'p':>10}{'effect sd':>11}  shift"]
+    model = report.get("model") or {}
+    rows = dict(report["images"]) | ({"P(pneumonia)": model["scores"]} if model else {}) | \
+        {f"P | {c.lower()}": v for c, v in (model.get("scores_by_class") or {}).items()}
     for k, v in rows.items():
-        lines.append(f"{k:<12}{v['reference_mean']:>12.4g}{v['target_mean']:>12.4g}{v['ks']:>7.3f}{v['p']:>10.2g}"
-                     f"{v['effect']:>+11.2f}  {'yes' if v['shift'] else ''}".rstrip())
+        flag = "" if not v["shift"] else "by class: below" if k == "P(pneumonia)" and len(rows) > len(STATS) + 1 \
+            else "yes"  # with labels, the scores are judged within each class
+        lines.append(f"{k:<13}{v['reference_mean']:>11.4g}{v['target_mean']:>12.4g}{v['ks']:>7.3f}{v['p']:>10.2g}"
+                     f"{v['effect']:>+11.2f}  {flag}".rstrip())
     weighting = " (each class half of its set)" if report["domain"]["class_balanced"] else ""
     lines.append(f"domain classifier on the images (16x16 and histogram){weighting}: {_domain(report['domain'])} "
                  f"({report['domain']['folds']}-fold; 0.5 = indistinguishable)")
