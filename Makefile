@@ -41,8 +41,10 @@ DATA ?=
 quick cpu-best: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH python tools/profile.py $@ --data "$(DATA)"
 
+# Two workers, a test file each at a time (module fixtures stay whole): 8.1 min against 11.1 in one process
+# (one run each, 2 cores).
 test: setup
-	PATH=$(CURDIR)/$(BIN):$$PATH python -m pytest
+	PATH=$(CURDIR)/$(BIN):$$PATH python -m pytest -n 2 --dist loadfile
 
 test-all: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH python -m pytest -m ''

@@ -256,18 +256,19 @@ def shift(reference: ImageSet, target: ImageSet, model: torch.nn.Module | None =
         fb, pb = features_and_scores(model, card, target.images)
         prior = float((la > 0).mean()) if la is not None else float(pa.mean())
         dom, held = domain_auroc(fa, fb, la, lb)
-        report["_panels"] |= {"domain classifier, features": _split(held, len(fa)),
-                              "P(pneumonia)": (pa.numpy(), pb.numpy())}
+        report["_panels"]["domain classifier, features"] = _split(held, len(fa))
         report["model"] = {"variant": card.variant, "scores": two_sample(pa.numpy(), pb.numpy(), 1), "domain": dom,
                            "prevalence": {"reference": prior, "reliable": not dom["different"],
                                           "target_estimate": prevalence(pb, prior) if 0 < prior < 1 else None}}
         if lb is not None:
             report["model"]["prevalence"]["target_actual"] = float((lb > 0).mean())
-        if both_classes(la, lb):
+        if both_classes(la, lb):  # each class's scores: where a shift shows when the share of pneumonia moves
             assert la is not None and lb is not None
-            report["model"]["scores_by_class"] = {
-                c: two_sample(pa.numpy()[(la > 0) == k], pb.numpy()[(lb > 0) == k], 2)
-                for k, c in enumerate(LABELS)}
+            by = {c: (pa.numpy()[(la > 0) == k], pb.numpy()[(lb > 0) == k]) for k, c in enumerate(LABELS)}
+            report["model"]["scores_by_class"] = {c: two_sample(*v, 2) for c, v in by.items()}
+            report["_panels"] |= {f"P | {c.lower()}": v for c, v in by.items()}
+        else:
+            report["_panels"]["P(pneumonia)"] = (pa.numpy(), pb.numpy())
     report["shifted"] = shifted(report)
     report["verdict"] = verdict(report)
     report["_stats"] = (ra, ta)
@@ -280,17 +281,19 @@ def _split(x: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def figure(report: dict[str, Any]) -> Any:
     """Each statistic's two histograms overlaid (those constant and equal in both sets left out), the mean
-    histogram of grey levels, the domain classifiers' held-out scores, and P(pneumonia) where a model was given."""
+    histogram of grey levels, the domain classifiers' held-out scores, and P(pneumonia) where a model was given
+    (per class where both sets are labelled)."""
     ra, ta = report["_stats"]
     panels = [(k, ra[k], ta[k]) for k in STATS if np.ptp(np.concatenate([ra[k], ta[k]])) > 0]
     panels += [(k, *v) for k, v in report["_panels"].items()]
-    tests = report["images"] | {"P(pneumonia)": (report.get("model") or {}).get("scores", {}),
-                                "domain classifier, images": report["domain"],
-                                "domain classifier, features": (report.get("model") or {}).get("domain", {})}
+    model = report.get("model") or {}
+    tests = report["images"] | {"P(pneumonia)": model.get("scores", {}), "domain classifier, images": report["domain"],
+                                "domain classifier, features": model.get("domain", {})} | \
+        {f"P | {c.lower()}": v for c, v in (model.get("scores_by_class") or {}).items()}
     cols = 3
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(11, 2.6 * rows + 0.5), layout="constrained", squeeze=False)
-    names = report["reference"]["name"], report["target"]["name"]
+    names = [Path(report[k]["name"]).name for k in ("reference", "target")]  # paths: their last part
     for ax, (name, a, b) in zip(axes.flat, panels, strict=False):
         t = tests.get(name, {})
         if name == "grey levels":  # already a histogram: the mean share of pixels per bin
@@ -305,7 +308,7 @@ def figure(report: dict[str, Any]) -> Any:
                      f"{name}: KS {t.get('ks', 0):.2f}, d {t.get('effect', 0):+.2f}", fontsize=9)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=8)
     fig.suptitle("\n".join(textwrap.wrap(report["verdict"], 150)), fontsize=9)
     return fig
 
