@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cxr import params, profiles, shift, tracking
@@ -53,7 +54,10 @@ def champion_shift(p: Params, data: Path) -> dict[str, Any] | None:
     if champion(MlflowClient(), name) is None:
         return None
     uri = f"models:/{name}@{ALIAS}"
-    rows = read_csv(logged_file(uri, HASHES))
+    try:
+        rows = read_csv(logged_file(uri, HASHES))
+    except (MlflowException, OSError):  # a champion of an older version of the project
+        return {"verdict": f"not measured: the champion has no list of the images it saw ({HASHES})", "shifted": {}}
     val, seen = {r["sha256"] for r in rows if r["split"] == "val"}, {r["sha256"] for r in rows}
     try:
         model, card = load_logged(uri)
@@ -61,7 +65,7 @@ def champion_shift(p: Params, data: Path) -> dict[str, Any] | None:
     except CardError as e:
         why_not = str(e)
     size = p.gray.image_size if why_not else card.image_size
-    splits = [load_split(data / str(size), name, mmap=True) for name in ("train", "val", "test")]
+    splits = [load_split(data / str(size), split, mmap=True) for split in ("train", "val", "test")]
     inside = {"validated on": val, "trained or validated on": seen}
     picked = {side: [(s, i) for s in splits for i, m in enumerate(s.meta) if m["sha256"] in hashes]
               for side, hashes in inside.items()}
@@ -108,7 +112,7 @@ def shift_lines(report: dict[str, Any] | None, decision: str, on_shift: str) -> 
         lines += ["", "retrain.on_shift is stop: nothing was promoted. Look at the report; `cxr promote` decides "
                   "without it, or set retrain.on_shift: warn."]
     elif any(report["shifted"].values()) and on_shift == "warn":
-        lines += ["", "retrain.on_shift is warn: promotion went on as usual (stop would have held it back)."]
+        lines += ["", "retrain.on_shift is warn: the decision went ahead as usual (stop would have held it back)."]
     return [*lines, ""]
 
 
