@@ -32,6 +32,7 @@ STATS = ("width", "height", "aspect", "mean", "std", "sharpness", "border", "mar
 ALPHA = 0.01  # per test, before Bonferroni over the statistics
 MIN_EFFECT = 0.2  # |standardised mean difference| below this is no shift worth a word, however significant
 DOMAIN_AUROC = 0.6  # the domain classifier's interval must lie above this to call the sets different
+MIN_SCORE_CHANGE = 0.02  # mean P(pneumonia) moved less: no shift in scores (a near-constant score has a tiny sd)
 NEAR_COPIES = 0.4  # its interval below this: the sets share near-copies of images (each one's twin is misread)
 
 
@@ -94,14 +95,16 @@ def image_stats(s: ImageSet) -> dict[str, np.ndarray]:
             "border": x[:, frame].mean(1), "marker": (x[:, corners] >= 240).mean(1)}
 
 
-def two_sample(a: np.ndarray, b: np.ndarray, tests: int) -> dict[str, Any]:
+def two_sample(a: np.ndarray, b: np.ndarray, tests: int, min_change: float = 0.0) -> dict[str, Any]:
     """KS statistic and p-value, the standardised mean difference (target - reference, pooled sd), and whether
-    it is a shift: p below ALPHA / tests and |difference| at least MIN_EFFECT."""
+    it is a shift: p below ALPHA / tests, |difference| at least MIN_EFFECT and the means at least `min_change`
+    apart."""
     ks = scipy_stats.ks_2samp(a, b)
     sd = math.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2) if len(a) > 1 and len(b) > 1 else 0.0
     d = float((b.mean() - a.mean()) / sd) if sd > 0 else (0.0 if a.mean() == b.mean() else math.inf)
+    moved = abs(d) >= MIN_EFFECT and abs(b.mean() - a.mean()) >= min_change
     return {"reference_mean": float(a.mean()), "target_mean": float(b.mean()), "ks": float(ks.statistic),
-            "p": float(ks.pvalue), "effect": d, "shift": bool(ks.pvalue < ALPHA / tests and abs(d) >= MIN_EFFECT)}
+            "p": float(ks.pvalue), "effect": d, "shift": bool(ks.pvalue < ALPHA / tests and moved)}
 
 
 @torch.no_grad()
@@ -257,7 +260,8 @@ def shift(reference: ImageSet, target: ImageSet, model: torch.nn.Module | None =
         prior = float((la > 0).mean()) if la is not None else float(pa.mean())
         dom, held = domain_auroc(fa, fb, la, lb)
         report["_panels"]["domain classifier, features"] = _split(held, len(fa))
-        report["model"] = {"variant": card.variant, "scores": two_sample(pa.numpy(), pb.numpy(), 1), "domain": dom,
+        report["model"] = {"variant": card.variant, "scores": two_sample(pa.numpy(), pb.numpy(), 1, MIN_SCORE_CHANGE),
+                           "domain": dom,
                            "prevalence": {"reference": prior, "reliable": not dom["different"],
                                           "target_estimate": prevalence(pb, prior) if 0 < prior < 1 else None}}
         if lb is not None:
@@ -265,7 +269,7 @@ def shift(reference: ImageSet, target: ImageSet, model: torch.nn.Module | None =
         if both_classes(la, lb):  # each class's scores: where a shift shows when the share of pneumonia moves
             assert la is not None and lb is not None
             by = {c: (pa.numpy()[(la > 0) == k], pb.numpy()[(lb > 0) == k]) for k, c in enumerate(LABELS)}
-            report["model"]["scores_by_class"] = {c: two_sample(*v, 2) for c, v in by.items()}
+            report["model"]["scores_by_class"] = {c: two_sample(*v, 2, MIN_SCORE_CHANGE) for c, v in by.items()}
             report["_panels"] |= {f"P | {c.lower()}": v for c, v in by.items()}
         else:
             report["_panels"]["P(pneumonia)"] = (pa.numpy(), pb.numpy())
