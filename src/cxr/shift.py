@@ -246,14 +246,13 @@ def shift(reference: ImageSet, target: ImageSet, model: torch.nn.Module | None =
     domain classifier on its features and the target's prevalence."""
     ra, ta = image_stats(reference), image_stats(target)
     la, lb = reference.labels, target.labels
+    ha, hb = image_features(reference.images), image_features(target.images)
+    domain, held = domain_auroc(ha, hb, la, lb)
     report: dict[str, Any] = {"reference": {"name": reference.name, "images": len(reference.images)},
                               "target": {"name": target.name, "images": len(target.images)},
-                              "images": {k: two_sample(ra[k], ta[k], len(STATS)) for k in STATS},
-                              "domain": {}}
-    ha, hb = image_features(reference.images), image_features(target.images)
-    report["domain"], held = domain_auroc(ha, hb, la, lb)
-    report["_panels"] = {"grey levels": (ha[:, -32:].mean(0).numpy(), hb[:, -32:].mean(0).numpy()),
-                         "domain classifier, images": _split(held, len(ha))}
+                              "images": {k: two_sample(ra[k], ta[k], len(STATS)) for k in STATS}, "domain": domain,
+                              "_panels": {"grey levels": (ha[:, -32:].mean(0).numpy(), hb[:, -32:].mean(0).numpy()),
+                                          "domain classifier, images": _split(held, len(ha))}}
     if model is not None and card is not None:
         fa, pa = features_and_scores(model, card, reference.images)
         fb, pb = features_and_scores(model, card, target.images)
