@@ -41,8 +41,8 @@ DATA ?=
 quick cpu-best: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH python tools/profile.py $@ --data "$(DATA)"
 
-# Two workers, a test file each at a time (module fixtures stay whole): 8.1 min against 11.1 in one process
-# (one run each, 2 cores).
+# Two workers, a test file each at a time (module fixtures stay whole): 6.4 to 8.1 min against 11.1 in one
+# process (single runs on 2 cores, fresh clones and this checkout).
 test: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH python -m pytest -n 2 --dist loadfile
 

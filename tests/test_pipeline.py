@@ -427,6 +427,23 @@ def test_cxr_explain_draws_what_drove_each_prediction_and_names_unreadable_files
     assert (tmp_path / "champ" / f"{one.stem}.png").exists()
 
 
+def test_cxr_shift_with_the_champion_repeats_the_stage_s_image_figures_and_adds_its_features(repo, tmp_path):
+    """`cxr shift` on the pipeline's own splits: the image statistics and the image classifier are the shift
+    stage's (the same arrays, the same folds), and the champion adds a classifier on its features and each class's
+    scores."""
+    repo, _ = repo
+    variant = _champion(repo)
+    out = sh(repo, "cxr", "shift", "data/split:val", "data/split:test", "--out", str(tmp_path / "s"))
+    report = json.loads((tmp_path / "s" / "shift.json").read_text())
+    stage = json.loads((repo / "reports" / "shift.json").read_text())
+    assert (report["images"], report["domain"]) == (stage["images"], stage["domain"])
+    model = report["model"]
+    assert model["variant"] == variant and model["domain"]["class_balanced"]
+    assert set(model["scores_by_class"]) == {"NORMAL", "PNEUMONIA"} and 0 < model["prevalence"]["reference"] < 1
+    assert report["verdict"] in out and f"domain classifier on {variant}'s features" in out
+    assert (tmp_path / "s" / "shift.png").read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.mark.slow
 def test_the_serve_load_bench_prints_its_table_against_the_champion(repo):
     repo, _ = repo
