@@ -176,8 +176,7 @@ def retrain(p: Params, refresh_data: bool, reports: Path, data: Path, comparison
     report = champion_shift(p, data)
     if report and "images" in report:
         shift.write(report, SHIFT)
-    brief = report and {k: v for k, v in report.items() if not k.startswith("_")}
-    record = promote(p, reports, data, out, comparison, brief)
+    record = promote(p, reports, data, out, comparison, report and shift.public(report))
     if report and "images" in report:  # beside the candidate's scores, where its promotion tags are
         for path in (SHIFT / "shift.json", SHIFT / "shift.png"):
             MlflowClient().log_artifact(record["candidate"]["run_id"], str(path), "shift")

@@ -344,12 +344,17 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def public(report: dict[str, Any]) -> dict[str, Any]:
+    """The report without the arrays its figure is drawn from (the keys starting with _): what shift.json holds."""
+    return {k: v for k, v in report.items() if not k.startswith("_")}
+
+
 def write(report: dict[str, Any], out: Path) -> None:
     """out/shift.json (the report) and out/shift.png (the figure), both or neither."""
     from cxr.io import atomic_paths, write_json
 
     with atomic_paths(out / "shift.json", out / "shift.png") as (js, fig_path):
-        write_json(js, {k: v for k, v in report.items() if not k.startswith("_")})
+        write_json(js, public(report))
         fig = figure(report)
         fig.savefig(fig_path, dpi=90, format="png")
         plt.close(fig)

@@ -324,16 +324,15 @@ def compare(p: Params, reports: Path, out: Path) -> Rows:
         (tmp / "plots").mkdir()
         for name, data in plot_data(p, rows, reports).items():
             write_json(tmp / "plots" / f"{name}.json", data)
-        log_comparison(p, rows, groups, figs, best, reports)
+        log_comparison(p, rows, groups, figs, best, reports, shift)
     return rows
 
 
 def log_comparison(p: Params, rows: Rows, groups: Groups, figs: dict[str, Any], best: str | None,
-                   reports: Path) -> str:
-    """An MLflow run for this pipeline run: the leaderboard, figures and the shift stage's report; each variant
-    run that has no parent yet (trained since the last compare) becomes its child, so the UI nests one pipeline
-    run's variants."""
-    shift = stage_reports(reports).get("shift")
+                   reports: Path, shift: dict[str, Any] | None) -> str:
+    """An MLflow run for this pipeline run: the leaderboard, figures and the shift stage's report (`shift`, read
+    from `reports`); each variant run that has no parent yet (trained since the last compare) becomes its child,
+    so the UI nests one pipeline run's variants."""
     root = tracking.project_root()
     experiment_id = tracking.setup(p.mlflow.experiment, root)
     client = MlflowClient()
