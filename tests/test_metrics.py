@@ -118,23 +118,6 @@ def test_scores_are_float32_even_inside_an_autocast_region():
     assert plain.unique().numel() == 300
 
 
-def test_paired_bootstrap_interval():
-    gen = torch.Generator().manual_seed(0)
-    labels = (torch.rand(624, generator=gen) < 0.6).long()
-    good = (labels + torch.randn(624, generator=gen) * 0.5).sigmoid()
-    noisy = (good + torch.randn(624, generator=gen) * 0.002).clamp(0, 1)  # the same model, a little noise
-    bad = (labels + torch.randn(624, generator=gen) * 1.5).sigmoid()
-    names = ["NORMAL", "PNEUMONIA"]
-    same = M.paired_bootstrap("auroc", (noisy, 0.5), (good, 0.5), labels, names, 500, seed=1)
-    assert same["ci95_low"] < 0 < same["ci95_high"] and same["resamples"] == 500
-    assert same["difference"] == pytest.approx(M.auroc(noisy, labels) - M.auroc(good, labels))
-    better = M.paired_bootstrap("auroc", (good, 0.5), (bad, 0.5), labels, names, 500, seed=1)
-    assert 0 < better["ci95_low"] < better["difference"] < better["ci95_high"]
-    acc = M.paired_bootstrap("accuracy", (good, 0.5), (bad, 0.5), labels, names, 200, seed=1)
-    assert acc["difference"] == pytest.approx(M.scores(good, labels, 0.5)["accuracy"] -
-                                              M.scores(bad, labels, 0.5)["accuracy"])
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CPU twin is the autocast test above)")
 def test_cuda_scores_match_the_cpu_in_float32():
@@ -146,56 +129,6 @@ def test_cuda_scores_match_the_cpu_in_float32():
     cpu = torch.cat([card.probabilities(model.cpu()(torch.from_numpy(images[i:i + 128, None]).float() / 255)[None])
                      for i in range(0, 624, 128)]).detach()
     assert gpu.unique().numel() == 624 and torch.allclose(gpu, cpu, atol=1e-5)
-
-
-def _naive_intervals(probs, labels, threshold, names, resamples, seed):
-    """The textbook stratified bootstrap, independent of cxr.bootstrap: resample each class's images with
-    replacement, score the copy with cxr.metrics, take the 2.5 and 97.5 percentiles."""
-    gen = torch.Generator().manual_seed(seed)
-    by_class = [torch.nonzero(labels == c).flatten() for c in labels.unique()]
-    values = {k: [] for k in ("accuracy", "recall", "specificity", "f1", "auroc")}
-    for _ in range(resamples):
-        idx = torch.cat([c[torch.randint(len(c), (len(c),), generator=gen)] for c in by_class])
-        got = M.multiclass_scores(probs[idx], labels[idx], names) if names else M.scores(probs[idx], labels[idx],
-                                                                                            threshold)
-        for k in values:
-            values[k].append(got[k])
-    return {k: np.percentile(v, [2.5, 97.5]) for k, v in values.items()}
-
-
-@pytest.mark.parametrize("three", [False, True])
-def test_bootstrap_intervals_agree_with_an_independent_bootstrap_within_monte_carlo_error(three):
-    """cxr.bootstrap counts each resample as weights instead of copying images: its intervals must match the
-    textbook loop's within Monte Carlo error (2,000 resamples: an endpoint moves by about 0.003-0.005 between
-    seeds), and its figures at weight 1 must be exactly the point scores."""
-    from cxr import bootstrap
-
-    if three:
-        g = torch.Generator().manual_seed(3)
-        labels = torch.randint(3, (400,), generator=g)
-        probs = torch.softmax(torch.randn(400, 3, generator=g) + torch.nn.functional.one_hot(labels, 3) * 1.2, 1)
-        names, exact = ["a", "b", "c"], M.multiclass_scores(probs, labels, ["a", "b", "c"])
-    else:
-        probs, labels = _binary(624, 5, 0.625)
-        names, exact = [], M.scores(probs, labels, 0.5)
-    ones = torch.ones(1, len(labels), dtype=torch.float64)
-    for k, v in bootstrap.weighted_scores(probs, labels, 0.5, ones).items():
-        assert float(v[0]) == pytest.approx(exact[k], abs=1e-12), k
-    ours = bootstrap.intervals(probs, labels, 0.5, bootstrap.resample_counts(labels, 2000, seed=0))
-    ref = _naive_intervals(probs, labels, 0.5, names, 2000, seed=1)
-    for k, (lo, hi) in ours.items():
-        assert lo == pytest.approx(ref[k][0], abs=0.012) and hi == pytest.approx(ref[k][1], abs=0.012), k
-        assert lo < exact[k] < hi and hi - lo > 0.02, k  # an interval around the score, not a point
-
-
-def test_stratified_resamples_keep_every_stratum_count():
-    from cxr import bootstrap
-
-    strata = torch.tensor([0] * 5 + [1] * 30 + [4] * 12)
-    w = bootstrap.resample_counts(strata, 50, seed=2)
-    for s in (0, 1, 4):
-        assert (w[:, strata == s].sum(1) == (strata == s).sum()).all()
-    assert not torch.equal(w[0], w[1])
 
 
 def test_threshold_range_holds_every_threshold_with_the_best_validation_score():

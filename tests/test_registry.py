@@ -64,7 +64,7 @@ def test_a_model_from_before_the_card_cannot_be_scored_so_a_champion_of_it_is_re
     with mlflow.start_run():
         info = mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=["torch"],
                                         metadata=old_card)
-    probs, card, why = registry.test_probs(info.model_uri, tmp_path)
+    probs, card, why, _ = registry.test_probs(info.model_uri, tmp_path)
     assert probs is None and card is None and "has no card and weights file" in why
     with pytest.raises(CardError, match="run `dvc repro` to retrain it"):
         load_logged(info.model_uri)
@@ -109,7 +109,7 @@ def test_a_registered_version_that_is_code_is_refused_by_name_and_never_run(tmp_
             load_logged("models:/evil-model@champion")
         assert f"models:/evil-model@champion (version {version}) is refused" in str(e.value)
         assert "\n" not in str(e.value)
-        probs, _, why = registry.test_probs("models:/evil-model@champion", tmp_path)
+        probs, _, why, _ = registry.test_probs("models:/evil-model@champion", tmp_path)
         assert probs is None and "is refused" in why
         with pytest.raises(CardError, match="is refused"):
             predict.predict("models:/evil-model@champion", [image])

@@ -28,7 +28,8 @@ def project(tmp_path_factory):
     folder = make_imagefolder(tmp_path_factory.mktemp("src"), per_class=60)
     return folder, make_project(tmp_path_factory.mktemp("retrain") / "repo", {},
                         data={"source": "imagefolder", "path": str(folder)},
-                        gray={"image_size": 64, "extra_sizes": [224]}, promote={"min_delta": MIN_DELTA})
+                        gray={"image_size": 64, "extra_sizes": [224]},
+                        promote={"min_delta": MIN_DELTA, "min_test_images": 100, "min_test_patients": 50})
 
 
 def retrain(repo, variant: dict, *args: str, on_shift: str = "warn", ok: bool = True) -> tuple[dict, str, str]:
@@ -56,10 +57,12 @@ def test_retrain_promotes_first_keeps_the_champion_on_noise_promotes_a_clearly_b
                                                                                           capsys, tmp_path):
     folder, repo = project
     first, text, _ = retrain(repo, {"arch": "tinyvgg", "epochs": 1, "lr": 1.0e-4})
-    n = first["test_images"]  # Kaggle has a few byte-identical copies across its train and test folders
+    # Kaggle has byte-identical copies, and patients, across its train and test folders
+    n = first["test_images"]
     assert first["decision"] == "promoted" and first["reason"].startswith("no champion yet; test auroc ")
-    assert first["reason"].endswith(f" on the {n['used']} of {n['total']} test images it never saw")
-    assert n["used"] == n["total"] - n["seen_by_candidate"]
+    assert f" on the {n['used']} of {n['total']} test images ({n['patients_used']} of {n['patients_total']} " \
+        "patients) whose patients it never saw" in first["reason"]
+    assert n["used"] == n["total"] - n["removed"]["candidate"]["images"] and list(n["removed"]) == ["candidate"]
     assert first["champion_version"] == first["candidate"]["version"] and first["previous_champion"] is None
     assert "## Retraining: promoted a new champion" in text and "| cand |" in text
     assert first["shift"] is None and "### Shift" not in text  # no champion: nothing to compare with
@@ -84,7 +87,7 @@ def test_retrain_promotes_first_keeps_the_champion_on_noise_promotes_a_clearly_b
     assert report["reference"]["images"] == sum(m["sha256"] in seen for m in metas) >= len(seen)
     assert report["reference"]["name"] == "trained or validated on" and "memorisation alone" in report["verdict"]
     assert report["model"]["variant"] == first["candidate"]["variant"]
-    assert report["target"]["images"] == n["total"] - n["seen_by_candidate"]
+    assert report["target"]["images"] == n["used"]  # the test images of patients it never saw
     assert f"### Shift: the images the champion never saw against those it was validated on\n\n{report['verdict']}." \
         in text
     assert json.loads((repo / "shift" / "shift.json").read_text())["verdict"] == report["verdict"]
@@ -179,44 +182,110 @@ def test_retrain_promotes_first_keeps_the_champion_on_noise_promotes_a_clearly_b
     assert out.count("error:") == 1  # one line for all of them
 
 
-def test_promotion_scores_the_champion_only_on_test_images_it_never_saw(project):
+def metas(repo, *splits: str) -> list[dict[str, str]]:
+    return [m for s in splits for m in csv.DictReader((repo / "data/split/64" / f"{s}_meta.csv").open())]
+
+
+def test_promotion_scores_both_models_only_on_test_patients_neither_saw(project):
     """The champion above trained with split.pool false. With pool true the test split is carved from every
-    image, many of which the champion trained or validated on: promotion first stops with one line (too few
-    unseen images for promote.min_test_images), then, allowed fewer, scores both models on the unseen ones only."""
+    image by patient, and the champion trained or validated on many of those patients, on some through other
+    images than the test ones: promotion first stops with one line (too few unseen patients), then, allowed
+    fewer, scores both models on the images of patients neither saw, with the counts of the split's meta files."""
     from sklearn.metrics import roc_auc_score
 
     folder, repo = project
     store = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
-    old = {m["sha256"] for s in ("train", "val") for m in csv.DictReader((repo / "data/split/64" / f"{s}_meta.csv")
-                                                                          .open())}  # what the champion saw
+    old = metas(repo, "train", "val")  # what the champion saw
     champion = MlflowClient(store).get_model_version_by_alias("chest-xray-classifier", "champion").version
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["split"]["pool"] = True
+    # a seed whose test split holds two of the three patients this folder has in both Kaggle's train and test
+    # folders (person101, person102): the champion trained on their train images, not on their test images
+    params["seed"] = 2
     params["models"]["cand"], params["variants"] = {"arch": "mlp", "epochs": 3, "lr": 1.0e-3}, ["cand"]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     kept = (repo / "promotion.json").read_text()
     out = sh(repo, "cxr", "retrain", ok=False)
     errors = [line for line in out.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "promotion stopped: only" in errors[0] and "min_test_images (200)" in errors[0]
-    assert "retrain it on this split" in errors[0]
+    assert len(errors) == 1 and "promotion stopped: only" in errors[0] and "min_test_images (100)" in errors[0]
+    assert "patients seen by the champion" in errors[0] and "retrain it on this split" in errors[0]
     assert (repo / "promotion.json").read_text() == kept  # no record of a decision that was not made
     assert MlflowClient(store).get_model_version_by_alias("chest-xray-classifier", "champion").version == champion
 
-    params["promote"]["min_test_images"] = 10
+    params["promote"] |= {"min_test_images": 10, "min_test_patients": 5}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(repo, "cxr", "retrain", "--summary", "summary.md")
     record = json.loads((repo / "promotion.json").read_text())
-    test = list(csv.DictReader((repo / "data/split/64/test_meta.csv").open()))
-    new = {m["sha256"] for s in ("train", "val") for m in csv.DictReader((repo / "data/split/64" / f"{s}_meta.csv")
-                                                                          .open())}
-    unseen = [i for i, m in enumerate(test) if m["sha256"] not in old | new]
+    test, new = metas(repo, "test"), metas(repo, "train", "val")
+    saw = {who: ({m["sha256"] for m in ms}, {m["patient_id"] for m in ms} - {""}) for who, ms in
+           (("champion", old), ("candidate", new))}
+
+    def seen_by(m, who):
+        return m["sha256"] in saw[who][0] or m["patient_id"] in saw[who][1]
+
+    unseen = [i for i, m in enumerate(test) if not seen_by(m, "champion") and not seen_by(m, "candidate")]
     n = record["test_images"]
     assert n["total"] == len(test) and n["used"] == len(unseen) and 10 <= n["used"] <= len(test) / 2
-    assert n["seen_by_champion"] == sum(m["sha256"] in old for m in test) >= len(test) / 2
-    assert f"on the {len(unseen)} of {len(test)} test images neither model trained or validated on" in record["reason"]
+    assert n["patients_total"] == len({m["patient_id"] for m in test})
+    assert n["patients_used"] == len({test[i]["patient_id"] for i in unseen}) >= 5
+    by_champion = [m for m in test if seen_by(m, "champion")]
+    assert n["removed"]["champion"] == {"images": len(by_champion), "patients": len({m["patient_id"] for m in
+                                                                                      by_champion}),
+                                        "same_image": sum(m["sha256"] in saw["champion"][0] for m in test)}
+    # patients the champion saw through other images than these: removed too, where an image check keeps them
+    assert n["removed"]["champion"]["same_image"] < n["removed"]["champion"]["images"] >= len(test) / 2
+    assert n["removed"]["candidate"]["images"] == 0  # pool true carves test by patient: the candidate saw none
+    assert (f"on the {len(unseen)} of {len(test)} test images ({n['patients_used']} of {n['patients_total']} "
+            "patients) whose patients neither model trained or validated on (removed: "
+            f"{n['removed']['champion']['images']} images of {n['removed']['champion']['patients']} patients seen by "
+            "the champion)") in record["reason"]
+    assert record["difference"]["unit"] == "patient" and "paired bootstrap resamples by patient" in record["reason"]
     # The candidate's recorded test AUROC is over those images only, as scikit-learn counts it.
     rows = list(csv.DictReader((repo / "reports/cand/predictions.csv").open()))
     labels = [int(rows[i]["label"] == "PNEUMONIA") for i in unseen]
     assert record["candidate"]["test"] == pytest.approx(roc_auc_score(labels, [float(rows[i]["p_pneumonia"])
                                                                                for i in unseen]), abs=1e-6)
-    assert f"on the {n['used']} of {n['total']} test images" in (repo / "summary.md").read_text()
+    summary = (repo / "summary.md").read_text()
+    assert f"on the {n['used']} of {n['total']} test images ({n['patients_used']} of {n['patients_total']} " \
+           "patients)" in summary and "by patient)" in summary
+    version = MlflowClient(store).get_model_version("chest-xray-classifier", record["candidate"]["version"])
+    assert version.tags["promotion.test_patients"] == f"{n['patients_used']} of {n['patients_total']}"
+    assert version.tags["promotion.removed"].startswith(f"{n['removed']['champion']['images']} images of ")
+
+
+def test_the_champion_is_pinned_once_though_the_alias_moves_during_promotion(project, monkeypatch):
+    """A teammate's promotion moves @champion between the resolution and the scoring (a hook in the scoring):
+    promotion reads the weights and the seen list of the version it resolved, by number, never the alias again,
+    and records that version."""
+    from cxr import params as P
+    from cxr import registry
+
+    _, repo = project
+    store = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
+    client, name = MlflowClient(store), "chest-xray-classifier"
+    client.set_registered_model_alias(name, "champion", "1")  # the first champion, pool false: another candidate
+    read: list[str] = []
+    real_probs, real_seen = registry.test_probs, registry.seen_images
+
+    def moving(uri, data):
+        read.append(uri)
+        if uri == f"models:/{name}/1":  # the champion is being scored: a teammate promotes version 2 meanwhile
+            client.set_registered_model_alias(name, "champion", "2")
+        return real_probs(uri, data)
+
+    def seen(uri):
+        read.append(uri)
+        return real_seen(uri)
+
+    monkeypatch.setattr(registry, "test_probs", moving)
+    monkeypatch.setattr(registry, "seen_images", seen)
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    with tracking_at(store):
+        record = registry.promote(P.load(), repo / "reports", repo / "data" / "split", repo / "pinned.json")
+    cand = record["candidate"]["version"]
+    assert sorted(set(read)) == sorted({f"models:/{name}/1", f"models:/{name}/{cand}"})  # never an alias
+    assert str(record["previous_champion"]["version"]) == "1"
+    assert "(version 1)" in record["reason"] and "version 2" not in record["reason"]
+    assert str(record["champion_version"]) == str(cand if record["decision"] == "promoted" else 1)
+    assert record["test_images"]["removed"]["champion"]["images"] >= len(metas(repo, "test")) / 2  # version 1's list

@@ -34,6 +34,7 @@ from cxr.inference import load as load_checkpoint
 from cxr.metrics import choose_threshold, scores
 from cxr.params import DataParams, GrayParams, SplitParams
 from cxr.predict import predict
+from cxr.training.parts import trained_prior
 from cxr.training.state import fingerprint
 from cxr.training.variant import train_variant
 
@@ -163,8 +164,17 @@ def test_evaluate_writes_metrics_and_the_mlflow_model_predicts_the_same(data, tm
     assert card.tta_views == ((1.0, 0.0, 0.0),)
     listed = list(csv.DictReader(open(mlflow.artifacts.download_artifacts(
         f"{logged.artifact_location}/artifacts/image_hashes.csv"))))
-    assert sorted((r["split"], r["sha256"]) for r in listed) == sorted(
-        [("train", m["sha256"]) for m in train.meta] + [("val", m["sha256"]) for m in val.meta])
+    assert sorted((r["split"], r["sha256"], r["patient_id"]) for r in listed) == sorted(
+        [("train", m["sha256"], m["patient_id"]) for m in train.meta] +
+        [("val", m["sha256"], m["patient_id"]) for m in val.meta])  # promotion removes these patients from test
+    # Every interval says what it resampled: patients here, as Kaggle's file names give them.
+    for part, data_ in (("test", test), ("val", val)):
+        rec = on_disk[f"{part}_intervals"]
+        assert rec["unit"] == "patient" and rec["images"] == len(data_.meta) and rec["resamples"] == 2000
+        assert rec["patients"] == len({m["patient_id"] for m in data_.meta}) < len(data_.meta)
+    assert run.data.tags["ci95.unit"] == "patient"
+    assert "(95% intervals, bootstrap by patient)" in run.data.tags["mlflow.note.content"]
+    assert card.prior == pytest.approx(trained_prior(p.variant("tinyvgg"), train.labels, 2))  # what EM starts from
 
 
 def test_resume_state_is_tied_to_the_arrays_not_only_their_names(tmp_path):

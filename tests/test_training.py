@@ -16,7 +16,7 @@ from cxr.errors import CxrError
 from cxr.params import TrainParams
 from cxr.training import ddp
 from cxr.training.loop import fit, make_card
-from cxr.training.parts import augment, epoch_order, make_loss, make_scheduler
+from cxr.training.parts import augment, epoch_order, make_loss, make_scheduler, trained_prior
 from cxr.training.precision import CPU_MODES, FAST, FLOAT32, native_bf16, training_mode
 from cxr.training.state import StateWriter, read_state
 
@@ -93,6 +93,23 @@ def lrs(tp: TrainParams, steps_per_epoch=10, plateau_losses=None):
         if every == "epoch":
             sched.step(plateau_losses[epoch])
     return out
+
+
+def test_the_card_records_the_prior_training_weighed_the_classes_by():
+    """What a prevalence estimate on new images must start from: 70% pneumonia trained as it comes is 0.7, with
+    pos_weight 2 it is 140 / 170, and balanced sampling, auto pos_weight or balanced class weights give each class
+    the same mass (three classes: two of them pneumonia)."""
+    labels = np.array([0] * 30 + [1] * 70)
+    assert trained_prior(TrainParams(), labels, 2) == pytest.approx(0.7)
+    assert trained_prior(TrainParams(pos_weight=2.0), labels, 2) == pytest.approx(140 / 170)
+    for tp in (TrainParams(sampler="balanced"), TrainParams(pos_weight="auto"), TrainParams(class_weights="balanced")):
+        assert trained_prior(tp, labels, 2) == pytest.approx(0.5)
+    three = np.array([0] * 30 + [1] * 50 + [2] * 20)
+    assert trained_prior(TrainParams(), three, 3) == pytest.approx(0.7)
+    assert trained_prior(TrainParams(sampler="balanced"), three, 3) == pytest.approx(2 / 3)
+    images = np.zeros((100, 8, 8), dtype=np.uint8)
+    card = make_card(TrainParams(sampler="balanced"), Split(images, labels, [{}] * 100), ["NORMAL", "PNEUMONIA"])
+    assert card.prior == 0.5
 
 
 def test_schedules():

@@ -1,5 +1,5 @@
 """Two pipeline runs of the same data, compared the way promotion compares models: each variant's (and
-ensemble's) validation AUROC, run B minus run A, with a 95% paired bootstrap interval over the validation images.
+ensemble's) validation AUROC, run B minus run A, with a 95% paired bootstrap interval over the validation patients.
 B passes where the interval includes 0 or lies above it. Test figures are read from each run's reports (the
 evaluate stage's, computed once) and shown beside it, never compared.
 
@@ -19,11 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr import cli, inference
+from cxr import bootstrap, cli, inference
 from cxr.data.store import Split, load_split, size_dir
 from cxr.errors import CxrError
-from cxr.metrics import auroc, paired_bootstrap
-from cxr.registry import RESAMPLES
+from cxr.metrics import auroc
 
 
 def val_probs(run: Path, entry: str) -> tuple[torch.Tensor, Split, str]:
@@ -43,7 +42,8 @@ def val_probs(run: Path, entry: str) -> tuple[torch.Tensor, Split, str]:
 def main(args: argparse.Namespace) -> None:
     a, b = Path(args.a), Path(args.b)
     entries = [r["variant"] for r in json.loads((a / "comparison" / "leaderboard.json").read_text())]
-    print(f"A = {a}, B = {b}; validation AUROC B - A, 95% interval of {RESAMPLES} paired bootstrap resamples; "
+    print(f"A = {a}, B = {b}; validation AUROC B - A, 95% interval of {bootstrap.RESAMPLES} paired bootstrap resamples "
+          "(by patient where the names give one); "
           "test as each run's evaluate stage reported it\n")
     print("| entry | precision A / B | val AUROC A | val AUROC B | B - A [95% CI] | B | "
           "test acc A / B | sens A / B | spec A / B | test AUROC A / B |")
@@ -53,12 +53,14 @@ def main(args: argparse.Namespace) -> None:
         if [m["name"] for m in va.meta] != [m["name"] for m in vb.meta] or not np.array_equal(va.labels, vb.labels):
             raise CxrError(f"{entry}: the two runs' validation splits differ; compare runs of the same data and seed")
         labels = torch.from_numpy(va.labels)
-        stats = paired_bootstrap("auroc", (pb, 0.5), (pa, 0.5), labels, [], RESAMPLES)
-        verdict = "worse" if stats["ci95_high"] < 0 else "better" if stats["ci95_low"] > 0 else "equal"
+        w = bootstrap.resample_counts(bootstrap.design(labels, va.meta))
+        stats = bootstrap.paired("auroc", (pb, 0.5), (pa, 0.5), labels, w)
+        (low, high) = stats["ci95"]
+        verdict = "worse" if high < 0 else "better" if low > 0 else "equal"
         ta, tb = (json.loads((r / "reports" / entry / "metrics.json").read_text())["test"] for r in (a, b))
         test = " | ".join(f"{ta[k]:.3f} / {tb[k]:.3f}" for k in ("accuracy", "recall", "specificity", "auroc"))
         print(f"| {entry} | {prec_a} / {prec_b} | {auroc(pa, labels):.4f} | {auroc(pb, labels):.4f} | "
-              f"{stats['difference']:+.4f} [{stats['ci95_low']:+.4f}, {stats['ci95_high']:+.4f}] | {verdict} | "
+              f"{stats['difference']:+.4f} [{low:+.4f}, {high:+.4f}] | {verdict} | "
               f"{test} |", flush=True)
 
 

@@ -64,6 +64,9 @@ class ModelCard:
     source: str = ""
     train_digest: str = ""
     val_digest: str = ""
+    # P(pneumonia, of any kind) as training weighed the classes (0.5 with balanced sampling): the prior its
+    # scores carry, from which a prevalence estimate on new images starts; None on cards of older versions
+    prior: float | None = None
 
     @property
     def binary(self) -> bool:

@@ -1,4 +1,4 @@
-"""Scores at a threshold chosen on validation, ROC/PR curves, paired bootstrap intervals. Plain torch, with
+"""Scores at a threshold chosen on validation, ROC/PR curves, calibration. Plain torch, with
 torchmetrics' definitions (tests/test_metrics.py checks every figure against it): importing torchmetrics costs
 each train and evaluate stage about a second and a half, as it loads torchvision and its image metrics."""
 
@@ -188,23 +188,6 @@ def metric(name: str, probs: torch.Tensor, labels: torch.Tensor, names: list[str
     if probs.ndim == 1:
         return _at_threshold(probs, labels, threshold)[name]
     return multiclass_scores(probs, labels, names)[name]
-
-
-def paired_bootstrap(name: str, a: tuple[torch.Tensor, float], b: tuple[torch.Tensor, float], labels: torch.Tensor,
-                     names: list[str], resamples: int = 2000, seed: int = 0) -> dict[str, float]:
-    """The difference score(a) - score(b) of two models' (probs, threshold) on the same images, and its 95%
-    percentile interval from `resamples` resamplings of the images (the same ones for both: paired)."""
-    gen = torch.Generator().manual_seed(seed)
-    diffs = []
-    for _ in range(resamples):
-        idx = torch.randint(len(labels), (len(labels),), generator=gen)
-        sa, sb = (metric(name, p[idx], labels[idx], names, t) for p, t in (a, b))
-        if sa is not None and sb is not None:  # a resample with one class has no AUROC
-            diffs.append(sa - sb)
-    d = torch.tensor(diffs, dtype=torch.float64)
-    lo, hi = torch.quantile(d, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return {"difference": metric(name, a[0], labels, names, a[1]) - metric(name, b[0], labels, names, b[1]),
-            "ci95_low": lo, "ci95_high": hi, "resamples": len(diffs)}
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, probabilities: Any) -> float:

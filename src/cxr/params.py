@@ -134,8 +134,10 @@ class PromoteParams:
     metric: Metric = "auroc"
     # the candidate must beat the champion on test by more than this, with 95% confidence (paired bootstrap)
     min_delta: float = 0.0
-    # test images neither model trained or validated on, fewer than this after removing the seen ones: no decision
+    # test images of patients neither model trained or validated on, fewer than this after removing the seen ones
+    # (or fewer patients, where the file names give them): no decision
     min_test_images: int = 200
+    min_test_patients: int = 100
 
 
 @dataclass(frozen=True)
@@ -322,8 +324,9 @@ def parse(raw: dict[str, Any]) -> Params:
         raise ParamsError(f"evaluate.threshold: {t} must be between 0 and 1 (a probability), or f1 or youden")
     if not 0 <= params.promote.min_delta < 1:
         raise ParamsError("promote.min_delta: must be between 0 and 1 (a difference of scores)")
-    if params.promote.min_test_images < 1:
-        raise ParamsError(f"promote.min_test_images: {params.promote.min_test_images} must be at least 1")
+    for key in ("min_test_images", "min_test_patients"):
+        if getattr(params.promote, key) < 1:
+            raise ParamsError(f"promote.{key}: {getattr(params.promote, key)} must be at least 1")
     return params
 
 

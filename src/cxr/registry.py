@@ -1,12 +1,14 @@
 """Promotion: register the variant that is best on validation, and move the `champion` alias to it only if
-it beats the current champion by `promote.min_delta` on the test images that neither of them trained or
-validated on (each logged model lists the images it saw)."""
+it beats the current champion by `promote.min_delta` on the test images of patients that neither of them trained
+or validated on (each logged model lists the images it saw, and their patients). The champion is resolved once,
+to a version number, and everything of it (weights, seen list, record) is read from that version."""
 
 from __future__ import annotations
 
 import datetime
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +17,17 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cxr import tracking
+from cxr import bootstrap, tracking
+from cxr.data.gray import patient_id
 from cxr.data.store import Split, classes, load_split, preprocessing
 from cxr.errors import CxrError, run_pipeline
 from cxr.inference import HASHES, CardError, ModelCard, load_logged, logged_file
 from cxr.io import atomic_path, best_on_val, read_csv, write_json
-from cxr.metrics import metric, paired_bootstrap
+from cxr.metrics import metric
 from cxr.params import Params, metric_label
 
 log = logging.getLogger(__name__)
 ALIAS = "champion"
-RESAMPLES = 2000  # bootstrap resamples: the interval's ends move by about 0.001 between seeds
 
 
 def ran(comparison: Path) -> list[str]:
@@ -43,26 +45,43 @@ def candidate(p: Params, reports: Path, comparison: Path) -> dict[str, Any]:
     return {"variant": variant, "val": ev["val"][p.promote.metric], **ev["mlflow"]}
 
 
-def seen_images(uri: str) -> frozenset[str]:
-    """The sha256s of the images the registered model at `uri` trained and validated on (logged with it)."""
+@dataclass(frozen=True)
+class Seen:
+    """What a model trained and validated on: the images' sha256s and their patients' ids."""
+
+    images: frozenset[str]
+    patients: frozenset[str]
+
+
+def seen_rows(uri: str) -> list[dict[str, str]]:
+    """The images the registered model at `uri` trained and validated on, as logged with it: split, sha256, name
+    and patient_id (a list of an older version has no patient column: the id its file name gives)."""
     try:
         path = logged_file(uri, HASHES)
     except (MlflowException, OSError) as e:
         raise CxrError(f"{uri} has no list of the images it saw ({HASHES}): it cannot be scored fairly; retrain it "
                        f"with this version of the project ({tracking.store_and_error(e)})") from e
-    return frozenset(r["sha256"] for r in read_csv(path))
+    return [r if "patient_id" in r else r | {"patient_id": patient_id(r["name"])} for r in read_csv(path)]
 
 
-def test_probs(uri: str, data: Path) -> tuple[torch.Tensor | None, ModelCard | None, str]:
-    """The model at `uri`'s probabilities on the current test split and its card; or None and why it cannot
-    be scored there (another image size, preprocessing or label set than the data prepared now)."""
+def seen_images(uri: str) -> Seen:
+    """The images and patients the registered model at `uri` trained and validated on."""
+    rows = seen_rows(uri)
+    return Seen(frozenset(r["sha256"] for r in rows), frozenset(r["patient_id"] for r in rows) - {""})
+
+
+def test_probs(uri: str, data: Path) -> tuple[torch.Tensor | None, ModelCard | None, str, list[str]]:
+    """The model at `uri`'s probabilities on the current test split, its card and the sha256s of the test images
+    in the order scored; or None and why it cannot be scored there (another image size, preprocessing or label
+    set than the data prepared now)."""
     try:
         model, card = load_logged(uri)
     except CardError as e:  # a model of an older version of the project: it cannot be applied as it was
-        return None, None, str(e)
+        return None, None, str(e), []
     if why_not := not_applicable(card, data):
-        return None, card, why_not
-    return card.probs_of(model, load_split(data / str(card.image_size), "test").images), card, ""
+        return None, card, why_not, []
+    test = load_split(data / str(card.image_size), "test")
+    return card.probs_of(model, test.images), card, "", [m["sha256"] for m in test.meta]
 
 
 def not_applicable(card: ModelCard, data: Path) -> str:
@@ -78,22 +97,46 @@ def not_applicable(card: ModelCard, data: Path) -> str:
     return ""
 
 
-def unseen(p: Params, test: Split, seen: dict[str, frozenset[str]]) -> tuple[torch.Tensor, dict[str, int]]:
-    """The indices of the test images that no model in `seen` (name -> the sha256s it trained and validated on)
-    saw, and the counts. An error when images were removed and fewer than promote.min_test_images are left: a
-    score on images a model saw is no test score, and on a handful it decides nothing."""
-    hashes = [m["sha256"] for m in test.meta]
-    keep = torch.tensor([i for i, h in enumerate(hashes) if not any(h in s for s in seen.values())], dtype=torch.long)
-    by = {name: sum(h in s for h in hashes) for name, s in seen.items()}
-    counts = {"total": len(hashes), "used": len(keep), **{f"seen_by_{name}": n for name, n in by.items()}}
-    if len(hashes) > len(keep) and len(keep) < p.promote.min_test_images:
-        fix = (f"the {ALIAS} was trained on another split of these images: retrain it on this split"
-               if by.get(ALIAS) else "the candidate trained on copies of them: set split.drop_duplicates: true")
-        raise CxrError(f"promotion stopped: only {len(keep)} of {len(hashes)} test images were never trained or "
-                       f"validated on ({', '.join(f'{n} were by the {name}' for name, n in by.items() if n)}), fewer "
-                       f"than promote.min_test_images ({p.promote.min_test_images}); {fix}, or set "
-                       "promote.min_test_images lower")
-    return keep, counts
+def unseen(p: Params, test: Split, seen: dict[str, Seen]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The indices of the test images that no model in `seen` saw, nor any image of whose patient it saw, and the
+    counts: images and patients in all and used, and those removed for each model. An error when images were
+    removed and fewer than promote.min_test_images (or promote.min_test_patients, where the images name their
+    patients) are left: a score on patients a model saw is no test score, and on a handful it decides nothing."""
+    hashes, patients = [m["sha256"] for m in test.meta], [m.get("patient_id") or "" for m in test.meta]
+
+    def saw(s: Seen, i: int) -> bool:
+        return hashes[i] in s.images or patients[i] in s.patients
+
+    keep = [i for i in range(len(hashes)) if not any(saw(s, i) for s in seen.values())]
+    named = set(patients) - {""}
+    used = {patients[i] for i in keep} - {""}
+    removed = {}
+    for name, s in seen.items():
+        gone = [i for i in range(len(hashes)) if saw(s, i)]
+        removed[name] = {"images": len(gone), "same_image": sum(hashes[i] in s.images for i in gone),
+                         "patients": len({patients[i] for i in gone} - {""})}
+    counts = {"total": len(hashes), "used": len(keep), "patients_total": len(named), "patients_used": len(used),
+              "removed": removed}
+    short = [f"promote.min_test_images ({p.promote.min_test_images})"] if len(keep) < p.promote.min_test_images \
+        else []
+    if named and len(used) < p.promote.min_test_patients:
+        short.append(f"promote.min_test_patients ({p.promote.min_test_patients})")
+    if len(hashes) > len(keep) and short:
+        fix = (f"the {ALIAS} was trained on another split of these patients: retrain it on this split"
+               if removed.get(ALIAS, {}).get("images") else
+               "the candidate trained on these patients or copies of their images: re-split with split.pool: true, "
+               "or set split.drop_duplicates: true")
+        of = f" of {len(used)} of {len(named)} patients" if named else ""
+        raise CxrError(f"promotion stopped: only {len(keep)} of {len(hashes)} test images{of} are left once those of "
+                       f"patients a model trained or validated on are removed ({removed_text(counts)}), below "
+                       f"{' and '.join(short)}; {fix}, or set those lower")
+    return torch.tensor(keep, dtype=torch.long), counts
+
+
+def removed_text(counts: dict[str, Any]) -> str:
+    """'12 images of 5 patients seen by the candidate, ...': what `unseen` removed for each model."""
+    return ", ".join(f"{r['images']} images of {r['patients']} patients seen by the {name}"
+                     for name, r in counts["removed"].items() if r["images"])
 
 
 def _register(client: MlflowClient, name: str, cand: dict[str, Any]) -> str:
@@ -122,8 +165,8 @@ def describe_model(client: MlflowClient, name: str, classes: tuple[str, ...] | l
             f"`dvc repro` or a profile (its description: the run's data and scores). The `{ALIAS}` alias is the "
             f"version `cxr predict` uses: `cxr promote` registers the variant best on validation "
             f"{metric_label(p.promote.metric)} and moves the alias only when it beats "
-            f"the {ALIAS} on the test images neither model trained or validated on (paired bootstrap, 95% interval "
-            f"of the difference above promote.min_delta {p.promote.min_delta}).")
+            f"the {ALIAS} on the test images of patients neither model trained or validated on (paired bootstrap by "
+            f"patient, 95% interval of the difference above promote.min_delta {p.promote.min_delta}).")
     try:
         if client.get_registered_model(name).description != text:
             client.update_registered_model(name, description=text)
@@ -144,45 +187,76 @@ def champion(client: MlflowClient, name: str) -> Any | None:
                        "check the server and your credentials, then run `cxr promote` again") from e
 
 
-def _decide(p: Params, champ_probs: torch.Tensor, champ_card: ModelCard,
-            cand_probs: torch.Tensor, cand_card: ModelCard, labels: torch.Tensor) -> tuple[bool, dict[str, Any]]:
-    """Promote only if the paired bootstrap's 95% interval of candidate - champion lies above min_delta: a
-    difference within the test set's noise (AUROC's standard error is about 0.01 on 624 images) moves nothing."""
-    stats = paired_bootstrap(p.promote.metric, (cand_probs, cand_card.threshold),
-                             (champ_probs, champ_card.threshold), labels, list(cand_card.classes), RESAMPLES, p.seed)
+def _decide(p: Params, champ_probs: torch.Tensor, champ_card: ModelCard, cand_probs: torch.Tensor,
+            cand_card: ModelCard, labels: torch.Tensor, test: Split) -> tuple[bool, dict[str, Any]]:
+    """Promote only if the 95% interval of candidate - champion lies above min_delta, from the bootstrap of every
+    interval (the same resampled patients for both models): a difference within the test set's noise moves
+    nothing."""
+    design = bootstrap.design(labels, test.meta)
+    stats = bootstrap.paired(p.promote.metric, (cand_probs, cand_card.threshold), (champ_probs, champ_card.threshold),
+                             labels, bootstrap.resample_counts(design, bootstrap.RESAMPLES, p.seed))
+    if stats["ci95"] is None:
+        raise CxrError(f"test {p.promote.metric} is undefined in some bootstrap resamples of the "
+                       f"{len(labels)} compared test images, so no interval decides; set promote.metric: auroc")
+    stats |= {"ci95_low": stats["ci95"][0], "ci95_high": stats["ci95"][1], "unit": design.unit}
     return stats["ci95_low"] > p.promote.min_delta, stats
 
 
+@dataclass(frozen=True)
+class Pin:
+    """The champion's model version as resolved once at the start (None: there was none): promotion and
+    `cxr retrain` read its weights, seen list and shift report from `models:/<name>/<version>`, never from the
+    alias again, which a teammate's promotion may move meanwhile."""
+
+    version: Any | None
+
+
+def pin(p: Params) -> Pin:
+    tracking.setup(p.mlflow.experiment)
+    return Pin(champion(MlflowClient(), p.mlflow.registered_model))
+
+
 def promote(p: Params, reports: Path, data: Path, out: Path, comparison: Path = Path("comparison"),
-            shift: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Register the candidate, decide on the test images neither model saw, move the alias if it wins; write the
-    decision to `out` and as tags. `shift`: `cxr retrain`'s shift report (verdict, shifted): with
-    retrain.on_shift stop, a shift holds the decision back (decision "stopped": the champion stays)."""
+            shift: dict[str, Any] | None = None, pinned: Pin | None = None) -> dict[str, Any]:
+    """Register the candidate, decide on the test images of patients neither model saw, move the alias if it
+    wins; write the decision to `out` and as tags. `shift`: `cxr retrain`'s shift report (verdict, shifted): with
+    retrain.on_shift stop, a shift holds the decision back (decision "stopped": the champion stays). `pinned`:
+    the champion as the caller resolved it (`cxr retrain`, before its shift report); else resolved here, once."""
     tracking.setup(p.mlflow.experiment)
     client, name, key = MlflowClient(), p.mlflow.registered_model, p.promote.metric
+    champ = (pinned or pin(p)).version
     cand = candidate(p, reports, comparison)
     cand["version"] = _register(client, name, cand)
     cand_uri = f"models:/{name}/{cand['version']}"
-    cand_probs, cand_card, why_not = test_probs(cand_uri, data)
+    cand_probs, cand_card, why_not, order = test_probs(cand_uri, data)
     if cand_probs is None or cand_card is None:
         raise CxrError(f"cannot score the candidate {cand['variant']}: {why_not}")
     describe_model(client, name, cand_card.classes, p)
     test = load_split(data / str(cand_card.image_size), "test")
     labels, names = torch.from_numpy(test.labels), list(cand_card.classes)
     seen = {"candidate": seen_images(cand_uri)}
-    champ = champion(client, name)
     probs, card, why_not = None, None, ""
     if champ is not None and champ.version != cand["version"]:
-        probs, card, why_not = test_probs(f"models:/{name}@{ALIAS}", data)
+        champ_uri = f"models:/{name}/{champ.version}"
+        probs, card, why_not, champ_order = test_probs(champ_uri, data)
         if probs is not None:
-            seen[ALIAS] = seen_images(f"models:/{name}@{ALIAS}")
+            if champ_order != order or [m["sha256"] for m in test.meta] != order:
+                raise CxrError(f"the candidate's test images ({data}/{cand_card.image_size}) and the {ALIAS}'s "
+                               f"({data}/{card.image_size if card else '?'}) are not the same images in the same "
+                               "order; nothing was promoted: run `dvc repro` so that every image size is split "
+                               "from one selection")
+            seen[ALIAS] = seen_images(champ_uri)
     keep, images = unseen(p, test, seen)  # every score below is on these images only
     cand["test"] = metric(key, cand_probs[keep], labels[keep], names, cand_card.threshold)
     if cand["test"] is None:
         raise CxrError(f"the test split has one class, so {key} is undefined; set promote.metric: recall")
     before: dict[str, Any] | None = None
     stats: dict[str, Any] | None = None
-    alone = f"test {key} {cand['test']:.4f} on the {len(keep)} of {len(labels)} test images it never saw"
+    on = f"the {len(keep)} of {len(labels)} test images" + (
+        f" ({images['patients_used']} of {images['patients_total']} patients)" if images["patients_total"] else "")
+    gone = f" (removed: {removed_text(images)})" if images["used"] < images["total"] else ""
+    whose = "whose patients" if images["patients_total"] else "that"  # images without patient ids: themselves
+    alone = f"test {key} {cand['test']:.4f} on {on} {whose} it never saw{gone}"
     if champ is None:
         promoted, reason = True, f"no {ALIAS} yet; {alone}"
     elif champ.version == cand["version"]:
@@ -194,12 +268,13 @@ def promote(p: Params, reports: Path, data: Path, out: Path, comparison: Path = 
     else:
         score = metric(key, probs[keep], labels[keep], names, card.threshold)
         before = {"version": champ.version, "variant": champ.tags.get("variant", ""), "test": score}
-        promoted, stats = _decide(p, probs[keep], card, cand_probs[keep], cand_card, labels[keep])
+        promoted, stats = _decide(p, probs[keep], card, cand_probs[keep], cand_card, labels[keep],
+                                  test.take(keep.numpy()))
         verdict = "above" if promoted else "not above"
-        reason = (f"test {key} on the {len(keep)} of {len(labels)} test images neither model trained or validated on: "
+        reason = (f"test {key} on {on} {whose} neither model trained or validated on{gone}: "
                   f"{cand['test']:.4f} vs {score:.4f} (version {champ.version}): {stats['difference']:+.4f}, 95% "
                   f"interval [{stats['ci95_low']:+.4f}, {stats['ci95_high']:+.4f}] ({stats['resamples']} paired "
-                  f"bootstrap resamples), {verdict} min_delta {p.promote.min_delta}")
+                  f"bootstrap resamples by {stats['unit']}), {verdict} min_delta {p.promote.min_delta}")
     decision = "promoted" if promoted else "kept"
     if before is not None and shift and any(shift["shifted"].values()) and p.retrain.on_shift == "stop":
         kinds = " and ".join(k for k, v in shift["shifted"].items() if v)
@@ -215,7 +290,9 @@ def promote(p: Params, reports: Path, data: Path, out: Path, comparison: Path = 
               "champion_version": cand["version"] if promoted else champ.version, "shift": shift,
               "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     tags = {"promotion.decision": decision, "promotion.reason": reason, f"val_{key}": f"{cand['val']:.4f}",
-            f"test_{key}": f"{cand['test']:.4f}"}
+            f"test_{key}": f"{cand['test']:.4f}", "promotion.test_images": f"{images['used']} of {images['total']}",
+            "promotion.test_patients": f"{images['patients_used']} of {images['patients_total']}",
+            "promotion.removed": removed_text(images) or "none"}
     if shift:
         tags["shift.verdict"] = shift["verdict"][:5000]  # MLflow's limit on a tag's value
     if stats:

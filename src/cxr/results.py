@@ -97,8 +97,11 @@ def table(exps: list[Experiment], metric: str, per_variant: bool, width: int) ->
                        for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip() for row in [head, *body]]
     rule = ("every variant, best first" if per_variant else
             "its best variant (the one `cxr promote` would register)")
+    units = {name: (rows[0] if rows else {}).get("interval_unit", "image") for name, rows, _ in exps}
+    ci = f"95% interval by {units[exps[0][0]]}" if len(set(units.values())) == 1 else \
+        "95% interval by patient; by image for " + ", ".join(n for n, u in units.items() if u == "image")
     title = (f"Per experiment, {rule} by validation {label}. Test scores at the threshold chosen on validation "
-             "[95% interval]; sens = sensitivity (share of pneumonia found), spec = specificity (share of normal "
+             f"[{ci}]; sens = sensitivity (share of pneumonia found), spec = specificity (share of normal "
              "cleared).")
     return "\n".join([textwrap.fill(title, width), *lines]) + "\n"
 

@@ -11,16 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cxr import params, profiles, shift, tracking
 from cxr.data.store import load_split
 from cxr.errors import CxrError
-from cxr.inference import HASHES, CardError, load_logged, logged_file
-from cxr.io import read_csv
+from cxr.inference import HASHES, CardError, load_logged
 from cxr.params import Params
-from cxr.registry import ALIAS, champion, not_applicable, promote
+from cxr.registry import Pin, not_applicable, pin, promote, removed_text, seen_rows
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +40,24 @@ HEADS = {"promoted": "promoted a new champion", "kept": "kept the champion",
          "stopped": "stopped before promotion (retrain.on_shift: stop)"}
 
 
-def champion_shift(p: Params, data: Path) -> dict[str, Any] | None:
-    """The prepared images the champion never trained or validated on (the new ones, and the test split) against
-    those it was validated on (its image_hashes.csv), through its features where it applies to this data:
-    cxr.shift's report; None without a champion. Its validation images, not its training images: on those its
+def champion_shift(p: Params, data: Path, pinned: Pin) -> dict[str, Any] | None:
+    """The prepared images of patients the champion never trained or validated on (the new ones, and the test
+    split) against those it was validated on (its image_hashes.csv), through its features where it applies to
+    this data: cxr.shift's report; None without a champion. Its validation images, not its training images: on those its
     features carry what it memorised, which a domain classifier reads as a shift (0.92 on a 1-epoch tinyvgg's
     150 training images against Kaggle's test, tests/test_retrain.py); with fewer than MIN_IMAGES of them, its
-    training images join them and the report says so. Too few on a side: a report that says so."""
-    tracking.setup(p.mlflow.experiment)
-    name = p.mlflow.registered_model
-    if champion(MlflowClient(), name) is None:
+    training images join them and the report says so. Too few on a side: a report that says so. `pinned`: the
+    champion's version, resolved once for the whole retraining."""
+    if pinned.version is None:
         return None
-    uri = f"models:/{name}@{ALIAS}"
+    tracking.setup(p.mlflow.experiment)
+    uri = f"models:/{p.mlflow.registered_model}/{pinned.version.version}"
     try:
-        rows = read_csv(logged_file(uri, HASHES))
-    except (MlflowException, OSError):  # a champion of an older version of the project
+        rows = seen_rows(uri)
+    except CxrError:  # a champion of an older version of the project
         return {"verdict": f"not measured: the champion has no list of the images it saw ({HASHES})", "shifted": {}}
     val, seen = {r["sha256"] for r in rows if r["split"] == "val"}, {r["sha256"] for r in rows}
+    patients = {r["patient_id"] for r in rows} - {""}
     try:
         model, card = load_logged(uri)
         why_not = not_applicable(card, data)
@@ -69,7 +68,8 @@ def champion_shift(p: Params, data: Path) -> dict[str, Any] | None:
     inside = {"validated on": val, "trained or validated on": seen}
     picked = {side: [(s, i) for s in splits for i, m in enumerate(s.meta) if m["sha256"] in hashes]
               for side, hashes in inside.items()}
-    picked["never seen"] = [(s, i) for s in splits for i, m in enumerate(s.meta) if m["sha256"] not in seen]
+    picked["never seen"] = [(s, i) for s in splits for i, m in enumerate(s.meta)  # nor any image of its patient
+                            if m["sha256"] not in seen and m["patient_id"] not in patients]
     picked.pop("validated on" if len(picked["validated on"]) < MIN_IMAGES else "trained or validated on")
     if min(map(len, picked.values())) < MIN_IMAGES:
         return {"verdict": "not measured: " + " and ".join(f"{len(v)} images the champion {k}" for k, v in
@@ -84,7 +84,8 @@ def champion_shift(p: Params, data: Path) -> dict[str, Any] | None:
         sets.append(shift.ImageSet(side, np.stack([s.images[i] for s, i in items]),
                                    np.array([int(m["width"]) for m in metas]),
                                    np.array([int(m["height"]) for m in metas]),
-                                   np.array([s.labels[i] for s, i in items])))
+                                   np.array([s.labels[i] for s, i in items]),
+                                   np.array([m["patient_id"] for m in metas])))
     report = shift.shift(*sets, *((None, None) if why_not else (model, card)))
     if why_not:
         report["verdict"] += f" (images only: the champion cannot be applied to this data, {why_not})"
@@ -128,13 +129,14 @@ def summary(record: dict[str, Any], comparison: Path, on_shift: str = "warn") ->
         lines.append(f"| champion before | {prev['variant']} | {prev['version']} | | {score} |")
     if d := record.get("difference"):
         lines += ["", f"Candidate - champion on test {m}: {d['difference']:+.4f}, 95% interval "
-                      f"[{d['ci95_low']:+.4f}, {d['ci95_high']:+.4f}] ({d['resamples']} paired bootstrap resamples); "
+                      f"[{d['ci95_low']:+.4f}, {d['ci95_high']:+.4f}] ({d['resamples']} paired bootstrap resamples by "
+                      f"{d.get('unit', 'image')}); "
                       f"promotion needs the interval above min_delta {record['min_delta']}."]
     if n := record.get("test_images"):
-        seen = ", ".join(f"{v} seen by the {k.removeprefix('seen_by_')}" for k, v in n.items()
-                         if k.startswith("seen_by_"))
-        lines += ["", f"Test scores are on the {n['used']} of {n['total']} test images that no model compared trained "
-                      f"or validated on ({seen})."]
+        patients = f" ({n['patients_used']} of {n['patients_total']} patients)" if n["patients_total"] else ""
+        whose = "whose patients" if n["patients_total"] else "that"
+        lines += ["", f"Test scores are on the {n['used']} of {n['total']} test images{patients} {whose} no model "
+                      f"compared trained or validated on (removed: {removed_text(n) or 'none'})."]
     lines += ["", f"`{record['registered_model']}@champion` is version {record['champion_version']}.", ""]
     lines += shift_lines(record.get("shift"), record["decision"], on_shift)
     board = comparison / "leaderboard.md"
@@ -173,10 +175,11 @@ def retrain(p: Params, refresh_data: bool, reports: Path, data: Path, comparison
         if refresh_data:  # the source may have changed upstream while its params did not
             dvc("repro", "--force", "--single-item", "download")
         dvc("repro")
-    report = champion_shift(p, data)
+    pinned = pin(p)  # the champion's version, once: its shift report and the comparison read that version
+    report = champion_shift(p, data, pinned)
     if report and "images" in report:
         shift.write(report, SHIFT)
-    record = promote(p, reports, data, out, comparison, report and shift.public(report))
+    record = promote(p, reports, data, out, comparison, report and shift.public(report), pinned)
     if report and "images" in report:  # beside the candidate's scores, where its promotion tags are
         for path in (SHIFT / "shift.json", SHIFT / "shift.png"):
             MlflowClient().log_artifact(record["candidate"]["run_id"], str(path), "shift")

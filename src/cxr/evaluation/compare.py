@@ -41,6 +41,7 @@ def leaderboard(p: Params, reports: Path) -> Rows:
             row[m] = _round(ev["test"][m])
             if m in WITH_INTERVAL:
                 row[f"{m}_ci95"] = ev.get("test_ci95", {}).get(m)
+        row["interval_unit"] = (ev.get("test_intervals") or {}).get("unit", "image")  # what the bootstrap drew
         row["accuracy_at_0.5"] = _round(ev.get("test_threshold_0_5", {}).get("accuracy"))
         for m in dict.fromkeys(("auroc", p.compare.metric, p.promote.metric)):
             row[f"val_{m}"] = _round(ev["val"][m])
@@ -62,6 +63,13 @@ def leaderboard(p: Params, reports: Path) -> Rows:
 
 def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
+
+
+def interval_label(rows: Rows) -> str:
+    """What the rows' intervals are: '95% interval by patient' (a bootstrap drawing patients), 'by image' where
+    the source names none."""
+    units = sorted({r.get("interval_unit", "image") for r in rows}) or ["image"]
+    return f"95% interval by {' or '.join(units)}"
 
 
 def cell(row: dict[str, Any], key: str, short: bool = False) -> str:
@@ -146,9 +154,10 @@ def threshold_lines(rows: Rows) -> list[str]:
 
 def markdown(rows: Rows, metric: str, groups: Groups | None = None, shift: dict[str, Any] | None = None) -> str:
     head = [k for k in (rows[0] if rows else {"variant": 0})
-            if k not in ("run_id", "model_id", "threshold_wide") and not k.endswith("_ci95")]
+            if k not in ("run_id", "model_id", "threshold_wide", "interval_unit") and not k.endswith("_ci95")]
     lines = [f"# Leaderboard (test scores, sorted by validation {metric})", "",
-             "Scores [95% interval: stratified bootstrap, 2,000 resamples]; recall_bacteria and recall_virus: the "
+             f"Scores [{interval_label(rows)}: 2,000 bootstrap resamples, each drawn within each class and "
+             "pneumonia subtype]; recall_bacteria and recall_virus: the "
              "sensitivity within each pneumonia subtype; test_ece: top-label (Guo et al.), test_class_ece: "
              "class-wise.", *(f"\n{line}" for line in shift_lines(shift)), "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
@@ -232,8 +241,8 @@ def summary(rows: Rows, metric: str, out: Path, groups: Groups | None = None,
     widths = [max(len(c[i]) for c in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
              for row in [head, *body]]
-    return "\n".join([f"Leaderboard: test scores [95% interval] at the threshold chosen on val, best first by val "
-                      f"{metric}", *lines, *wrap([*explain(rows, metric, stages or {}), *threshold_lines(rows),
+    return "\n".join([f"Leaderboard: test scores [{interval_label(rows)}] at the threshold chosen on val, best first "
+                      f"by val {metric}", *lines, *wrap([*explain(rows, metric, stages or {}), *threshold_lines(rows),
                                                   *spread_lines(groups or []),
                                                   f"Full table and figures: {out}/leaderboard.md, {out}/*.png, "
                                                   "dvc plots show; every run in MLflow: make ui; all experiments: "
@@ -251,8 +260,8 @@ def note(rows: Rows, metric: str, experiment_id: str = "", reused: frozenset[str
             row[0] = f"[{row[0]}](#/experiments/{experiment_id}/runs/{r['run_id']})"
         if r["run_id"] in reused:
             row[0] += " (reused)"
-    lines = [f"**Leaderboard**: test scores [95% interval] at the threshold chosen on val, best first by val "
-             f"{metric} (all columns: leaderboard.md). (reused): trained by an earlier pipeline run, unchanged "
+    lines = [f"**Leaderboard**: test scores [{interval_label(rows)}] at the threshold chosen on val, best first "
+             f"by val {metric} (all columns: leaderboard.md). (reused): trained by an earlier pipeline run, unchanged "
              "since, so its run is nested under that run's parent.", *(f"\n{line}" for line in shift_lines(shift)),
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if experiment_id and rows:  # one click to MLflow's comparison of exactly this run's variants

@@ -36,11 +36,17 @@ def assemble(name: str, members: dict[str, tuple[Any, ModelCard]]) -> tuple[Any,
                             for _, c in members.values()]}
     ens = ModelCard(variant=name, arch="ensemble", image_size=card.image_size, classes=card.classes, fit=card.fit,
                     draft=card.draft, equalize=card.equalize, mean=0.0, std=1.0, settings=settings, source=card.source,
-                    train_digest=card.train_digest, val_digest=card.val_digest)
+                    train_digest=card.train_digest, val_digest=card.val_digest, prior=_mean_prior(members))
     model = ens.build()
     for module, (member, _) in zip(model.net.members, members.values(), strict=True):
         module.load_state_dict(member.state_dict())
     return model.eval(), ens
+
+
+def _mean_prior(members: dict[str, tuple[Any, ModelCard]]) -> float | None:
+    """The members' training priors averaged (each averages its own probabilities); None if one lacks it."""
+    priors = [c.prior for _, c in members.values()]
+    return None if any(q is None for q in priors) else sum(priors) / len(priors)  # type: ignore[misc]
 
 
 def run_ensemble(p: Params, name: str, data: Path, models: Path, model_dir: Path, report_dir: Path) -> dict[str, Any]:

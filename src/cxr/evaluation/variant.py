@@ -67,11 +67,8 @@ def _split_figures(probs: torch.Tensor, y: torch.Tensor, cause: list[str], names
     return out
 
 
-def strata(y: torch.Tensor, cause: list[str]) -> torch.Tensor:
-    """Bootstrap strata: class, and within it the pneumonia subtype (`cause`, '' where the name gives none), so
-    that every resample keeps the split's count of each."""
-    return y * (len(SUBTYPES) + 1) + torch.tensor([SUBTYPES.index(c) + 1 if c else 0 for c in cause],
-                                                  dtype=torch.long)
+METHOD = ("percentile bootstrap: clusters (a patient's images; an image without a patient id alone) drawn with "
+          "replacement within strata of class and pneumonia subtype")
 
 
 def _metrics(p_val: torch.Tensor, val: Split, p_test: torch.Tensor, test: Split, names: list[str],
@@ -80,8 +77,8 @@ def _metrics(p_val: torch.Tensor, val: Split, p_test: torch.Tensor, test: Split,
     of equally good ones, and operating points at fixed val specificities, for a user who must pick one."""
     y_val, y_test = torch.from_numpy(val.labels), torch.from_numpy(test.labels)
     c_val, c_test = ([subtype(m["name"]) for m in data.meta] for data in (val, test))
-    w_val = bootstrap.resample_counts(strata(y_val, c_val), bootstrap.RESAMPLES, seed)
-    w_test = bootstrap.resample_counts(strata(y_test, c_test), bootstrap.RESAMPLES, seed)
+    d_val, d_test = bootstrap.design(y_val, val.meta), bootstrap.design(y_test, test.meta)
+    w_val, w_test = (bootstrap.resample_counts(d, bootstrap.RESAMPLES, seed) for d in (d_val, d_test))
     binary = len(names) == 2
     threshold = choose_threshold(p_val, y_val, rule) if binary else 0.5
     out: dict[str, Any] = {"classes": names}
@@ -91,13 +88,16 @@ def _metrics(p_val: torch.Tensor, val: Split, p_test: torch.Tensor, test: Split,
         if best is not None and near is not None:
             out["threshold_range"] = {"best": list(best), "low": near[0], "high": near[1], "width": near[1] - near[0],
                                       "wide": near[1] - near[0] >= WIDE_RANGE}
-    for split, probs, y, cause, w in (("test", p_test, y_test, c_test, w_test), ("val", p_val, y_val, c_val, w_val)):
+    for split, probs, y, cause, d, w in (("test", p_test, y_test, c_test, d_test, w_test),
+                                         ("val", p_val, y_val, c_val, d_val, w_val)):
         fig = _split_figures(probs, y, cause, names, threshold, w)
-        out |= {split: fig["scores"], f"{split}_ci95": fig["ci95"]}
+        # every interval of this split (scores, subtypes, operating points) is over these resamples
+        out |= {split: fig["scores"], f"{split}_ci95": fig["ci95"],
+                f"{split}_intervals": d.describe(bootstrap.RESAMPLES, seed)}
         if fig["subtypes"]:
             out.setdefault("subtypes", {})[split] = fig["subtypes"]
-    out["intervals"] = {"method": "stratified percentile bootstrap (by class and pneumonia subtype)",
-                        "resamples": bootstrap.RESAMPLES, "seed": seed, "level": 0.95}
+    out["intervals"] = {"method": METHOD, "resamples": bootstrap.RESAMPLES, "seed": seed, "level": 0.95,
+                        "unit": {"test": d_test.unit, "val": d_val.unit}}
     if binary:
         out["test_threshold_0_5"] = scores(p_test, y_test, 0.5)
         out["operating_points"] = []
@@ -165,7 +165,11 @@ def scores_note(metrics: dict[str, Any], n_test: int) -> str:
                       (("accuracy", "accuracy"), ("recall", "sensitivity"), ("specificity", "specificity"),
                        ("auroc", "AUROC")))
     val = with_interval(metrics["val"]["auroc"], metrics.get("val_ci95", {}).get("auroc"))
-    return f"Test ({n_test} images){at}: {shown} (95% intervals, stratified bootstrap). Val AUROC {val}."
+    units = {s: (metrics.get(f"{s}_intervals") or {}).get("unit", "image") for s in ("test", "val")}
+    n = metrics.get("test_intervals", {}).get("patients")
+    images = f"{n_test} images" + (f" of {n} patients" if n else "")
+    return (f"Test ({images}){at}: {shown} (95% intervals, bootstrap by {units['test']}). "
+            f"Val AUROC {val} (by {units['val']}).")
 
 
 def log_figure(fig: Any, path: str) -> None:
@@ -203,12 +207,12 @@ def predictions(test: Split, probs: torch.Tensor, card: inference.ModelCard) -> 
 
 
 def image_hashes(card: inference.ModelCard, train: Split, val: Split) -> list[dict[str, str]]:
-    """The sha256 of every image the model trained and validated on, as the card's digests say; an error when
-    these arrays are not the ones it was trained on."""
+    """The sha256 (and patient id) of every image the model trained and validated on, as the card's digests say;
+    an error when these arrays are not the ones it was trained on."""
     if (images_digest(train.meta), images_digest(val.meta)) != (card.train_digest, card.val_digest):
         raise CxrError(f"{card.variant} was trained on other train/val images than the ones prepared now; run "
                        "`dvc repro` to retrain it on them")
-    return [{"split": name, "sha256": m["sha256"], "name": m["name"]}
+    return [{"split": name, "sha256": m["sha256"], "name": m["name"], "patient_id": m["patient_id"]}
             for name, data in (("train", train), ("val", val)) for m in data.meta]
 
 
@@ -269,6 +273,7 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
                           ("pr", curve_rows["pr"]), ("reliability", calibration["reliability"])):
             write_json(out[name], obj)
         write_csv(out["predictions"], pred_rows)
+        mlflow.set_tag("ci95.unit", metrics["intervals"]["unit"]["test"])  # of every *_ci95_low/high metric
         if os.environ.get("DVC_STAGE"):
             mlflow.set_tag("dvc_stage_evaluate", os.environ["DVC_STAGE"])
         # The description: training's first paragraph (what the variant is), then the scores of this evaluation.

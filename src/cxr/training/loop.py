@@ -27,7 +27,16 @@ from cxr.io import progress
 from cxr.models import Classifier
 from cxr.params import TrainParams
 from cxr.training import ddp
-from cxr.training.parts import Loss, augment, epoch_order, make_loss, make_optimizer, make_scheduler, mixup_pairs
+from cxr.training.parts import (
+    Loss,
+    augment,
+    epoch_order,
+    make_loss,
+    make_optimizer,
+    make_scheduler,
+    mixup_pairs,
+    trained_prior,
+)
 from cxr.training.precision import FLOAT32, Mode, autocast, training_mode
 
 log = logging.getLogger(__name__)
@@ -56,7 +65,7 @@ def make_card(tp: TrainParams, train: Split, classes: list[str], variant: str = 
     size = train.images.shape[-1]
     return ModelCard(variant=variant, arch=tp.arch, image_size=size, classes=tuple(classes), fit=fit,
                      draft=draft or size, equalize=equalize, mean=(ms := mean_std(train.images))[0], std=ms[1],
-                     settings=tp.model)
+                     settings=tp.model, prior=trained_prior(tp, train.labels, len(classes)))
 
 
 def set_frozen(model: Classifier, frozen: bool) -> None:

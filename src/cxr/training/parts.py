@@ -73,6 +73,19 @@ def _pos_weight(tp: TrainParams, labels: np.ndarray) -> float:
     return (len(labels) - n_pos) / n_pos
 
 
+def trained_prior(tp: TrainParams, labels: np.ndarray, n_classes: int) -> float:
+    """P(pneumonia, of any kind) as the training objective weighs the classes: each class equally with balanced
+    sampling or class weights, the share of pneumonia times pos_weight otherwise (binary), else the share."""
+    counts = np.bincount(labels, minlength=n_classes).astype(float)
+    if tp.sampler == "balanced" or tp.class_weights == "balanced":
+        mass = (counts > 0).astype(float)
+    else:
+        mass = counts
+        if n_classes == 2 and counts[1] > 0:
+            mass[1] *= _pos_weight(tp, labels)
+    return float(mass[1:].sum() / mass.sum())
+
+
 def make_optimizer(tp: TrainParams, model: nn.Module) -> torch.optim.Optimizer:
     params = list(model.parameters())  # frozen ones get no gradient, and optimizers skip those
     if tp.optimizer == "sgd":
