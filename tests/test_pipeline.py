@@ -33,7 +33,9 @@ EPOCHS = 2
 def repo(tmp_path_factory):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     repo = make_project(tmp_path_factory.mktemp("pipe") / "repo", {k: raw["models"][k] for k in VARIANTS},
-                        gray={"extra_sizes": []}, ensembles={"ens": ["tinyvgg", "linear"]})
+                        gray={"extra_sizes": []}, ensembles={"ens": ["tinyvgg", "linear"]},
+                        # 132 test images, some of patients Kaggle also has in train: fewer than the defaults
+                        promote={"min_test_images": 100, "min_test_patients": 50})
     folder = make_imagefolder(tmp_path_factory.mktemp("src"), per_class=60)
     log = sh(repo, "dvc", "exp", "run", "-S", "data.source=imagefolder", "-S", f"data.path={folder}",
              "-S", "gray.image_size=32", "-S", f"train.epochs={EPOCHS}")
@@ -59,10 +61,14 @@ def test_pipeline_runs_then_is_a_noop_then_reruns_one_variant(repo):
     assert max(map(len, printed[1:6])) <= 120
     assert any(line.startswith("Full table and figures: comparison/leaderboard.md") for line in printed[6:])
     board = (repo / "comparison" / "leaderboard.md").read_text()
+    # the intervals say their unit: Kaggle's names give patients, so the bootstrap drew patients
+    assert printed[0].startswith("Leaderboard: test scores [95% interval by patient]")
+    assert "Scores [95% interval by patient: 2,000 bootstrap resamples" in board
     assert all(f"| {v} |" in board for v in VARIANTS) and "| ens | ensemble: tinyvgg + linear |" in board
     rows = json.loads((repo / "comparison" / "leaderboard.json").read_text())
     for r in rows:  # the intervals in the JSON, two numeric columns each in the CSV; the subtypes' sensitivity
         assert r["accuracy_ci95"][0] <= r["accuracy"] <= r["accuracy_ci95"][1] and "recall_virus" in r
+        assert r["interval_unit"] == "patient"
     csv_head = (repo / "comparison" / "leaderboard.csv").read_text().splitlines()[0].split(",")
     assert {"accuracy_ci95_low", "accuracy_ci95_high", "recall_bacteria"} <= set(csv_head)
     assert [r["val_auroc"] for r in rows] == sorted((r["val_auroc"] for r in rows), reverse=True)  # never test

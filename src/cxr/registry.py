@@ -135,7 +135,10 @@ def unseen(p: Params, test: Split, seen: dict[str, Seen]) -> tuple[torch.Tensor,
 
 def removed_text(counts: dict[str, Any]) -> str:
     """'12 images of 5 patients seen by the candidate, ...': what `unseen` removed for each model."""
-    return ", ".join(f"{r['images']} images of {r['patients']} patients seen by the {name}"
+    def n(k: int, what: str) -> str:
+        return f"{k} {what}" + ("s" if k != 1 else "")
+
+    return ", ".join(f"{n(r['images'], 'image')} of {n(r['patients'], 'patient')} seen by the {name}"
                      for name, r in counts["removed"].items() if r["images"])
 
 

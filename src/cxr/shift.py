@@ -387,18 +387,25 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"{k:<13}{v['reference_mean']:>11.4g}{v['target_mean']:>12.4g}{v['ks']:>7.3f}{v['p']:>10.2g}"
                      f"{v['effect']:>+11.2f}  {flag}".rstrip())
     weighting = " (each class half of its set)" if report["domain"]["class_balanced"] else ""
-    lines.append(f"domain classifier on the images (16x16 and histogram){weighting}: {_domain(report['domain'])} "
-                 f"({report['domain']['folds']}-fold; 0.5 = indistinguishable)")
+    lines.append(f"domain classifier on the images (16x16 and histogram){weighting}: {_detail(report['domain'])}; "
+                 "0.5 = indistinguishable")
     if report.get("model"):
         m = report["model"]
         d, q = m["domain"], m["prevalence"]
-        lines.append(f"domain classifier on {m['variant']}'s features{weighting}: {_domain(d)}")
+        lines.append(f"domain classifier on {m['variant']}'s features{weighting}: {_detail(d)}")
         actual = f", actual {q['target_actual']:.3f}" if "target_actual" in q else ""
         caveat = "" if q["reliable"] else " (unreliable: the sets differ, and EM assumes the classes look alike)"
         if q["target_estimate"] is not None:  # EM needs a reference with both classes
             lines.append(f"pneumonia prevalence: reference {q['reference']:.3f}, target estimated "
                          f"{q['target_estimate']:.3f}{actual}{caveat}; EM from {q['start_from']}, {q['start']:.3f}")
     return "\n".join(lines) + "\n"
+
+
+def _detail(d: dict[str, Any]) -> str:
+    """The AUROC with its interval, what it resampled, and its range over refits with other folds."""
+    lo, hi = d["refits"]["auroc_range"]
+    return (f"{_domain(d)} ({d['folds']}-fold by {d['unit']}, interval by {d['unit']}; "
+            f"{lo:.3f}–{hi:.3f} over {d['refits']['folds_redrawn']} refits with other folds)")
 
 
 def public(report: dict[str, Any]) -> dict[str, Any]:
