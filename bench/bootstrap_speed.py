@@ -35,12 +35,14 @@ def patients(n: int = 624) -> list[str]:
 
 
 def case(classes: int, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores that share a patient effect (a model errs on all of one patient's images or none)."""
+    """Labels and scores per patient: one class each, and a shared effect (a model errs on all of one patient's
+    images or none)."""
     g = torch.Generator().manual_seed(classes)
     n, names = len(ids), sorted(set(ids))
     effect = dict(zip(names, torch.randn(len(names), generator=g).tolist(), strict=True))
     shared = torch.tensor([effect[p] for p in ids])
-    labels = torch.randint(classes, (n,), generator=g)
+    label = dict(zip(names, torch.randint(classes, (len(names),), generator=g).tolist(), strict=True))
+    labels = torch.tensor([label[p] for p in ids])  # one class a patient, as a stratum holds whole patients
     if classes == 2:
         return ((labels * 2 - 1) * 1.2 + shared + torch.randn(n, generator=g) * 0.5).sigmoid().float(), labels
     logits = torch.randn(n, classes, generator=g) + torch.nn.functional.one_hot(labels) * 1.5 + shared[:, None]

@@ -93,7 +93,8 @@ def test_a_resample_takes_every_image_of_each_drawn_patient_within_its_stratum()
     for c in d.clusters.unique():
         members = w[:, d.clusters == c]
         assert (members == members[:, :1]).all()  # the patient's images are drawn together, as often
-        stratum = int(Counter(d.strata[d.clusters == c].tolist()).most_common(1)[0][0])
+        counts = Counter(d.strata[d.clusters == c].tolist())
+        stratum = min(k for k, n in counts.items() if n == max(counts.values()))  # the lowest on a tie
         draws[stratum] += members[:, 0]
         patients[stratum] += 1
     for s, n in patients.items():  # each stratum draws as many patients as it has, in every resample

@@ -5,6 +5,7 @@ with the champion gives what its evaluation gave."""
 import csv
 import io
 import json
+import re
 import shutil
 import sys
 
@@ -255,21 +256,24 @@ def test_promotion_scores_both_models_only_on_test_patients_neither_saw(project)
 
 def test_the_champion_is_pinned_once_though_the_alias_moves_during_promotion(project, monkeypatch):
     """A teammate's promotion moves @champion between the resolution and the scoring (a hook in the scoring):
-    promotion reads the weights and the seen list of the version it resolved, by number, never the alias again,
-    and records that version."""
+    promotion reads the weights and the seen list of the version it resolved, by number, never the alias again;
+    and as it compared the candidate with a champion that is no longer the champion, it moves nothing and records
+    nothing, in one line. Without the move it records the version it compared."""
     from cxr import params as P
     from cxr import registry
+    from cxr.errors import CxrError
 
     _, repo = project
     store = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
     client, name = MlflowClient(store), "chest-xray-classifier"
     client.set_registered_model_alias(name, "champion", "1")  # the first champion, pool false: another candidate
     read: list[str] = []
+    move = [True]
     real_probs, real_seen = registry.test_probs, registry.seen_images
 
     def moving(uri, data):
         read.append(uri)
-        if uri == f"models:/{name}/1":  # the champion is being scored: a teammate promotes version 2 meanwhile
+        if uri == f"models:/{name}/1" and move[0]:  # the champion is being scored: version 2 is promoted meanwhile
             client.set_registered_model_alias(name, "champion", "2")
         return real_probs(uri, data)
 
@@ -281,11 +285,20 @@ def test_the_champion_is_pinned_once_though_the_alias_moves_during_promotion(pro
     monkeypatch.setattr(registry, "seen_images", seen)
     monkeypatch.chdir(repo)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    out = repo / "pinned.json"
     with tracking_at(store):
-        record = registry.promote(P.load(), repo / "reports", repo / "data" / "split", repo / "pinned.json")
-    cand = record["candidate"]["version"]
-    assert sorted(set(read)) == sorted({f"models:/{name}/1", f"models:/{name}/{cand}"})  # never an alias
-    assert str(record["previous_champion"]["version"]) == "1"
-    assert "(version 1)" in record["reason"] and "version 2" not in record["reason"]
-    assert str(record["champion_version"]) == str(cand if record["decision"] == "promoted" else 1)
+        with pytest.raises(CxrError, match=f"^{name}@champion moved from version 1 to 2 during this promotion"):
+            registry.promote(P.load(), repo / "reports", repo / "data" / "split", out)
+        assert str(client.get_model_version_by_alias(name, "champion").version) == "2" and not out.exists()
+        # the champion's and the candidate's versions, by number only, never the alias
+        assert f"models:/{name}/1" in read and len(set(read)) == 2
+        assert all(re.fullmatch(rf"models:/{name}/\d+", u) for u in read), read
+        move[0], read[:] = False, []
+        client.set_registered_model_alias(name, "champion", "1")
+        record = registry.promote(P.load(), repo / "reports", repo / "data" / "split", out)
+    version = record["candidate"]["version"]
+    assert sorted(set(read)) == sorted({f"models:/{name}/1", f"models:/{name}/{version}"})
+    assert str(record["previous_champion"]["version"]) == "1" and "(version 1)" in record["reason"]
+    assert str(record["champion_version"]) == str(version if record["decision"] == "promoted" else 1)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == str(record["champion_version"])
     assert record["test_images"]["removed"]["champion"]["images"] >= len(metas(repo, "test")) / 2  # version 1's list

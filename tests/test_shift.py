@@ -89,7 +89,7 @@ def test_folds_by_patient_keep_a_source_s_patients_from_reading_as_a_shift():
     assert by_image["auroc"] > 0.55 and by_image["ci95"][0] > 0.52  # the patients, read as a shift
     assert by_patient["ci95"][0] < 0.5 < by_patient["ci95"][1] and not by_patient["different"]
     lo, hi = by_patient["refits"]["auroc_range"]
-    assert lo < by_patient["auroc"] + 1e-9 and by_patient["auroc"] - 1e-9 < hi and hi - lo < 0.1
+    assert 0 < hi - lo < 0.1 and lo < 0.6  # other folds move it a little, never across the line
     folds = shift.patient_folds(torch.zeros(len(a) + len(b), dtype=torch.long),
                                 [*s.patients[a], *s.patients[b]], 5, 0)
     for p in half:

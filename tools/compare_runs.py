@@ -55,7 +55,9 @@ def main(args: argparse.Namespace) -> None:
         labels = torch.from_numpy(va.labels)
         w = bootstrap.resample_counts(bootstrap.design(labels, va.meta))
         stats = bootstrap.paired("auroc", (pb, 0.5), (pa, 0.5), labels, w)
-        (low, high) = stats["ci95"]
+        if stats["ci95"] is None:
+            raise CxrError(f"{entry}: validation has one class in some resamples, so AUROC has no interval")
+        low, high = stats["ci95"]
         verdict = "worse" if high < 0 else "better" if low > 0 else "equal"
         ta, tb = (json.loads((r / "reports" / entry / "metrics.json").read_text())["test"] for r in (a, b))
         test = " | ".join(f"{ta[k]:.3f} / {tb[k]:.3f}" for k in ("accuracy", "recall", "specificity", "auroc"))

@@ -65,18 +65,24 @@ def by_image(strata: torch.Tensor) -> Design:
     return Design(strata, torch.arange(len(strata)))
 
 
+def cluster_strata(clusters: torch.Tensor, strata: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's cluster renumbered 0..C-1, and each cluster's stratum: the one most of its images are in (the
+    lowest on a tie), for a patient whose images span strata (Kaggle has bacterial and viral images of one)."""
+    _, cluster = torch.unique(clusters, return_inverse=True)
+    mix = torch.zeros(int(cluster.max()) + 1, int(strata.max()) + 1, dtype=torch.long)
+    mix.index_put_((cluster, strata.long()), torch.ones_like(cluster), accumulate=True)
+    return cluster, mix.argmax(1)  # argmax: the first of equal maxima
+
+
 def resample_counts(d: Design, resamples: int = RESAMPLES, seed: int = 0) -> torch.Tensor:
     """(resamples, N) float64: how often each image is drawn when each stratum's clusters are drawn with
-    replacement as many times as the stratum has clusters, each draw taking all of the cluster's images. A
-    cluster's stratum is the one most of its images are in (the lowest on a tie). With one image per cluster this
-    is the stratified image bootstrap, draw for draw."""
+    replacement as many times as the stratum has clusters, each draw taking all of the cluster's images. With
+    one image per cluster this is the stratified image bootstrap, draw for draw."""
+    if not len(d.clusters):
+        return torch.zeros(resamples, 0, dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed)
-    _, cluster = torch.unique(d.clusters, return_inverse=True)
-    n_clusters, n_strata = int(cluster.max()) + 1 if len(cluster) else 0, int(d.strata.max()) + 1 if len(cluster) else 0
-    mix = torch.zeros(n_clusters, n_strata, dtype=torch.long).index_put_((cluster, d.strata.long()),
-                                                                          torch.ones_like(cluster), accumulate=True)
-    stratum = mix.argmax(1)  # the first of equal maxima
-    counts = torch.zeros(resamples, n_clusters, dtype=torch.float64)
+    cluster, stratum = cluster_strata(d.clusters, d.strata)
+    counts = torch.zeros(resamples, len(stratum), dtype=torch.float64)
     for s in stratum.unique(sorted=True):
         members = torch.nonzero(stratum == s).flatten()
         drawn = members[torch.randint(len(members), (resamples, len(members)), generator=gen)]

@@ -109,7 +109,7 @@ def unseen(p: Params, test: Split, seen: dict[str, Seen]) -> tuple[torch.Tensor,
 
     keep = [i for i in range(len(hashes)) if not any(saw(s, i) for s in seen.values())]
     named = set(patients) - {""}
-    used = {patients[i] for i in keep} - {""}
+    used = {patients[i] or f"image {i}" for i in keep}  # what a resample draws: a patient, or an image without id
     removed = {}
     for name, s in seen.items():
         gone = [i for i in range(len(hashes)) if saw(s, i)]
@@ -138,8 +138,8 @@ def removed_text(counts: dict[str, Any]) -> str:
     def n(k: int, what: str) -> str:
         return f"{k} {what}" + ("s" if k != 1 else "")
 
-    return ", ".join(f"{n(r['images'], 'image')} of {n(r['patients'], 'patient')} seen by the {name}"
-                     for name, r in counts["removed"].items() if r["images"])
+    return ", ".join(f"{n(r['images'], 'image')}" + (f" of {n(r['patients'], 'patient')}" if r["patients"] else "") +
+                     f" seen by the {name}" for name, r in counts["removed"].items() if r["images"])
 
 
 def _register(client: MlflowClient, name: str, cand: dict[str, Any]) -> str:
@@ -191,16 +191,16 @@ def champion(client: MlflowClient, name: str) -> Any | None:
 
 
 def _decide(p: Params, champ_probs: torch.Tensor, champ_card: ModelCard, cand_probs: torch.Tensor,
-            cand_card: ModelCard, labels: torch.Tensor, test: Split) -> tuple[bool, dict[str, Any]]:
+            cand_card: ModelCard, labels: torch.Tensor, meta: list[dict[str, Any]]) -> tuple[bool, dict[str, Any]]:
     """Promote only if the 95% interval of candidate - champion lies above min_delta, from the bootstrap of every
     interval (the same resampled patients for both models): a difference within the test set's noise moves
     nothing."""
-    design = bootstrap.design(labels, test.meta)
+    design = bootstrap.design(labels, meta)
     stats = bootstrap.paired(p.promote.metric, (cand_probs, cand_card.threshold), (champ_probs, champ_card.threshold),
                              labels, bootstrap.resample_counts(design, bootstrap.RESAMPLES, p.seed))
     if stats["ci95"] is None:
         raise CxrError(f"test {p.promote.metric} is undefined in some bootstrap resamples of the "
-                       f"{len(labels)} compared test images, so no interval decides; set promote.metric: auroc")
+                       f"{len(labels)} compared test images, so no interval decides; set promote.metric: accuracy")
     stats |= {"ci95_low": stats["ci95"][0], "ci95_high": stats["ci95"][1], "unit": design.unit}
     return stats["ci95_low"] > p.promote.min_delta, stats
 
@@ -243,9 +243,9 @@ def promote(p: Params, reports: Path, data: Path, out: Path, comparison: Path = 
         champ_uri = f"models:/{name}/{champ.version}"
         probs, card, why_not, champ_order = test_probs(champ_uri, data)
         if probs is not None:
-            if champ_order != order or [m["sha256"] for m in test.meta] != order:
+            if champ_order != order:
                 raise CxrError(f"the candidate's test images ({data}/{cand_card.image_size}) and the {ALIAS}'s "
-                               f"({data}/{card.image_size if card else '?'}) are not the same images in the same "
+                               f"({data}/{card.image_size if card else ''}) are not the same images in the same "
                                "order; nothing was promoted: run `dvc repro` so that every image size is split "
                                "from one selection")
             seen[ALIAS] = seen_images(champ_uri)
@@ -272,7 +272,7 @@ def promote(p: Params, reports: Path, data: Path, out: Path, comparison: Path = 
         score = metric(key, probs[keep], labels[keep], names, card.threshold)
         before = {"version": champ.version, "variant": champ.tags.get("variant", ""), "test": score}
         promoted, stats = _decide(p, probs[keep], card, cand_probs[keep], cand_card, labels[keep],
-                                  test.take(keep.numpy()))
+                                  [test.meta[i] for i in keep.tolist()])
         verdict = "above" if promoted else "not above"
         reason = (f"test {key} on {on} {whose} neither model trained or validated on{gone}: "
                   f"{cand['test']:.4f} vs {score:.4f} (version {champ.version}): {stats['difference']:+.4f}, 95% "
@@ -285,6 +285,11 @@ def promote(p: Params, reports: Path, data: Path, out: Path, comparison: Path = 
                   f"it was validated on; the comparison alone would have "
                   f"{'promoted the candidate' if promoted else 'kept the champion'}: {reason}")
         promoted, decision = False, "stopped"
+    now = champion(client, name)
+    if (now and now.version) != (champ and champ.version):  # another promotion landed while this one compared
+        raise CxrError(f"{name}@{ALIAS} moved from version {champ.version if champ else 'none'} to "
+                       f"{now.version if now else 'none'} during this promotion, which compared the candidate with "
+                       "the former; nothing was promoted or recorded: run `cxr promote` again")
     if promoted:
         client.set_registered_model_alias(name, ALIAS, cand["version"])
     record = {"decision": decision, "reason": reason, "registered_model": name, "metric": key,

@@ -31,7 +31,7 @@ from cxr.plots import plt
 STATS = ("width", "height", "aspect", "mean", "std", "sharpness", "border", "marker")
 ALPHA = 0.01  # per test, before Bonferroni over the statistics
 MIN_EFFECT = 0.2  # |standardised mean difference| below this is no shift worth a word, however significant
-DOMAIN_AUROC = 0.6  # the domain classifier's interval must lie above this to call the sets different
+DOMAIN_AUROC = 0.6  # its interval and its range over refits must lie above this to call the sets different
 MIN_SCORE_CHANGE = 0.02  # mean P(pneumonia) moved less: no shift in scores (a near-constant score has a tiny sd)
 NEAR_COPIES = 0.4  # its interval below this: the sets share near-copies of images (each one's twin is misread)
 
@@ -146,16 +146,14 @@ MAX_FEATURES = 512  # wider features (a tinyvgg's 2,560) are projected on this m
 
 def patient_folds(strata: torch.Tensor, patients: list[str], folds: int, seed: int) -> torch.Tensor:
     """(N,) fold per image: each patient's images (across both sets) in one fold, patients dealt to folds in a
-    seeded order within their stratum (that of their first image), so each fold keeps the strata's shares."""
-    clusters = bootstrap.clusters_of(patients)
-    n = int(clusters.max()) + 1
-    first = torch.full((n,), len(clusters)).scatter_reduce_(0, clusters, torch.arange(len(clusters)), "amin")
-    stratum, order = strata[first], torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    fold = torch.empty(n, dtype=torch.long)
+    seeded order within their stratum (as the bootstrap assigns it), so each fold keeps the strata's shares."""
+    cluster, stratum = bootstrap.cluster_strata(bootstrap.clusters_of(patients), strata)
+    order = torch.randperm(len(stratum), generator=torch.Generator().manual_seed(seed))
+    fold = torch.empty(len(stratum), dtype=torch.long)
     for s in stratum.unique():
         members = order[stratum[order] == s]  # this stratum's patients, in the seeded order
         fold[members] = torch.arange(len(members)) % folds
-    return fold[clusters]
+    return fold[cluster]
 
 
 def held_out(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, fold: torch.Tensor) -> torch.Tensor:
@@ -183,7 +181,8 @@ def domain_auroc(a: torch.Tensor, b: torch.Tensor, la: np.ndarray | None = None,
     x = torch.cat([a, b]).double()
     x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
     if x.shape[1] > MAX_FEATURES:  # rotated onto their leading principal components (no set labels used), unscaled:
-        # with as many components as images the ridge fit is the same as on the raw features, and Newton stays fast
+        # with at most MAX_FEATURES images the ridge fit is the same as on the raw features, beyond it a truncation
+        # to the leading ones; either way Newton's Hessian stays small
         u, sv, _ = torch.linalg.svd(x, full_matrices=False)
         x = u[:, :MAX_FEATURES] * sv[:MAX_FEATURES]
     y = torch.cat([torch.zeros(len(a)), torch.ones(len(b))])
@@ -201,7 +200,9 @@ def domain_auroc(a: torch.Tensor, b: torch.Tensor, la: np.ndarray | None = None,
     point = float(bootstrap.weighted_auroc(out, y.bool(), w[None])[0])
     design = bootstrap.Design(strata, bootstrap.clusters_of(ids), len(set(ids) - {""}))
     ci = bootstrap.interval(bootstrap.weighted_auroc(out, y.bool(), bootstrap.resample_counts(design, seed=seed) * w))
-    assert ci is not None  # both sets are in every resample: the strata lie within the sets
+    if ci is None:  # a resample without one of the sets: only where every patient has images in both
+        raise CxrError("the two sets hold the same patients, so no resample by patient separates them; compare "
+                       "sets of different patients")
     again = [float(bootstrap.weighted_auroc(held_out(x, y, w, patient_folds(strata, ids, folds, seed + r)), y.bool(),
                                             w[None])[0]) for r in range(1, refits + 1)]
     spread = [round(min(again, default=point), 6), round(max(again, default=point), 6)]
@@ -234,6 +235,8 @@ def _logistic(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, l2: float = 1e-
         step, size = torch.linalg.solve(hessian, grad), 1.0
         while (new := loss(beta - size * step)) > value and size > 1e-4:
             size /= 2
+        if new > value:  # no step lowers the loss: at the optimum to rounding
+            break
         beta, value = beta - size * step, new
         if float(step.abs().max()) * size < 1e-9:
             break
