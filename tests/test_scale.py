@@ -190,7 +190,8 @@ def test_a_team_shares_runs_models_and_data_through_the_server_and_the_remote(tm
     sh(tmp_path, "git", "init", "-q", "--bare", "--initial-branch=main", str(origin))
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     a = make_project(tmp_path / "a", {v: raw["models"][v] for v in ("linear", "mlp")},
-                     gray={"image_size": 32, "extra_sizes": []}, train={"epochs": 2})
+                     gray={"image_size": 32, "extra_sizes": []}, train={"epochs": 2},
+                     promote={"min_test_images": 20, "min_test_patients": 10})  # 72 test images, 40 patients
     sh(a, "git", "remote", "add", "origin", str(origin))  # the team's repository
     folder = make_imagefolder(tmp_path / "src", per_class=30)
     sh(a, "dvc", "remote", "add", "--default", "team", remote)

@@ -60,7 +60,7 @@ def test_the_retrain_step_runs_here_as_on_a_cpu_runner(tmp_path):
     job = yaml.safe_load(WORKFLOW.read_text())["jobs"]["retrain"]
     assert job["env"]["PROFILE"] == "${{ vars.RETRAIN_PROFILE || (vars.RETRAIN_RUNNER && 'full' || 'quick') }}"
     [step] = [s for s in job["steps"] if s.get("id") == "retrain"]
-    repo = make_project(tmp_path / "repo", {})
+    repo = make_project(tmp_path / "repo", {}, promote={"min_test_images": 1, "min_test_patients": 1})  # 8 test images
     shutil.copytree(ROOT / "configs", repo / "configs")
     export = hub_export(tmp_path / "export", {"train": 16, "validation": 4, "test": 4})
     out, summary = tmp_path / "github_output", tmp_path / "step_summary.md"

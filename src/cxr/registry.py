@@ -215,8 +215,17 @@ class Pin:
 
 
 def pin(p: Params) -> Pin:
+    """The champion now, before anything is registered. A registered model that does not exist yet has no
+    champion: asked for its alias, a server with logins answers 403 (no permission on a model nobody owns), not
+    "not found", so its existence is searched first (a search lists only what one may read)."""
     tracking.setup(p.mlflow.experiment)
-    return Pin(champion(MlflowClient(), p.mlflow.registered_model))
+    client, name = MlflowClient(), p.mlflow.registered_model
+    try:
+        exists = bool(client.search_registered_models(f"name = '{name}'"))
+    except MlflowException as e:
+        raise CxrError(f"cannot search {name} in {tracking.store_and_error(e)}; nothing was promoted: check the "
+                       "server and your credentials, then run `cxr promote` again") from e
+    return Pin(champion(client, name) if exists else None)
 
 
 def promote(p: Params, reports: Path, data: Path, out: Path, comparison: Path = Path("comparison"),
