@@ -93,7 +93,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for classes in (2, 3):
         probs, labels = case(classes, ids)
-        d = bootstrap.Design(labels, bootstrap.clusters_of(ids), len(set(ids)))
+        d = bootstrap.by_patient(labels, ids)
         t_naive, ref = timed(naive, probs, labels, d, args.resamples, repeats=args.repeats)
         t_vec, ours = timed(vectorised, probs, labels, d, args.resamples, repeats=args.repeats)
         gap = max(abs(a - b) for k in SCORES for a, b in zip(ours[k], ref[k], strict=True))

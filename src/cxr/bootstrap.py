@@ -56,8 +56,12 @@ def design(labels: torch.Tensor, meta: Sequence[dict[str, Any]]) -> Design:
     """Strata by class and, within it, the pneumonia subtype the file name gives ('' where none); clusters by
     the metadata's patient_id."""
     cause = torch.tensor([SUBTYPES.index(c) + 1 if (c := subtype(m["name"])) else 0 for m in meta], dtype=torch.long)
-    patients = [m.get("patient_id") or "" for m in meta]
-    return Design(labels.long() * (len(SUBTYPES) + 1) + cause, clusters_of(patients), len(set(patients) - {""}))
+    return by_patient(labels.long() * (len(SUBTYPES) + 1) + cause, [m.get("patient_id") or "" for m in meta])
+
+
+def by_patient(strata: torch.Tensor, patients: Sequence[str]) -> Design:
+    """Images clustered by their patient ids ('' where unknown: an image alone)."""
+    return Design(strata, clusters_of(patients), len(set(patients) - {""}))
 
 
 def by_image(strata: torch.Tensor) -> Design:

@@ -211,7 +211,7 @@ class Pin:
     `cxr retrain` read its weights, seen list and shift report from `models:/<name>/<version>`, never from the
     alias again, which a teammate's promotion may move meanwhile."""
 
-    version: Any | None
+    champion: Any | None  # its ModelVersion
 
 
 def pin(p: Params) -> Pin:
@@ -236,7 +236,7 @@ def promote(p: Params, reports: Path, data: Path, out: Path, comparison: Path = 
     the champion as the caller resolved it (`cxr retrain`, before its shift report); else resolved here, once."""
     tracking.setup(p.mlflow.experiment)
     client, name, key = MlflowClient(), p.mlflow.registered_model, p.promote.metric
-    champ = (pinned or pin(p)).version
+    champ = (pinned or pin(p)).champion
     cand = candidate(p, reports, comparison)
     cand["version"] = _register(client, name, cand)
     cand_uri = f"models:/{name}/{cand['version']}"

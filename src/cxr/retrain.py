@@ -48,10 +48,10 @@ def champion_shift(p: Params, data: Path, pinned: Pin) -> dict[str, Any] | None:
     150 training images against Kaggle's test, tests/test_retrain.py); with fewer than MIN_IMAGES of them, its
     training images join them and the report says so. Too few on a side: a report that says so. `pinned`: the
     champion's version, resolved once for the whole retraining."""
-    if pinned.version is None:
+    if pinned.champion is None:
         return None
     tracking.setup(p.mlflow.experiment)
-    uri = f"models:/{p.mlflow.registered_model}/{pinned.version.version}"
+    uri = f"models:/{p.mlflow.registered_model}/{pinned.champion.version}"
     try:
         rows = seen_rows(uri)
     except CxrError:  # a champion of an older version of the project

@@ -198,7 +198,7 @@ def domain_auroc(a: torch.Tensor, b: torch.Tensor, la: np.ndarray | None = None,
     x = torch.cat([x, torch.ones(len(y), 1, dtype=torch.float64)], 1)  # the intercept
     out = held_out(x, y, w, patient_folds(strata, ids, folds, seed))
     point = float(bootstrap.weighted_auroc(out, y.bool(), w[None])[0])
-    design = bootstrap.Design(strata, bootstrap.clusters_of(ids), len(set(ids) - {""}))
+    design = bootstrap.by_patient(strata, ids)
     ci = bootstrap.interval(bootstrap.weighted_auroc(out, y.bool(), bootstrap.resample_counts(design, seed=seed) * w))
     if ci is None:  # a resample without one of the sets: only where every patient has images in both
         raise CxrError("the two sets hold the same patients, so no resample by patient separates them; compare "
@@ -312,8 +312,8 @@ def shift(reference: ImageSet, target: ImageSet, model: torch.nn.Module | None =
         fa, pa = features_and_scores(model, card, reference.images)
         fb, pb = features_and_scores(model, card, target.images)
         share = float((la > 0).mean()) if la is not None else float(pa.mean())
-        # EM starts from the prior the scores carry: the one training weighed the classes by (0.5 with balanced
-        # sampling), as the card records it; cards of older versions: the reference set's share
+        # EM's prior is the one the scores carry (in each step, and as its start): the one training weighed the
+        # classes by (0.5 with balanced sampling), as the card records it; cards of older versions: the reference's
         prior, start = (card.prior, "the model's training prior (its card)") if card.prior is not None else \
             (share, "the reference set's share (the card records no training prior)")
         dom, held = domain_auroc(fa, fb, la, lb, ids)
