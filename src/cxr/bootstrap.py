@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from cxr.data.split import SUBTYPES, subtype
+from cxr.data.split import SUBTYPES, series_of, subtype
 from cxr.metrics import ratio
 from cxr.params import HEADLINE, WITH_INTERVAL
 from cxr.task import predicted
@@ -52,11 +53,15 @@ def clusters_of(patients: Sequence[str]) -> torch.Tensor:
     return torch.tensor([ids.setdefault(p or f"\0{i}", len(ids)) for i, p in enumerate(patients)], dtype=torch.long)
 
 
-def design(labels: torch.Tensor, meta: Sequence[dict[str, Any]]) -> Design:
-    """Strata by class and, within it, the pneumonia subtype the file name gives ('' where none); clusters by
-    the metadata's patient_id."""
+def design(labels: torch.Tensor, meta: Sequence[dict[str, Any]], series: Sequence[str] = ()) -> Design:
+    """Strata by class and, within it, the pneumonia subtype the file name gives ('' where none) and the series
+    the `series` patterns find (split.series); clusters by the metadata's patient_id."""
     cause = torch.tensor([SUBTYPES.index(c) + 1 if (c := subtype(m["name"])) else 0 for m in meta], dtype=torch.long)
-    return by_patient(labels.long() * (len(SUBTYPES) + 1) + cause, [m.get("patient_id") or "" for m in meta])
+    strata = labels.long() * (len(SUBTYPES) + 1) + cause
+    if series:
+        _, found = np.unique([series_of(m["name"], list(series))[0] for m in meta], return_inverse=True)
+        strata = strata * (int(found.max()) + 1) + torch.from_numpy(found.reshape(-1))
+    return by_patient(strata, [m.get("patient_id") or "" for m in meta])
 
 
 def by_patient(strata: torch.Tensor, patients: Sequence[str]) -> Design:

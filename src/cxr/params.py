@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -55,6 +56,15 @@ class SplitParams:
     balance: Literal["none", "downsample"] = "none"
     drop_duplicates: bool = False
     pool: bool = False  # pool every split of the source and carve train/val/test again, by patient
+    # How a carved validation split is chosen: at random by patient; as a block of each acquisition series (the
+    # patients at `val_end` of the series' running numbers), imitating a new acquisition; or auto: whichever
+    # validation's images a domain classifier tells least well from the test images (no labels read)
+    val_by: Literal["patient", "acquisition", "auto"] = "patient"
+    val_end: Literal["low", "high"] = "low"
+    # Series in file names, for figures per series: regular expressions with a group `series` and, where the
+    # names give a running number, a group `number` (val_by acquisition carves blocks of those series only).
+    # The first that matches a name wins; no match: no series.
+    series: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,8 @@ class TrainParams:
     aug_contrast: float = 0.1  # scale around the image mean, uniform in 1 +-
     aug_gamma: float = 0.0  # x ** exp(u), u uniform in +- this (exposure curves of other machines)
     aug_noise: float = 0.0  # Gaussian noise, its std uniform in [0, this)
+    aug_sharpness: float = 0.0  # x + s (x - blur(x)), s uniform in +- this: blurs (s < 0) or sharpens (s > 0)
+    aug_border: float = 0.0  # each side's border blacked out over a strip up to this fraction of the side
     aug_hflip: bool = False  # off by default: a flip moves the heart to the right
     mixup: float = 0.0  # mixup's Beta(a, a); 0 = off
     sampler: Literal["shuffle", "balanced"] = "shuffle"  # balanced: each class drawn equally often (with replacement)
@@ -257,7 +269,7 @@ def _check_train(tp: TrainParams, prefix: str) -> None:
         if getattr(tp, key) < 1:
             raise ParamsError(f"{prefix}.{key}: {getattr(tp, key)} must be 1 or more")
     for key in ("lr", "weight_decay", "label_smoothing", "grad_clip", "warmup_epochs", "freeze_epochs", "patience",
-                "aug_scale", "aug_translate", "aug_gamma", "aug_noise", "mixup", "ema"):
+                "aug_scale", "aug_translate", "aug_gamma", "aug_noise", "aug_sharpness", "aug_border", "mixup", "ema"):
         value = getattr(tp, key)
         if value < 0 or (key == "lr" and value == 0):
             raise ParamsError(f"{prefix}.{key}: {value} must be {'above' if key == 'lr' else 'at least'} 0")
@@ -268,8 +280,8 @@ def _check_train(tp: TrainParams, prefix: str) -> None:
     if tp.label_smoothing >= 1:
         raise ParamsError(f"{prefix}.label_smoothing: {tp.label_smoothing} must be below 1 (1 would make every "
                           "target the same)")
-    for key in ("aug_scale", "ema"):
-        if getattr(tp, key) >= 1:
+    for key in ("aug_scale", "ema", "aug_sharpness"):
+        if getattr(tp, key) >= 1 + (key == "aug_sharpness"):
             raise ParamsError(f"{prefix}.{key}: {getattr(tp, key)} must be below 1")
     if tp.sampler == "balanced" and (tp.class_weights != "none" or tp.pos_weight != 1.0):
         raise ParamsError(f"{prefix}.sampler: balanced sampling already weights the classes; keep pos_weight: 1.0 "
@@ -309,6 +321,14 @@ def parse(raw: dict[str, Any]) -> Params:
     for key in ("val_fraction", "test_fraction"):
         if not 0 < getattr(params.split, key) < 0.5:
             raise ParamsError(f"split.{key}: must be between 0 and 0.5")
+    for i, pattern in enumerate(params.split.series):
+        try:
+            groups = re.compile(pattern).groupindex
+        except re.error as e:
+            raise ParamsError(f"split.series[{i}]: {pattern!r} is no regular expression ({e})") from None
+        if "series" not in groups:
+            raise ParamsError(f"split.series[{i}]: {pattern!r} needs a named group (?P<series>...) (and "
+                              "(?P<number>\\d+) where the names give a running number, for val_by acquisition)")
     for name, members in params.ensembles.items():
         if name in params.models or not name.replace("_", "").isalnum() or not name.islower():
             raise ParamsError(f"ensembles.{name}: needs a snake_case name that no variant in models has")

@@ -195,7 +195,7 @@ def _decide(p: Params, champ_probs: torch.Tensor, champ_card: ModelCard, cand_pr
     """Promote only if the 95% interval of candidate - champion lies above min_delta, from the bootstrap of every
     interval (the same resampled patients for both models): a difference within the test set's noise moves
     nothing."""
-    design = bootstrap.design(labels, meta)
+    design = bootstrap.design(labels, meta, p.split.series)
     stats = bootstrap.paired(p.promote.metric, (cand_probs, cand_card.threshold), (champ_probs, champ_card.threshold),
                              labels, bootstrap.resample_counts(design, bootstrap.RESAMPLES, p.seed))
     if stats["ci95"] is None:

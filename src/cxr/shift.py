@@ -23,7 +23,7 @@ from torch.nn import functional
 from cxr import LABELS, bootstrap
 from cxr.data.gray import decode, patient_id
 from cxr.data.sources import IMAGE_SUFFIXES
-from cxr.data.store import load_split, size_dir
+from cxr.data.store import Split, load_split, size_dir
 from cxr.errors import CxrError
 from cxr.inference import ModelCard, predict_logits, to_device
 from cxr.plots import plt
@@ -138,6 +138,14 @@ def image_features(images: np.ndarray) -> torch.Tensor:
     bins = (x.flatten(1) * 32).long().clamp(max=31) + 32 * torch.arange(len(x))[:, None]
     hist = torch.bincount(bins.flatten(), minlength=32 * len(x)).reshape(len(x), 32) / x[0].numel()
     return torch.cat([thumb, hist.float()], 1)
+
+
+def likeness(a: Split, b: Split) -> dict[str, Any]:
+    """How well the images alone tell `b` from `a` (the domain classifier below, no labels, folds by patient):
+    split.val_by auto keeps the validation whose AUROC against the test images is lower."""
+    ids = tuple(np.array([m["patient_id"] for m in s.meta]) for s in (a, b))
+    return domain_auroc(image_features(np.asarray(a.images)), image_features(np.asarray(b.images)),
+                        patients=ids)[0]  # type: ignore[arg-type]
 
 
 REFITS = 10  # the cross-validation repeated with other patient folds: how much the AUROC moves with the split

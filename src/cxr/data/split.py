@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import shutil
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,51 @@ def carve(data: Split, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarr
                        f"{fraction:.0%} split; add images or lower split.val_fraction / split.test_fraction")
     carved = first_fold(data.labels, _groups(data), n_splits, seed)
     return np.flatnonzero(~carved), np.flatnonzero(carved)
+
+
+def series_of(name: str, patterns: list[str]) -> tuple[str, int | None]:
+    """The acquisition series a file name names and its running number (None where the pattern has no
+    `number` group), by the first of `patterns` that matches; ('', None) where none does."""
+    base = os.path.basename(name)
+    for pattern in patterns:
+        if m := re.match(pattern, base):  # re caches the compiled patterns
+            number = m.groupdict().get("number")
+            return m.group("series"), int(number) if number else None
+    return "", None
+
+
+def carve_blocks(data: Split, fraction: float, seed: int, patterns: list[str],
+                 end: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Indices (kept, carved) as a new acquisition would come: within each series (and class), whole patients
+    taken from `end` ("low" or "high") of the running numbers until the block holds `fraction` of the series'
+    images; images of no series are carved at random by patient. Also the blocks, for the split report."""
+    found = [series_of(m["name"], patterns) for m in data.meta]
+    groups = _groups(data)
+    chosen: set[str] = set()
+    blocks: list[dict[str, Any]] = []
+    for key in sorted({(s, int(y)) for (s, n), y in zip(found, data.labels, strict=True) if n is not None}):
+        rows = [i for i, ((s, n), y) in enumerate(zip(found, data.labels, strict=True))
+                if (s, int(y)) == key and n is not None]
+        number: dict[str, int] = {}  # a patient's place in the series: the lowest number of its images
+        for i in rows:
+            number[groups[i]] = min(number.get(groups[i], found[i][1]), found[i][1])  # type: ignore[type-var]
+        size = Counter(groups[i] for i in rows)
+        taken: list[str] = []
+        for g in sorted(number, key=lambda g: (number[g], g), reverse=end == "high"):
+            if sum(size[t] for t in taken) >= fraction * len(rows):
+                break
+            taken.append(g)
+        chosen |= set(taken)
+        blocks.append({"series": key[0], "class": key[1], "numbers": [min(number[t] for t in taken),
+                                                                       max(number[t] for t in taken)],
+                       "patients": len(taken), "images": sum(size[t] for t in taken), "of_images": len(rows)})
+    carved = np.isin(groups, list(chosen))
+    rest = np.flatnonzero(np.array([n is None for _, n in found]) & ~carved)
+    n_splits = max(2, round(1 / fraction))
+    if len(rest) >= n_splits:  # names without a numbered series: at random by patient, as val_by patient would
+        carved[rest[first_fold(data.labels[rest], groups[rest], n_splits, seed)]] = True
+    return np.flatnonzero(~carved), np.flatnonzero(carved), {
+        "blocks": blocks, "unnumbered": {"images": len(rest), "carved": int(carved[rest].sum())}}
 
 
 def first_fold(labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -> np.ndarray:
@@ -172,37 +220,79 @@ def _check_classes(counts: dict[str, dict[str, int]]) -> None:
         log.warning("the test split has no %s images: AUROC and average precision will be null", "/".join(missing))
 
 
+Likeness = Callable[[Split, Split], dict[str, Any]]  # (val, test) -> {"auroc": how well the images tell them apart}
+
+
 def split(gray: Path, out: Path, p: SplitParams, seed: int, labels: str = "binary",
-          report_path: Path | None = None) -> dict[str, Any]:
+          report_path: Path | None = None, likeness: Likeness | None = None) -> dict[str, Any]:
     """Write `out`/<size>/{train,val,test}_* from the grayscale arrays of each size, with the same images
-    in each; return the report (and write it to `report_path`, together with `out`)."""
+    in each; return the report (and write it to `report_path`, together with `out`). `likeness` measures, for
+    split.val_by auto, how far each candidate validation's images are from test's."""
     sizes = sizes_in(gray)
     if not sizes:
         raise CxrError(f"{gray} holds no image sizes; run `dvc repro grayscale`")
-    report, chosen = _select(gray / str(sizes[0]), p, seed, labels)
+    first = gray / str(sizes[0])
+    choice = choose_validation(first, p, seed, labels, likeness) if p.val_by == "auto" else None
+    report, chosen = _select(first, p, seed, labels, choice["by"] if choice else p.val_by)
+    if choice:
+        report["validation"]["choice"] = choice
+    present = splits_in(first)
     with atomic_paths(out, *([report_path] if report_path else [])) as (tmp, *report_tmp):  # `out` first
         tmp.mkdir()
         for path in report_tmp:
             write_json(path, report)
-        present = splits_in(gray / str(sizes[0]))
         for size in sizes:
             folder = tmp / str(size)
             folder.mkdir()
-            sources = [np.load(gray / str(size) / f"{s}_images.npy", mmap_mode="r") for s in present]
-            starts = np.cumsum([0, *(len(a) for a in sources)])
             for name, rows in chosen.items():
-                images = np.empty((len(rows.labels), size, size), dtype=np.uint8)
-                for a, start in zip(sources, starts, strict=False):  # rows number the sources one after another
-                    here = (rows.images >= start) & (rows.images < start + len(a))
-                    images[here] = a[rows.images[here] - start]
-                save_split(folder, name, Split(images, rows.labels, rows.meta))
+                save_split(folder, name, _gather(gray / str(size), present, rows))
             (folder / "classes.json").write_text(json.dumps(report["classes"]))
             shutil.copy(gray / str(size) / "preprocessing.json", folder)
     log.info("split counts %s; duplicates %s", report["counts"], report["duplicates"]["across_splits"])
     return report
 
 
-def _select(gray: Path, p: SplitParams, seed: int, labels: str) -> tuple[dict[str, Any], dict[str, Split]]:
+def _gather(folder: Path, present: list[str], rows: Split) -> Split:
+    """The images of `rows` (row numbers in the source's splits, counted one after another) from `folder`."""
+    sources = [np.load(folder / f"{s}_images.npy", mmap_mode="r") for s in present]
+    starts = np.cumsum([0, *(len(a) for a in sources)])
+    images = np.empty((len(rows.labels), *sources[0].shape[1:]), dtype=np.uint8)
+    for a, start in zip(sources, starts, strict=False):
+        here = (rows.images >= start) & (rows.images < start + len(a))
+        images[here] = a[rows.images[here] - start]
+    return Split(images, rows.labels, rows.meta)
+
+
+def choose_validation(gray: Path, p: SplitParams, seed: int, labels: str,
+                      likeness: Likeness | None) -> dict[str, Any]:
+    """split.val_by auto: carve validation both ways and keep the one whose images are hardest to tell from the
+    test images (the lower domain AUROC): the one that looks most like the data the model will meet. It reads
+    test's images, never its labels."""
+    if likeness is None:
+        raise CxrError("split.val_by auto needs a measure of likeness (the split stage passes the shift report's "
+                       "domain classifier)")
+    present = splits_in(gray)
+    if "val" in present and not p.pool:
+        return {"by": "patient", "reason": "the source has a validation split; nothing is carved"}
+    if not any(series_of(m["name"], p.series)[1] is not None for m in load_split(gray, "train", mmap=True).meta):
+        return {"by": "patient", "reason": "no file name names an acquisition series (split.series)"}
+    measured = {}
+    for by in ("patient", "acquisition"):
+        _, chosen = _select(gray, p, seed, labels, by, warn=False)
+        val, test = (_gather(gray, present, chosen[s]) for s in ("val", "test"))
+        # a patient on both sides makes them look alike for a reason that is no acquisition (Kaggle's folders
+        # share 170 patients): only validation's other patients are compared
+        theirs = {m["patient_id"] for m in test.meta} - {""}
+        val = val.take(np.array([i for i, m in enumerate(val.meta) if m["patient_id"] not in theirs], dtype=np.int64))
+        measured[by] = {**likeness(val, test), "val_images_compared": len(val.labels)}
+        log.info("validation by %s: its images against test's, domain AUROC %.3f", by, measured[by]["auroc"])
+    best = min(measured, key=lambda b: measured[b]["auroc"])
+    return {"by": best, "reason": "its images are the harder to tell from test's (domain AUROC, test labels unread)",
+            "domain_auroc": measured}
+
+
+def _select(gray: Path, p: SplitParams, seed: int, labels: str, val_by: str,
+            warn: bool = True) -> tuple[dict[str, Any], dict[str, Split]]:
     """The report, and per output split a Split whose `images` are row numbers in the source's splits, counted
     one after another (in SPLITS order). Every step reads labels and metadata only, so one selection serves
     every image size."""
@@ -222,7 +312,7 @@ def _select(gray: Path, p: SplitParams, seed: int, labels: str) -> tuple[dict[st
                                                                         splits.items()}, "carved": [],
                               "pooled": p.pool}
     crossing = duplicates(splits)["patient_ids_across_splits"]
-    if crossing and not p.pool:
+    if crossing and not p.pool and warn:
         log.warning("%d patients have images in more than one of the source's splits (%s): scores on those "
                     "splits are optimistic, as the model has seen these patients; set split.pool: true to "
                     "re-split every image by patient", sum(crossing.values()),
@@ -232,12 +322,24 @@ def _select(gray: Path, p: SplitParams, seed: int, labels: str) -> tuple[dict[st
         splits = {"train": Split(np.concatenate([d.images for d in splits.values()]),
                                  np.concatenate([d.labels for d in splits.values()]),
                                  [m for d in splits.values() for m in d.meta])}
+    report["validation"] = {"by": "source"}
     for name, fraction in (("test", p.test_fraction), ("val", p.val_fraction)):
         if name not in splits:
-            kept, carved = carve(splits["train"], fraction, seed)
+            if name == "val" and val_by == "acquisition":
+                kept, carved, blocks = carve_blocks(splits["train"], fraction, seed, p.series, p.val_end)
+                if not blocks["blocks"]:
+                    raise CxrError("split.val_by acquisition: no training file name matches a split.series pattern "
+                                   f"with a running number (e.g. {splits['train'].meta[0]['name']}); set "
+                                   "split.series to patterns your names follow, or split.val_by: patient")
+                report["validation"] = {"by": val_by, "end": p.val_end, "share": fraction, "series": p.series,
+                                        **blocks}
+            else:
+                kept, carved = carve(splits["train"], fraction, seed)
+                if name == "val":
+                    report["validation"] = {"by": "patient", "share": fraction}
             splits[name], splits["train"] = splits["train"].take(carved), splits["train"].take(kept)
             report["carved"].append(name)
-    if "val" in present and not p.pool and len(splits["val"].labels) < MIN_VAL:
+    if "val" in present and not p.pool and len(splits["val"].labels) < MIN_VAL and warn:
         log.warning("the source's val split has only %d images (Kaggle's val/ folder has 16): early stopping, the "
                     "threshold and the choice of model would rest on them; remove that folder (or move its images "
                     "to train/) so that split.val_fraction carves a validation split by patient",

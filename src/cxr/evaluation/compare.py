@@ -50,6 +50,9 @@ def leaderboard(p: Params, reports: Path) -> Rows:
                 "threshold_high": _round(span.get("high")), "threshold_wide": span.get("wide")}
         for cause, sub in ev.get("subtypes", {}).get("test", {}).items():  # where the file names say
             row |= {f"recall_{cause}": _round(sub["recall"]), f"recall_{cause}_ci95": sub["recall_ci95"]}
+        for name, sub in ev.get("series", {}).get("test", {}).items():  # split.series: e.g. specificity_IM
+            row |= {f"{k}_{name}{end}": _round(sub[k + end]) if not end else sub[k + end]
+                    for k in ("specificity", "recall") if k in sub for end in ("", "_ci95")}
         row |= {"tta": ev.get("tta", 1), "temperature": _round(cal.get("temperature")),
                 "val_ece": _round(cal.get("val_ece_after")), "test_ece": _round(cal.get("test_ece_after")),
                 "test_class_ece": _round(cal.get("test_class_ece_after")),
@@ -156,10 +159,10 @@ def markdown(rows: Rows, metric: str, groups: Groups | None = None, shift: dict[
     head = [k for k in (rows[0] if rows else {"variant": 0})
             if k not in ("run_id", "model_id", "threshold_wide", "interval_unit") and not k.endswith("_ci95")]
     lines = [f"# Leaderboard (test scores, sorted by validation {metric})", "",
-             f"Scores [{interval_label(rows)}: 2,000 bootstrap resamples, each drawn within each class and "
-             "pneumonia subtype]; recall_bacteria and recall_virus: the "
-             "sensitivity within each pneumonia subtype; test_ece: top-label (Guo et al.), test_class_ece: "
-             "class-wise.", *(f"\n{line}" for line in shift_lines(shift)), "", "| " + " | ".join(head) + " |",
+             f"Scores [{interval_label(rows)}: 2,000 bootstrap resamples, each drawn within each class, "
+             "pneumonia subtype and series]; recall_bacteria and recall_virus: the sensitivity within each "
+             "pneumonia subtype; specificity_<series> and recall_<series>: within each series the file names give "
+             "(split.series); test_ece: top-label (Guo et al.), test_class_ece: class-wise.", *(f"\n{line}" for line in shift_lines(shift)), "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(cell(r, k) for k in head) + " |" for r in rows]
     if extra := [*threshold_lines(rows), *spread_lines(groups or [])]:

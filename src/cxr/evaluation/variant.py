@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from PIL import Image
 
 from cxr import bootstrap, explain, inference, serving, tracking
-from cxr.data.split import SUBTYPES, subtype
+from cxr.data.split import SUBTYPES, series_of, subtype
 from cxr.data.store import Split, images_digest, load_split, size_dir
 from cxr.errors import CxrError
 from cxr.io import atomic_paths, write_csv, write_json
@@ -51,6 +52,26 @@ log = logging.getLogger(__name__)
 WIDE_RANGE = 0.1
 
 
+def by_series(called: torch.Tensor, y: torch.Tensor, data: Split, patterns: list[str],
+              w: torch.Tensor) -> dict[str, Any]:
+    """Per series the file names give (split.series): its images and patients, and its specificity (share of
+    its normal images called normal) and sensitivity (share of its pneumonia images called pneumonia), where
+    it holds such images, each with its 95% interval over the resamples `w`."""
+    found = [series_of(m["name"], patterns)[0] for m in data.meta]
+    out: dict[str, Any] = {}
+    for name in sorted(set(found) - {""}):
+        here = torch.tensor([f == name for f in found])
+        row: dict[str, Any] = {"images": int(here.sum()),
+                               "patients": len({m["patient_id"] for m, h in zip(data.meta, here.tolist(), strict=True)
+                                                if h and m["patient_id"]})}
+        for key, mask, right in (("specificity", here & (y == 0), ~called), ("recall", here & (y != 0), called)):
+            if mask.any():
+                row |= {key: float(right[mask].double().mean()),
+                        f"{key}_ci95": bootstrap.share_interval(right[mask], w[:, mask])}
+        out[name] = row
+    return out
+
+
 def _split_figures(probs: torch.Tensor, y: torch.Tensor, cause: list[str], names: list[str],
                    threshold: float, w: torch.Tensor) -> dict[str, Any]:
     """One split's scores (at `threshold`; argmax with more classes), their 95% intervals over the resamples
@@ -68,16 +89,16 @@ def _split_figures(probs: torch.Tensor, y: torch.Tensor, cause: list[str], names
 
 
 METHOD = ("percentile bootstrap: clusters (a patient's images; an image without a patient id alone) drawn with "
-          "replacement within strata of class and pneumonia subtype")
+          "replacement within strata of class, pneumonia subtype and series (split.series)")
 
 
 def _metrics(p_val: torch.Tensor, val: Split, p_test: torch.Tensor, test: Split, names: list[str],
-             rule: str | float, seed: int) -> dict[str, Any]:
+             rule: str | float, seed: int, series: Sequence[str] = ()) -> dict[str, Any]:
     """Scores of val and test with their intervals and subtypes; binary: the threshold chosen on val, the range
     of equally good ones, and operating points at fixed val specificities, for a user who must pick one."""
     y_val, y_test = torch.from_numpy(val.labels), torch.from_numpy(test.labels)
     c_val, c_test = ([subtype(m["name"]) for m in data.meta] for data in (val, test))
-    d_val, d_test = bootstrap.design(y_val, val.meta), bootstrap.design(y_test, test.meta)
+    d_val, d_test = bootstrap.design(y_val, val.meta, series), bootstrap.design(y_test, test.meta, series)
     w_val, w_test = (bootstrap.resample_counts(d, bootstrap.RESAMPLES, seed) for d in (d_val, d_test))
     binary = len(names) == 2
     threshold = choose_threshold(p_val, y_val, rule) if binary else 0.5
@@ -88,9 +109,11 @@ def _metrics(p_val: torch.Tensor, val: Split, p_test: torch.Tensor, test: Split,
         if best is not None and near is not None:
             out["threshold_range"] = {"best": list(best), "low": near[0], "high": near[1], "width": near[1] - near[0],
                                       "wide": near[1] - near[0] >= WIDE_RANGE}
-    for split, probs, y, cause, d, w in (("test", p_test, y_test, c_test, d_test, w_test),
-                                         ("val", p_val, y_val, c_val, d_val, w_val)):
+    for split, data, probs, y, cause, d, w in (("test", test, p_test, y_test, c_test, d_test, w_test),
+                                               ("val", val, p_val, y_val, c_val, d_val, w_val)):
         fig = _split_figures(probs, y, cause, names, threshold, w)
+        if per_series := by_series(predicted(probs, threshold) != 0, y, data, list(series), w):
+            out.setdefault("series", {})[split] = per_series
         # every interval of this split (scores, subtypes, operating points) is over these resamples
         out |= {split: fig["scores"], f"{split}_ci95": fig["ci95"],
                 f"{split}_intervals": d.describe(bootstrap.RESAMPLES, seed)}
@@ -169,7 +192,15 @@ def scores_note(metrics: dict[str, Any], n_test: int) -> str:
     n = metrics.get("test_intervals", {}).get("patients")
     images = f"{n_test} images" + (f" of {n} patients" if n else "")
     return (f"Test ({images}){at}: {shown} (95% intervals, bootstrap by {units['test']}). "
-            f"Val AUROC {val} (by {units['val']}).")
+            f"Val AUROC {val} (by {units['val']}).{series_note(metrics.get('series', {}).get('test', {}))}")
+
+
+def series_note(series: dict[str, Any]) -> str:
+    """The test scores per series in words, e.g. ' By series: specificity IM 0.913 [0.85-0.96] (69 images), ...'."""
+    parts = [f"{label} {name} {with_interval(row[key], row.get(f'{key}_ci95'))} ({row['images']} images)"
+             for name, row in series.items() for key, label in (("specificity", "specificity"),
+                                                                ("recall", "sensitivity")) if key in row]
+    return f" By series: {'; '.join(parts)}." if parts else ""
 
 
 def log_figure(fig: Any, path: str) -> None:
@@ -255,7 +286,7 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
     calibration = calibrate(card, z_val, y_val, z_test, y_test, p.evaluate.calibrate)
     card = dataclasses.replace(card, temperature=calibration["temperature"])
     p_val, p_test = card.probabilities(z_val), card.probabilities(z_test)
-    metrics = _metrics(p_val, val, p_test, test, names, p.evaluate.threshold, p.seed)
+    metrics = _metrics(p_val, val, p_test, test, names, p.evaluate.threshold, p.seed, p.split.series)
     metrics |= {"tta": len(card.tta_views), "tta_views": [list(v) for v in card.tta_views]}
     metrics["calibration"] = {k: v for k, v in calibration.items() if k != "reliability"}
     card = dataclasses.replace(card, threshold=metrics.get("threshold", 0.5))
@@ -296,6 +327,9 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
                 if ci:
                     mlflow.log_metrics({f"{key}/{k}_ci95_low": ci[0], f"{key}/{k}_ci95_high": ci[1]},
                                        model_id=info.model_id)
+        for name, row in metrics.get("series", {}).get("test", {}).items():  # e.g. test/specificity_NORMAL2-IM
+            mlflow.log_metrics({f"test/{k}_{name}": v for k in ("specificity", "recall") if (v := row.get(k)) is not None},
+                               model_id=info.model_id)
         mlflow.log_metric("threshold", card.threshold)
         mlflow.log_dict(metrics, "metrics.json")
         mlflow.log_text(out["predictions"].read_text(), "predictions.csv")

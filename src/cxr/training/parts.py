@@ -116,7 +116,7 @@ def make_scheduler(tp: TrainParams, opt: torch.optim.Optimizer, steps_per_epoch:
 def augment(x: torch.Tensor, tp: TrainParams, gen: torch.Generator, rows: torch.Tensor | None = None,
             n: int = 0) -> torch.Tensor:
     """X-ray augmentation of a whole float batch (B, 1, H, W) in [0, 1] at once on its device: rotation, zoom,
-    shift (and flip) by one affine resampling, then gamma, contrast, brightness and noise. With `rows`, x holds
+    shift (and flip) by one affine resampling, then gamma, contrast, brightness, sharpness, noise and borders. With `rows`, x holds
     those rows of an n-image batch: the whole batch's random numbers are drawn and these rows' kept, so every
     image gets what it would in one process and the generator stays the same on every rank."""
     b, dev = x.shape[0], x.device
@@ -144,9 +144,18 @@ def augment(x: torch.Tensor, tp: TrainParams, gen: torch.Generator, rows: torch.
     brightness = uniform(tp.aug_brightness).view(b, 1, 1, 1)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * contrast + mean + brightness
+    if tp.aug_sharpness:  # an acquisition's sharpness: unsharp masking with a random sign and strength
+        blur = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+        x = x + uniform(tp.aug_sharpness).view(b, 1, 1, 1) * (x - blur)
     if tp.aug_noise:
         sigma = pick(torch.rand(n, 1, 1, 1, device=dev, generator=gen)) * tp.aug_noise
         x = x + sigma * pick(torch.randn((n, *x.shape[1:]), device=dev, generator=gen))
+    if tp.aug_border:  # collimation and the text markers at the edges: strips of each side set to black
+        top, bottom, left, right = ((uniform(0.5) + 0.5).view(b, 1) * tp.aug_border for _ in range(4))
+        along_h, along_w = (torch.arange(side, device=dev) / side for side in x.shape[-2:])
+        keep = (((along_h >= top) & (along_h < 1 - bottom))[:, :, None]
+                & ((along_w >= left) & (along_w < 1 - right))[:, None, :])
+        x = x * keep[:, None]
     return x.clamp_(0, 1)
 
 
