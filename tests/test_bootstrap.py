@@ -102,6 +102,26 @@ def test_a_resample_takes_every_image_of_each_drawn_patient_within_its_stratum()
     assert not torch.equal(w[0], w[1])
 
 
+def test_with_series_patterns_each_series_keeps_its_patients_in_every_resample():
+    """split.series adds a stratum: Kaggle's IM and NORMAL2-IM normals draw as many patients of their own series as
+    they hold, so each series' interval is that of its own images; without patterns the strata stay as they were."""
+    probs, labels, meta = kaggle_test()
+    series = [r"^(?P<series>NORMAL2-IM|IM)-(?P<number>\d+)-"]
+    plain, by_series = bootstrap.design(labels, meta), bootstrap.design(labels, meta, series)
+    assert torch.equal(plain.clusters, by_series.clusters) and len(by_series.strata.unique()) == \
+        len(plain.strata.unique()) + 1  # the normals split in two
+    w = bootstrap.resample_counts(by_series, 200, seed=1)
+    for prefix in ("IM-", "NORMAL2-IM-"):
+        mine = torch.tensor([m["name"].split("/")[-1].startswith(prefix) for m in meta])
+        patients = len({m["patient_id"] for m, h in zip(meta, mine.tolist(), strict=True) if h})
+        first = {c: i for i, c in reversed(list(enumerate(by_series.clusters.tolist())))}  # a cluster's first image
+        heads = torch.zeros(len(meta), dtype=torch.bool)
+        heads[list(first.values())] = True
+        assert (w[:, mine & heads].sum(1) == patients).all(), prefix
+    assert torch.equal(bootstrap.resample_counts(plain, 20, seed=1), bootstrap.resample_counts(
+        bootstrap.design(labels, meta, ()), 20, seed=1))
+
+
 @pytest.mark.parametrize("three", [False, True])
 def test_clustered_intervals_agree_with_a_textbook_cluster_bootstrap_within_monte_carlo_error(three):
     """Counts as weights against copies: the same intervals within Monte Carlo error (2,000 resamples: an endpoint

@@ -208,6 +208,56 @@ def test_patients_crossing_the_sources_splits_are_warned_of_and_pooling_splits_a
                for img, m in zip(test.images, test.meta, strict=True))
 
 
+KAGGLE_SERIES = [r"^(?P<series>NORMAL2-IM|IM)-(?P<number>\d+)-", r"^person\d+_(?P<series>bacteria|virus)_"]
+
+
+@pytest.mark.parametrize("end", ["low", "high"])
+def test_acquisition_validation_holds_whole_patients_and_whole_blocks_of_each_series(gray224, tmp_path, end):
+    """val_by acquisition: in each numbered series (Kaggle's IM and NORMAL2-IM normals), validation is the block of
+    patients at one end of the running numbers, about val_fraction of the series; names of no numbered series (the
+    pneumonia images) are carved at random by patient; split.json states the rule and the blocks."""
+    p = SplitParams(val_by="acquisition", series=KAGGLE_SERIES, val_end=end)
+    report = split(gray224, tmp_path / "s", p, seed=1, report_path=tmp_path / "split.json")
+    rule = json.loads((tmp_path / "split.json").read_text())["validation"]
+    assert rule == report["validation"] and rule["by"] == "acquisition" and rule["end"] == end
+    assert rule["series"] == KAGGLE_SERIES and rule["share"] == 0.1
+    train, val = (load_split(tmp_path / "s" / "32", s) for s in ("train", "val"))
+    assert not {m["patient_id"] for m in train.meta} & {m["patient_id"] for m in val.meta}  # whole patients
+    assert {b["series"] for b in rule["blocks"]} == {"IM", "NORMAL2-IM"}
+    for block in rule["blocks"]:
+        def numbers(data):
+            base = [m["name"].split("/")[-1] for m in data.meta]  # IM-0115-0001.jpeg, NORMAL2-IM-0395-0001-0002.jpeg
+            return [int(b.removeprefix(f"{block['series']}-").split("-")[0]) for b in base
+                    if b.startswith(f"{block['series']}-")]
+        mine, rest = numbers(val), numbers(train)
+        assert len(mine) == block["images"] and [min(mine), max(mine)] == block["numbers"]
+        assert (max(mine) < min(rest)) if end == "low" else (min(mine) > max(rest))  # one block at that end
+        assert 0.1 <= block["images"] / block["of_images"] < 0.12
+    pneumonia = [m for m in val.meta if "person" in m["name"]]
+    assert len(pneumonia) == rule["unnumbered"]["carved"] and 0.08 < len(pneumonia) / rule["unnumbered"]["images"] < 0.12
+    with pytest.raises(CxrError, match="split.val_by acquisition: no training file name matches"):
+        split(gray224, tmp_path / "n", SplitParams(val_by="acquisition", series=[r"^(?P<series>x)(?P<number>\d+)"]),
+              seed=1)
+    assert not (tmp_path / "n").exists()
+
+
+def test_auto_validation_keeps_the_one_whose_images_look_most_like_test_s_without_test_labels(gray224, tmp_path):
+    from cxr import shift
+
+    p = SplitParams(val_by="auto", series=KAGGLE_SERIES)
+    report = split(gray224, tmp_path / "s", p, seed=1, likeness=shift.likeness)
+    choice = report["validation"]["choice"]
+    measured = {by: choice["domain_auroc"][by]["auroc"] for by in ("patient", "acquisition")}
+    assert choice["by"] == min(measured, key=measured.get) == report["validation"]["by"]
+    assert all(0.5 < a < 1 for a in measured.values())  # Kaggle's test folder looks different from either
+    same = split(gray224, tmp_path / "e", SplitParams(val_by=choice["by"], series=KAGGLE_SERIES), seed=1)
+    assert {k: v for k, v in same.items() if k != "validation"} == {k: v for k, v in report.items() if k != "validation"}
+    # The measure reads images and patient ids, never labels: flipping test's labels changes nothing
+    val, test = (load_split(tmp_path / "s" / "32", s) for s in ("val", "test"))
+    flipped = type(test)(test.images, 1 - test.labels, test.meta)
+    assert shift.likeness(val, test)["auroc"] == shift.likeness(val, flipped)["auroc"]
+
+
 @pytest.mark.parametrize("how", ["hist", "clahe"])
 def test_equalize_spreads_a_real_x_rays_gray_levels_and_the_stage_records_it(how, small_folder, tmp_path):
     path = next((small_folder / "test" / "normal").iterdir())

@@ -62,6 +62,11 @@ def test_variant_overlays_train_defaults():
     (("train", "label_smoothing"), 1.0, "train.label_smoothing: 1.0 must be below 1"),
     (("train", "label_smoothing"), -0.1, "train.label_smoothing: -0.1 must be at least 0"),
     (("train", "checkpoint_every"), 0, "train.checkpoint_every: 0 must be 1 or more"),
+    (("train", "aug_sharpness"), 2.0, "train.aug_sharpness: 2.0 must be below 2"),
+    (("train", "aug_border"), -0.1, "train.aug_border: -0.1 must be at least 0"),
+    (("split", "val_by"), "series", "split.val_by: 'series' is not one of 'patient', 'acquisition', 'auto'"),
+    (("split", "series"), ["^(IM)-"], "split.series[0]: '^(IM)-' needs a named group (?P<series>...)"),
+    (("split", "series"), ["^(?P<series>IM"], "split.series[0]: '^(?P<series>IM' is no regular expression"),
     (("evaluate", "threshold"), 1.5, "evaluate.threshold: 1.5 must be between 0 and 1"),
     (("evaluate", "threshold"), 0, "evaluate.threshold: 0.0 must be between 0 and 1"),
 ])

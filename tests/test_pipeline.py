@@ -70,7 +70,9 @@ def test_pipeline_runs_then_is_a_noop_then_reruns_one_variant(repo):
         assert r["accuracy_ci95"][0] <= r["accuracy"] <= r["accuracy_ci95"][1] and "recall_virus" in r
         assert r["interval_unit"] == "patient"
     csv_head = (repo / "comparison" / "leaderboard.csv").read_text().splitlines()[0].split(",")
-    assert {"accuracy_ci95_low", "accuracy_ci95_high", "recall_bacteria"} <= set(csv_head)
+    assert {"accuracy_ci95_low", "accuracy_ci95_high", "recall_bacteria", "specificity_NORMAL2-IM",
+            "specificity_IM_ci95_low"} <= set(csv_head)  # and per acquisition series (split.series)
+    assert "| specificity_IM | specificity_NORMAL2-IM |" in board
     assert [r["val_auroc"] for r in rows] == sorted((r["val_auroc"] for r in rows), reverse=True)  # never test
     for v in VARIANTS:  # each test image's prediction, for error analysis
         t = json.loads((repo / "reports" / v / "evaluation.json").read_text())["test"]

@@ -150,6 +150,22 @@ def test_evaluate_writes_metrics_and_the_mlflow_model_predicts_the_same(data, tm
         sub = on_disk["subtypes"]["test"][cause]
         assert sub["images"] == len(mine) > 0 and sub["recall"] == pytest.approx(np.mean(mine), abs=1e-12)
         assert sub["recall_ci95"][0] <= sub["recall"] <= sub["recall_ci95"][1]
+    # Per series (params.yaml's split.series: Kaggle's IM and NORMAL2-IM normals, bacteria and virus pneumonia):
+    # the share of each series' normals called normal and of its pneumonia called pneumonia, with intervals, in
+    # evaluation.json, the run's metrics and its description.
+    found = {"IM": ("IM-", "NORMAL"), "NORMAL2-IM": ("NORMAL2-IM-", "NORMAL"), "bacteria": ("_bacteria_", "PNEUMONIA"),
+             "virus": ("_virus_", "PNEUMONIA")}
+    series = on_disk["series"]["test"]
+    assert set(series) == set(found)
+    for name, (mark, label) in found.items():
+        mine = [d for r, d in zip(rows, decided, strict=True) if r["label"] == label and
+                (r["name"].split("/")[-1].startswith(mark) if mark.endswith("-") else mark in r["name"])]
+        key = "specificity" if label == "NORMAL" else "recall"
+        share = np.mean([not d for d in mine]) if label == "NORMAL" else np.mean(mine)
+        assert series[name]["images"] == len(mine) > 0 and series[name][key] == pytest.approx(share, abs=1e-12)
+        assert series[name][f"{key}_ci95"][0] <= series[name][key] <= series[name][f"{key}_ci95"][1]
+        assert run.data.metrics[f"test/{key}_{name}"] == pytest.approx(series[name][key])
+    assert "By series: specificity IM " in run.data.tags["mlflow.note.content"]
     span = on_disk["threshold_range"]
     assert span["low"] <= span["best"][0] <= on_disk["threshold"] <= span["best"][1] <= span["high"]
     assert span["wide"] == (span["width"] >= 0.1)

@@ -57,6 +57,21 @@ def test_gamma_keeps_each_images_order_of_pixels_and_noise_is_small_and_centred(
     assert 0 < diff.std() < 0.05 and abs(diff.mean()) < 0.005
 
 
+def test_sharpness_blurs_or_sharpens_and_borders_go_black_on_strips_of_each_side():
+    x, off = batch(n=16, size=32), dict(aug_rotation=0.0, aug_brightness=0.0, aug_contrast=0.0)
+    edges = lambda t: (t[..., 1:] - t[..., :-1]).abs().mean(dim=(1, 2, 3))  # noqa: E731
+    sharp = augment(x, TrainParams(**off, aug_sharpness=1.0), torch.Generator().manual_seed(0))
+    change = edges(sharp) - edges(x)
+    assert (change < 0).any() and (change > 0).any()  # both ways, per image
+    framed = augment(x + 0.5, TrainParams(**off, aug_border=0.2), torch.Generator().manual_seed(0))
+    for img in framed[:, 0]:  # every pixel > 0 before: the zeros are the strips, whole rows and columns at the edges
+        rows, cols = (img > 0).any(1), (img > 0).any(0)
+        inside = img[rows][:, cols]
+        assert (inside > 0).all() and rows.sum() > 32 * 0.6 and cols.sum() > 32 * 0.6
+        assert torch.equal(rows.nonzero().flatten(), torch.arange(int(rows.nonzero()[0]), int(rows.nonzero()[-1]) + 1))
+    assert (framed == 0).any(dim=(1, 2, 3)).float().mean() > 0.5
+
+
 def test_zoom_and_shift_move_the_content():
     x = torch.zeros(2, 1, 32, 32)
     x[:, :, 12:20, 12:20] = 1.0  # a bright square in the middle

@@ -280,9 +280,9 @@ def _check_train(tp: TrainParams, prefix: str) -> None:
     if tp.label_smoothing >= 1:
         raise ParamsError(f"{prefix}.label_smoothing: {tp.label_smoothing} must be below 1 (1 would make every "
                           "target the same)")
-    for key in ("aug_scale", "ema", "aug_sharpness"):
-        if getattr(tp, key) >= 1 + (key == "aug_sharpness"):
-            raise ParamsError(f"{prefix}.{key}: {getattr(tp, key)} must be below 1")
+    for key, limit in (("aug_scale", 1), ("ema", 1), ("aug_sharpness", 2)):  # sharpness 2 would invert the edges
+        if getattr(tp, key) >= limit:
+            raise ParamsError(f"{prefix}.{key}: {getattr(tp, key)} must be below {limit}")
     if tp.sampler == "balanced" and (tp.class_weights != "none" or tp.pos_weight != 1.0):
         raise ParamsError(f"{prefix}.sampler: balanced sampling already weights the classes; keep pos_weight: 1.0 "
                           "and class_weights: none with it")

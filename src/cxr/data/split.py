@@ -273,7 +273,7 @@ def choose_validation(gray: Path, p: SplitParams, seed: int, labels: str,
                        "domain classifier)")
     present = splits_in(gray)
     if "val" in present and not p.pool:
-        return {"by": "patient", "reason": "the source has a validation split; nothing is carved"}
+        return {"by": "source", "reason": "the source has a validation split; nothing is carved"}
     if not any(series_of(m["name"], p.series)[1] is not None for m in load_split(gray, "train", mmap=True).meta):
         return {"by": "patient", "reason": "no file name names an acquisition series (split.series)"}
     measured = {}
