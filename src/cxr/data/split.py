@@ -236,6 +236,7 @@ def split(gray: Path, out: Path, p: SplitParams, seed: int, labels: str = "binar
     report, chosen = _select(first, p, seed, labels, choice["by"] if choice else p.val_by)
     if choice:
         report["validation"]["choice"] = choice
+        log.info("split.val_by auto: validation carved by %s: %s (reports/split.json)", choice["by"], choice["reason"])
     present = splits_in(first)
     with atomic_paths(out, *([report_path] if report_path else [])) as (tmp, *report_tmp):  # `out` first
         tmp.mkdir()

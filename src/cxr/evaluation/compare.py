@@ -51,8 +51,9 @@ def leaderboard(p: Params, reports: Path) -> Rows:
         for cause, sub in ev.get("subtypes", {}).get("test", {}).items():  # where the file names say
             row |= {f"recall_{cause}": _round(sub["recall"]), f"recall_{cause}_ci95": sub["recall_ci95"]}
         for name, sub in ev.get("series", {}).get("test", {}).items():  # split.series: e.g. specificity_IM
-            row |= {f"{k}_{name}{end}": _round(sub[k + end]) if not end else sub[k + end]
-                    for k in ("specificity", "recall") if k in sub for end in ("", "_ci95")}
+            for k in ("specificity", "recall"):
+                if k in sub:
+                    row |= {f"{k}_{name}": _round(sub[k]), f"{k}_{name}_ci95": sub[f"{k}_ci95"]}
         row |= {"tta": ev.get("tta", 1), "temperature": _round(cal.get("temperature")),
                 "val_ece": _round(cal.get("val_ece_after")), "test_ece": _round(cal.get("test_ece_after")),
                 "test_class_ece": _round(cal.get("test_class_ece_after")),
@@ -162,7 +163,8 @@ def markdown(rows: Rows, metric: str, groups: Groups | None = None, shift: dict[
              f"Scores [{interval_label(rows)}: 2,000 bootstrap resamples, each drawn within each class, "
              "pneumonia subtype and series]; recall_bacteria and recall_virus: the sensitivity within each "
              "pneumonia subtype; specificity_<series> and recall_<series>: within each series the file names give "
-             "(split.series); test_ece: top-label (Guo et al.), test_class_ece: class-wise.", *(f"\n{line}" for line in shift_lines(shift)), "", "| " + " | ".join(head) + " |",
+             "(split.series); test_ece: top-label (Guo et al.), test_class_ece: class-wise.",
+             *(f"\n{line}" for line in shift_lines(shift)), "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(cell(r, k) for k in head) + " |" for r in rows]
     if extra := [*threshold_lines(rows), *spread_lines(groups or [])]:
@@ -203,12 +205,30 @@ def explain(rows: Rows, metric: str, stages: dict[str, dict[str, Any]]) -> list[
                      "cannot see it: validation overrates every variant; judge them on the test columns, which "
                      "no choice has seen.")
     split = stages.get("split") or {}
+    lines += validation_lines(split.get("validation") or {})
     crossing = split.get("source_patients_across_splits") or {}
     if crossing and not split.get("pooled"):
         lines.append(f"Warning (split stage): {sum(crossing.values())} patients have images on both sides of the "
                      f"source's splits ({', '.join(f'{k}: {v}' for k, v in crossing.items())}), so those test "
                      "scores are optimistic; split.pool: true re-splits every image by patient.")
     return lines
+
+
+def validation_lines(validation: dict[str, Any]) -> list[str]:
+    """How the split stage carved validation (reports/split.json `validation`), where it carved one."""
+    if validation.get("by") == "acquisition":
+        blocks = ", ".join(f"{b['series']} {b['numbers'][0]}–{b['numbers'][1]}" for b in validation["blocks"])
+        how = (f"as a new acquisition: the patients at the {validation['end']} end of each numbered series' "
+               f"running numbers ({blocks}), the other images at random by patient")
+    elif validation.get("by") == "patient":
+        how = "at random by patient"
+    else:
+        return []
+    choice = validation.get("choice") or {}
+    measured = choice.get("domain_auroc") or {}
+    why = (f"; split.val_by auto chose it: {choice['reason']}, "
+           + ", ".join(f"{by} {d['auroc']:.3f}" for by, d in measured.items())) if measured else ""
+    return [f"Validation (split stage): carved {how}{why}."]
 
 
 def wrap(lines: list[str], width: int = 120) -> list[str]:

@@ -328,7 +328,7 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
                     mlflow.log_metrics({f"{key}/{k}_ci95_low": ci[0], f"{key}/{k}_ci95_high": ci[1]},
                                        model_id=info.model_id)
         for name, row in metrics.get("series", {}).get("test", {}).items():  # e.g. test/specificity_NORMAL2-IM
-            mlflow.log_metrics({f"test/{k}_{name}": v for k in ("specificity", "recall") if (v := row.get(k)) is not None},
+            mlflow.log_metrics({f"test/{k}_{name}": row[k] for k in ("specificity", "recall") if k in row},
                                model_id=info.model_id)
         mlflow.log_metric("threshold", card.threshold)
         mlflow.log_dict(metrics, "metrics.json")

@@ -116,9 +116,10 @@ def make_scheduler(tp: TrainParams, opt: torch.optim.Optimizer, steps_per_epoch:
 def augment(x: torch.Tensor, tp: TrainParams, gen: torch.Generator, rows: torch.Tensor | None = None,
             n: int = 0) -> torch.Tensor:
     """X-ray augmentation of a whole float batch (B, 1, H, W) in [0, 1] at once on its device: rotation, zoom,
-    shift (and flip) by one affine resampling, then gamma, contrast, brightness, sharpness, noise and borders. With `rows`, x holds
-    those rows of an n-image batch: the whole batch's random numbers are drawn and these rows' kept, so every
-    image gets what it would in one process and the generator stays the same on every rank."""
+    shift (and flip) by one affine resampling, then gamma, contrast, brightness, sharpness, noise and borders.
+    With `rows`, x holds those rows of an n-image batch: the whole batch's random numbers are drawn and these
+    rows' kept, so every image gets what it would in one process and the generator stays the same on every
+    rank."""
     b, dev = x.shape[0], x.device
     n = b if rows is None else n
 
