@@ -54,12 +54,13 @@ def test_the_leaderboard_says_how_it_ranks_what_sens_and_spec_are_a_shift_and_sh
     assert "170 patients have images on both sides of the source's splits (train-test: 170)" in text
     assert "Validation (split stage)" not in text  # no word where the split report says nothing of it
     carved = {"by": "acquisition", "end": "low", "blocks": [{"series": "IM", "numbers": [115, 221]}],
+              "unnumbered": {"images": 3875, "carved": 387},
               "choice": {"reason": "its images are the harder to tell from test's", "domain_auroc": {
                   "patient": {"auroc": 0.712}, "acquisition": {"auroc": 0.668}}}}
     told = summary(rows, "auroc", Path("comparison"), [], {"split": {**split, "validation": carved}})
     told = told.replace("\n  ", " ")
     assert ("Validation (split stage): carved as a new acquisition: the patients at the low end of each numbered "
-            "series' running numbers (IM 115–221), the other images at random by patient; split.val_by auto chose "
+            "series' running numbers (IM 115–221), the other patients at random; split.val_by auto chose "
             "it: its images are the harder to tell from test's, patient 0.712, acquisition 0.668.") in told
     words = text[text.index("Ranked by"):].splitlines()
     assert max(map(len, words)) <= 120  # the words wrap (the table above is as wide as its intervals)

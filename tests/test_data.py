@@ -242,6 +242,26 @@ def test_acquisition_validation_holds_whole_patients_and_whole_blocks_of_each_se
     assert not (tmp_path / "n").exists()
 
 
+def test_a_patients_images_stay_together_when_only_some_are_numbered_and_a_lone_patient_stays_in_train():
+    """Names of other sources: each of 40 patients has a numbered image (S-<k>-1.png) and an unnumbered one
+    (other_<k>.png); one series holds a single patient. Validation takes whole patients, never half of one."""
+    from cxr.data.split import carve_blocks
+    from cxr.data.store import Split
+
+    meta = [{"name": f"S-{k:03d}-1.png", "patient_id": f"P{k}", "sha256": f"a{k}"} for k in range(40)]
+    meta += [{"name": f"other_{k}.png", "patient_id": f"P{k}", "sha256": f"b{k}"} for k in range(40)]
+    meta += [{"name": "LONE-007-1.png", "patient_id": "L", "sha256": "c"}]
+    labels = np.array([k % 2 for k in range(40)] * 2 + [0])
+    data = Split(np.arange(len(meta)), labels, meta)
+    kept, carved, info = carve_blocks(data, 0.2, 0, [r"^(?P<series>[A-Z]+)-(?P<number>\d+)-"], "low")
+    side = {meta[i]["patient_id"]: "val" for i in carved} | {meta[i]["patient_id"]: "train" for i in kept}
+    assert all(side[meta[i]["patient_id"]] == "val" for i in carved)  # no patient on both sides
+    assert info["unnumbered"]["images"] == 0  # every patient has a numbered image: none is carved at random
+    assert [b["series"] for b in info["blocks"]] == ["S", "S"] and "L" in {meta[i]["patient_id"] for i in kept}
+    assert sorted(meta[i]["name"] for i in carved if meta[i]["name"].startswith("S-"))[:4] == [
+        "S-000-1.png", "S-001-1.png", "S-002-1.png", "S-003-1.png"]  # the low end of each class's block
+
+
 def test_auto_validation_keeps_the_one_whose_images_look_most_like_test_s_without_test_labels(gray224, tmp_path):
     from cxr import shift
 

@@ -70,6 +70,9 @@ def test_sharpness_blurs_or_sharpens_and_borders_go_black_on_strips_of_each_side
         assert (inside > 0).all() and rows.sum() > 32 * 0.6 and cols.sum() > 32 * 0.6
         assert torch.equal(rows.nonzero().flatten(), torch.arange(int(rows.nonzero()[0]), int(rows.nonzero()[-1]) + 1))
     assert (framed == 0).any(dim=(1, 2, 3)).float().mean() > 0.5
+    many = augment(torch.ones(400, 1, 10, 10), TrainParams(**off, aug_border=0.45), torch.Generator().manual_seed(1))
+    black_rows = (many[:, 0] == 0).all(2).float()  # (image, row): each side's strips, as wide on average
+    assert abs(black_rows[:, :5].sum() - black_rows[:, 5:].sum()) < 0.05 * black_rows.sum()
 
 
 def test_zoom_and_shift_move_the_content():

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr import bootstrap, cli, inference
+from cxr import bootstrap, cli, inference, params
 from cxr.data.store import Split, load_split, size_dir
 from cxr.errors import CxrError
 from cxr.metrics import auroc
@@ -41,6 +41,7 @@ def val_probs(run: Path, entry: str) -> tuple[torch.Tensor, Split, str]:
 
 def main(args: argparse.Namespace) -> None:
     a, b = Path(args.a), Path(args.b)
+    series = params.load(a / "params.yaml").split.series  # strata as evaluate draws them
     entries = [r["variant"] for r in json.loads((a / "comparison" / "leaderboard.json").read_text())]
     print(f"A = {a}, B = {b}; validation AUROC B - A, 95% interval of {bootstrap.RESAMPLES} paired bootstrap resamples "
           "(by patient where the names give one); "
@@ -53,7 +54,7 @@ def main(args: argparse.Namespace) -> None:
         if [m["name"] for m in va.meta] != [m["name"] for m in vb.meta] or not np.array_equal(va.labels, vb.labels):
             raise CxrError(f"{entry}: the two runs' validation splits differ; compare runs of the same data and seed")
         labels = torch.from_numpy(va.labels)
-        w = bootstrap.resample_counts(bootstrap.design(labels, va.meta))
+        w = bootstrap.resample_counts(bootstrap.design(labels, va.meta, series))
         stats = bootstrap.paired("auroc", (pb, 0.5), (pa, 0.5), labels, w)
         if stats["ci95"] is None:
             raise CxrError(f"{entry}: validation has one class in some resamples, so AUROC has no interval")

@@ -91,8 +91,8 @@ class TrainParams:
     aug_contrast: float = 0.1  # scale around the image mean, uniform in 1 +-
     aug_gamma: float = 0.0  # x ** exp(u), u uniform in +- this (exposure curves of other machines)
     aug_noise: float = 0.0  # Gaussian noise, its std uniform in [0, this)
-    aug_sharpness: float = 0.0  # x + s (x - blur(x)), s uniform in +- this: blurs (s < 0) or sharpens (s > 0)
-    aug_border: float = 0.0  # each side's border blacked out over a strip up to this fraction of the side
+    aug_sharpness: float = 0.0  # x + s (x - blur(x)), s uniform in +- this (at most 1): blurs (s < 0) or sharpens
+    aug_border: float = 0.0  # each side's border blacked out over a strip up to this fraction of the side (< 0.5)
     aug_hflip: bool = False  # off by default: a flip moves the heart to the right
     mixup: float = 0.0  # mixup's Beta(a, a); 0 = off
     sampler: Literal["shuffle", "balanced"] = "shuffle"  # balanced: each class drawn equally often (with replacement)
@@ -280,9 +280,12 @@ def _check_train(tp: TrainParams, prefix: str) -> None:
     if tp.label_smoothing >= 1:
         raise ParamsError(f"{prefix}.label_smoothing: {tp.label_smoothing} must be below 1 (1 would make every "
                           "target the same)")
-    for key, limit in (("aug_scale", 1), ("ema", 1), ("aug_sharpness", 2)):  # sharpness 2 would invert the edges
+    for key, limit in (("aug_scale", 1), ("ema", 1), ("aug_border", 0.5)):  # borders of half a side: all black
         if getattr(tp, key) >= limit:
             raise ParamsError(f"{prefix}.{key}: {getattr(tp, key)} must be below {limit}")
+    if tp.aug_sharpness > 1:  # x + s (x - blur) = blur + (1 + s)(x - blur): below -1 the edges invert
+        raise ParamsError(f"{prefix}.aug_sharpness: {tp.aug_sharpness} must be at most 1 (beyond, blurring inverts "
+                          "the edges)")
     if tp.sampler == "balanced" and (tp.class_weights != "none" or tp.pos_weight != 1.0):
         raise ParamsError(f"{prefix}.sampler: balanced sampling already weights the classes; keep pos_weight: 1.0 "
                           "and class_weights: none with it")

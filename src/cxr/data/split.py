@@ -46,39 +46,47 @@ def series_of(name: str, patterns: list[str]) -> tuple[str, int | None]:
     for pattern in patterns:
         if m := re.match(pattern, base):  # re caches the compiled patterns
             number = m.groupdict().get("number")
+            if number and not number.isdigit():
+                raise CxrError(f"split.series: {pattern!r} reads the number {number!r} from {base}; its group number "
+                               "must match digits only, e.g. (?P<number>\\d+)")
             return m.group("series"), int(number) if number else None
     return "", None
 
 
 def carve_blocks(data: Split, fraction: float, seed: int, patterns: list[str],
                  end: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Indices (kept, carved) as a new acquisition would come: within each series (and class), whole patients
-    taken from `end` ("low" or "high") of the running numbers until the block holds `fraction` of the series'
-    images; images of no series are carved at random by patient. Also the blocks, for the split report."""
+    """Indices (kept, carved) as a new acquisition would come: within each numbered series (and class), whole
+    patients taken from `end` ("low" or "high") of the running numbers until the block holds `fraction` of the
+    series' images, always leaving one patient to training; patients with no numbered image are carved at random
+    by patient. A patient's images go together. Also the blocks, for the split report."""
     found = [series_of(m["name"], patterns) for m in data.meta]
     groups = _groups(data)
+    rows: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for i, ((s, n), y) in enumerate(zip(found, data.labels, strict=True)):
+        if n is not None:
+            rows[(s, int(y))].append(i)
     chosen: set[str] = set()
     blocks: list[dict[str, Any]] = []
-    for key in sorted({(s, int(y)) for (s, n), y in zip(found, data.labels, strict=True) if n is not None}):
-        rows = [i for i, ((s, n), y) in enumerate(zip(found, data.labels, strict=True))
-                if (s, int(y)) == key and n is not None]
+    for (series, label), here in sorted(rows.items()):
         number: dict[str, int] = {}  # a patient's place in the series: the lowest number of its images
-        for i in rows:
+        for i in here:
             number[groups[i]] = min(number.get(groups[i], found[i][1]), found[i][1])  # type: ignore[type-var]
-        size = Counter(groups[i] for i in rows)
-        taken: list[str] = []
-        for g in sorted(number, key=lambda g: (number[g], g), reverse=end == "high"):
-            if sum(size[t] for t in taken) >= fraction * len(rows):
+        size = Counter(groups[i] for i in here)
+        taken, images = [], 0
+        for g in sorted(number, key=lambda g: (number[g], g), reverse=end == "high")[:len(number) - 1]:
+            if images >= fraction * len(here):
                 break
             taken.append(g)
-        chosen |= set(taken)
-        blocks.append({"series": key[0], "class": key[1], "numbers": [min(number[t] for t in taken),
-                                                                       max(number[t] for t in taken)],
-                       "patients": len(taken), "images": sum(size[t] for t in taken), "of_images": len(rows)})
+            images += size[g]
+        if taken:
+            chosen |= set(taken)
+            blocks.append({"series": series, "class": label, "numbers": [min(number[t] for t in taken),
+                                                                          max(number[t] for t in taken)],
+                           "patients": len(taken), "images": images, "of_images": len(here)})
     carved = np.isin(groups, list(chosen))
-    rest = np.flatnonzero(np.array([n is None for _, n in found]) & ~carved)
+    rest = np.flatnonzero(~np.isin(groups, groups[[i for v in rows.values() for i in v]]))
     n_splits = max(2, round(1 / fraction))
-    if len(rest) >= n_splits:  # names without a numbered series: at random by patient, as val_by patient would
+    if len(rest) >= n_splits:  # patients without a numbered series: at random by patient, as val_by patient would
         carved[rest[first_fold(data.labels[rest], groups[rest], n_splits, seed)]] = True
     return np.flatnonzero(~carved), np.flatnonzero(carved), {
         "blocks": blocks, "unnumbered": {"images": len(rest), "carved": int(carved[rest].sum())}}
@@ -206,15 +214,22 @@ def _counts(data: Split, names: tuple[str, ...]) -> dict[str, int]:
     return {label: int((data.labels == i).sum()) for i, label in enumerate(names)}
 
 
-def _check_classes(counts: dict[str, dict[str, int]]) -> None:
+def _check_classes(counts: dict[str, dict[str, int]], carved: list[str], val_by: str) -> None:
     """Train and val need every class (fitting, early stopping, the threshold and promotion use them);
     a test split of one class is allowed: its scores that need both classes come out as null."""
     for name in ("train", "val"):
         missing = [c for c, n in counts[name].items() if n == 0]
         if missing:
+            if name == "train":
+                fix = "add them to the source's train/ folder"
+            elif name in carved:
+                fix = "add images of that class to train/" + (
+                    ", or set split.val_by: patient (no block of a numbered series holds that class, and too few "
+                    "of its images are in no series)" if val_by == "acquisition" else "")
+            else:
+                fix = "add them to the source's val/ folder, or remove that folder so that val is carved from train"
             raise CxrError(f"the {name} split has no {' or '.join(missing)} images ({counts[name]}); training and "
-                           f"model selection need every class: add them to the source's {name}/ folder, or remove "
-                           f"that folder so that {name} is carved from train")
+                           f"model selection need every class: {fix}")
     missing = [c for c, n in counts["test"].items() if n == 0]
     if missing:
         log.warning("the test split has no %s images: AUROC and average precision will be null", "/".join(missing))
@@ -277,16 +292,25 @@ def choose_validation(gray: Path, p: SplitParams, seed: int, labels: str,
         return {"by": "source", "reason": "the source has a validation split; nothing is carved"}
     if not any(series_of(m["name"], p.series)[1] is not None for m in load_split(gray, "train", mmap=True).meta):
         return {"by": "patient", "reason": "no file name names an acquisition series (split.series)"}
-    measured = {}
+    measured, failed = {}, {}
     for by in ("patient", "acquisition"):
-        _, chosen = _select(gray, p, seed, labels, by, warn=False)
+        try:
+            _, chosen = _select(gray, p, seed, labels, by, warn=False)
+        except CxrError as e:  # e.g. a class the block cannot give validation: the other way is kept
+            failed[by] = str(e)
+            continue
         val, test = (_gather(gray, present, chosen[s]) for s in ("val", "test"))
         # a patient on both sides makes them look alike for a reason that is no acquisition (Kaggle's folders
-        # share 170 patients): only validation's other patients are compared
+        # share 170 patients): only validation's other patients are compared, where it has others
         theirs = {m["patient_id"] for m in test.meta} - {""}
-        val = val.take(np.array([i for i, m in enumerate(val.meta) if m["patient_id"] not in theirs], dtype=np.int64))
+        others = np.array([i for i, m in enumerate(val.meta) if m["patient_id"] not in theirs], dtype=np.int64)
+        val = val.take(others) if len(others) >= MIN_VAL else val
         measured[by] = {**likeness(val, test), "val_images_compared": len(val.labels)}
         log.info("validation by %s: its images against test's, domain AUROC %.3f", by, measured[by]["auroc"])
+    if len(measured) < 2:
+        if not measured:
+            raise CxrError(f"split.val_by auto: neither way carves a usable validation split ({failed})")
+        return {"by": next(iter(measured)), "reason": f"the other way failed: {failed}", "domain_auroc": measured}
     best = min(measured, key=lambda b: measured[b]["auroc"])
     return {"by": best, "reason": "its images are the harder to tell from test's (domain AUROC, test labels unread)",
             "domain_auroc": measured}
@@ -350,5 +374,5 @@ def _select(gray: Path, p: SplitParams, seed: int, labels: str, val_by: str,
     if p.balance == "downsample":
         splits["train"] = downsample(splits["train"], seed, len(names))
     report["counts"] = {s: _counts(splits[s], names) for s in SPLITS}
-    _check_classes(report["counts"])
+    _check_classes(report["counts"], report["carved"], val_by)
     return report, {s: splits[s] for s in SPLITS}

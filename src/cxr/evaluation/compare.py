@@ -202,8 +202,8 @@ def explain(rows: Rows, metric: str, stages: dict[str, dict[str, Any]]) -> list[
     if top.get("val_auroc") is not None and top.get("auroc") is not None and top["val_auroc"] - top["auroc"] > GAP:
         lines.append(f"{top['variant']}: validation AUROC {top['val_auroc']:.3f} against test {top['auroc']:.3f}. "
                      "The test split is shifted from the training data, and validation, carved from training, "
-                     "cannot see it: validation overrates every variant; judge them on the test columns, which "
-                     "no choice has seen.")
+                     "cannot see it: validation overrates every variant; judge them on the test columns, whose "
+                     "labels no choice has seen.")
     split = stages.get("split") or {}
     lines += validation_lines(split.get("validation") or {})
     crossing = split.get("source_patients_across_splits") or {}
@@ -219,15 +219,16 @@ def validation_lines(validation: dict[str, Any]) -> list[str]:
     if validation.get("by") == "acquisition":
         blocks = ", ".join(f"{b['series']} {b['numbers'][0]}–{b['numbers'][1]}" for b in validation["blocks"])
         how = (f"as a new acquisition: the patients at the {validation['end']} end of each numbered series' "
-               f"running numbers ({blocks}), the other images at random by patient")
+               f"running numbers ({blocks})" + (", the other patients at random"
+                                                 if validation["unnumbered"]["carved"] else ""))
     elif validation.get("by") == "patient":
         how = "at random by patient"
     else:
         return []
     choice = validation.get("choice") or {}
     measured = choice.get("domain_auroc") or {}
-    why = (f"; split.val_by auto chose it: {choice['reason']}, "
-           + ", ".join(f"{by} {d['auroc']:.3f}" for by, d in measured.items())) if measured else ""
+    why = f"; split.val_by auto chose it: {choice['reason']}" if choice else ""
+    why += (", " + ", ".join(f"{by} {d['auroc']:.3f}" for by, d in measured.items())) if measured else ""
     return [f"Validation (split stage): carved {how}{why}."]
 
 

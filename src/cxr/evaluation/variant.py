@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -66,7 +67,7 @@ def by_series(called: torch.Tensor, y: torch.Tensor, data: Split, patterns: list
                                                 if h and m["patient_id"]})}
         for key, mask, right in (("specificity", here & (y == 0), ~called), ("recall", here & (y != 0), called)):
             if mask.any():
-                row |= {key: float(right[mask].double().mean()),
+                row |= {key: float(right[mask].double().mean()), f"{key}_images": int(mask.sum()),
                         f"{key}_ci95": bootstrap.share_interval(right[mask], w[:, mask])}
         out[name] = row
     return out
@@ -196,10 +197,11 @@ def scores_note(metrics: dict[str, Any], n_test: int) -> str:
 
 
 def series_note(series: dict[str, Any]) -> str:
-    """The test scores per series in words, e.g. ' By series: specificity IM 0.913 [0.85-0.96] (69 images), ...'."""
-    parts = [f"{label} {name} {with_interval(row[key], row.get(f'{key}_ci95'))} ({row['images']} images)"
-             for name, row in series.items() for key, label in (("specificity", "specificity"),
-                                                                ("recall", "sensitivity")) if key in row]
+    """The test scores per series in words, e.g. ' By series: specificity IM 0.913 [0.85-0.96] (69 normal images)'."""
+    parts = [f"{label} {name} {with_interval(row[key], row.get(f'{key}_ci95'))} ({row[f'{key}_images']} {kind} images)"
+             for name, row in series.items() for key, label, kind in (("specificity", "specificity", "normal"),
+                                                                      ("recall", "sensitivity", "pneumonia"))
+             if key in row]
     return f" By series: {'; '.join(parts)}." if parts else ""
 
 
@@ -328,7 +330,8 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
                     mlflow.log_metrics({f"{key}/{k}_ci95_low": ci[0], f"{key}/{k}_ci95_high": ci[1]},
                                        model_id=info.model_id)
         for name, row in metrics.get("series", {}).get("test", {}).items():  # e.g. test/specificity_NORMAL2-IM
-            mlflow.log_metrics({f"test/{k}_{name}": row[k] for k in ("specificity", "recall") if k in row},
+            key = re.sub(r"[^\w\-. ]", "_", name)  # what MLflow takes in a metric's name
+            mlflow.log_metrics({f"test/{k}_{key}": row[k] for k in ("specificity", "recall") if k in row},
                                model_id=info.model_id)
         mlflow.log_metric("threshold", card.threshold)
         mlflow.log_dict(metrics, "metrics.json")

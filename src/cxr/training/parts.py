@@ -153,7 +153,7 @@ def augment(x: torch.Tensor, tp: TrainParams, gen: torch.Generator, rows: torch.
         x = x + sigma * pick(torch.randn((n, *x.shape[1:]), device=dev, generator=gen))
     if tp.aug_border:  # collimation and the text markers at the edges: strips of each side set to black
         top, bottom, left, right = ((uniform(0.5) + 0.5).view(b, 1) * tp.aug_border for _ in range(4))
-        along_h, along_w = (torch.arange(side, device=dev) / side for side in x.shape[-2:])
+        along_h, along_w = ((torch.arange(side, device=dev) + 0.5) / side for side in x.shape[-2:])  # pixel centres
         keep = (((along_h >= top) & (along_h < 1 - bottom))[:, :, None]
                 & ((along_w >= left) & (along_w < 1 - right))[:, None, :])
         x = x * keep[:, None]
