@@ -291,7 +291,7 @@ def choose_validation(gray: Path, p: SplitParams, seed: int, labels: str,
     if "val" in present and not p.pool:
         return {"by": "source", "reason": "the source has a validation split; nothing is carved"}
     if not any(series_of(m["name"], p.series)[1] is not None for m in load_split(gray, "train", mmap=True).meta):
-        return {"by": "patient", "reason": "no file name names an acquisition series (split.series)"}
+        return {"by": "patient", "reason": "no training file name gives a numbered series (split.series)"}
     measured, failed = {}, {}
     for by in ("patient", "acquisition"):
         try:
