@@ -73,13 +73,16 @@ def by_series(called: torch.Tensor, y: torch.Tensor, data: Split, patterns: list
     return out
 
 
-def _split_figures(probs: torch.Tensor, y: torch.Tensor, cause: list[str], names: list[str],
-                   threshold: float, w: torch.Tensor) -> dict[str, Any]:
+def _split_figures(probs: torch.Tensor, y: torch.Tensor, data: Split, names: list[str], threshold: float,
+                   w: torch.Tensor, series: list[str]) -> dict[str, Any]:
     """One split's scores (at `threshold`; argmax with more classes), their 95% intervals over the resamples
-    `w`, and the share of each pneumonia subtype called pneumonia, where the file names say the subtype."""
+    `w`, the share of each pneumonia subtype called pneumonia, where the file names say the subtype, and the
+    figures per series (by_series)."""
     point = scores(probs, y, threshold) if len(names) == 2 else multiclass_scores(probs, y, names)
     out: dict[str, Any] = {"scores": point, "ci95": bootstrap.intervals(probs, y, threshold, w)}
     called = predicted(probs, threshold) != 0  # PNEUMONIA, of any cause (class 0 is NORMAL)
+    out["series"] = by_series(called, y, data, series, w)
+    cause = [subtype(m["name"]) for m in data.meta]
     out["subtypes"] = {}
     for s in SUBTYPES:
         mask = torch.tensor([c == s for c in cause]) & (y != 0)
@@ -98,7 +101,6 @@ def _metrics(p_val: torch.Tensor, val: Split, p_test: torch.Tensor, test: Split,
     """Scores of val and test with their intervals and subtypes; binary: the threshold chosen on val, the range
     of equally good ones, and operating points at fixed val specificities, for a user who must pick one."""
     y_val, y_test = torch.from_numpy(val.labels), torch.from_numpy(test.labels)
-    c_val, c_test = ([subtype(m["name"]) for m in data.meta] for data in (val, test))
     d_val, d_test = bootstrap.design(y_val, val.meta, series), bootstrap.design(y_test, test.meta, series)
     w_val, w_test = (bootstrap.resample_counts(d, bootstrap.RESAMPLES, seed) for d in (d_val, d_test))
     binary = len(names) == 2
@@ -110,16 +112,15 @@ def _metrics(p_val: torch.Tensor, val: Split, p_test: torch.Tensor, test: Split,
         if best is not None and near is not None:
             out["threshold_range"] = {"best": list(best), "low": near[0], "high": near[1], "width": near[1] - near[0],
                                       "wide": near[1] - near[0] >= WIDE_RANGE}
-    for split, data, probs, y, cause, d, w in (("test", test, p_test, y_test, c_test, d_test, w_test),
-                                               ("val", val, p_val, y_val, c_val, d_val, w_val)):
-        fig = _split_figures(probs, y, cause, names, threshold, w)
-        if per_series := by_series(predicted(probs, threshold) != 0, y, data, list(series), w):
-            out.setdefault("series", {})[split] = per_series
+    for split, data, probs, y, d, w in (("test", test, p_test, y_test, d_test, w_test),
+                                        ("val", val, p_val, y_val, d_val, w_val)):
+        fig = _split_figures(probs, y, data, names, threshold, w, list(series))
         # every interval of this split (scores, subtypes, operating points) is over these resamples
         out |= {split: fig["scores"], f"{split}_ci95": fig["ci95"],
                 f"{split}_intervals": d.describe(bootstrap.RESAMPLES, seed)}
-        if fig["subtypes"]:
-            out.setdefault("subtypes", {})[split] = fig["subtypes"]
+        for part in ("subtypes", "series"):
+            if fig[part]:
+                out.setdefault(part, {})[split] = fig[part]
     out["intervals"] = {"method": METHOD, "resamples": bootstrap.RESAMPLES, "seed": seed, "level": 0.95,
                         "unit": {"test": d_test.unit, "val": d_val.unit}}
     if binary:
