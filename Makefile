@@ -34,12 +34,13 @@ setup: $(VENV)/.installed $(ACTIONLINT) $(PLOTS)
 repro: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH; dvc status -q && echo "Data and pipelines are up to date." || dvc repro
 
-# Profiles (configs/<name>.yaml) run the same pipeline as one DVC experiment without editing params.yaml:
+# Profiles (configs/<name>.yaml) run the same pipeline as one DVC experiment, and leave the workspace as that
+# experiment (params.yaml included; `git checkout params.yaml` goes back to the defaults):
 # quick = the from-scratch variants at 64 px, a few minutes on a CPU; cpu-best = the best 2-core recipe
 # (about 15 minutes with native bf16, 26 in float32). DATA= a Kaggle-style folder or a MedMNIST .npz; empty: the hub.
 DATA ?=
 quick cpu-best: setup
-	PATH=$(CURDIR)/$(BIN):$$PATH python tools/profile.py $@ --data "$(DATA)"
+	PATH=$(CURDIR)/$(BIN):$$PATH cxr run --profile $@ --data "$(DATA)"
 
 # Two workers, a test file each at a time (module fixtures stay whole): 6.4 to 8.1 min against 11.1 in one
 # process (single runs on 2 cores, fresh clones and this checkout).

@@ -1,5 +1,6 @@
 """The leaderboard's seed spread and its words about thresholds, from rows as the compare stage reads them."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -76,12 +77,69 @@ def test_cxr_results_fits_120_columns_with_every_default_variant():
     names = list(params.load().variants or [])
     assert len(names) == 14
     rows = [row(v, i % 5, val_auroc=0.9 + i / 1000) for i, v in enumerate(names)]
-    exps = [("workspace", rows, names[0]), ("a-long-experiment-name", rows, None)]  # named by its run, or not
+    exps = [("workspace", rows, names[0], None), ("quick", rows, None, None)]  # named best by its run, or not
     for per_variant in (False, True):
         lines = table(exps, "auroc", per_variant, 120).splitlines()
-        assert max(map(len, lines)) <= 120
+        assert max(map(len, lines)) <= 120 and not any(line.startswith("Left out") for line in lines)
         assert len([line for line in lines if "[." in line]) == (28 if per_variant else 2)
-    first, best = (line.split() for line in table(exps, "auroc", False, 120).splitlines()[-2:])
+    first, best = (line.split() for line in table(exps, "auroc", False, 120).splitlines() if "[." in line)
     assert first[:3] == ["workspace", names[0], "0.900"]  # the variant its compare stage named best
-    assert best[1:3] == [names[-1], "0.913"]  # else the highest val AUROC
-    assert best[0].endswith("…") and "a-long-experiment-name".startswith(best[0][:-1])  # cut to fit
+    assert best[:3] == ["quick", names[-1], "0.913"]  # else the highest val AUROC
+
+
+def test_cxr_results_at_80_columns_leaves_out_the_least_important_scores_and_says_so():
+    """Every line within 80 columns, every experiment's name whole; the score columns left out are named, with
+    the width that shows them."""
+    from cxr.results import table
+
+    names = list(params.load().variants or [])
+    rows = [row(v, i % 5, val_auroc=0.9 + i / 1000) for i, v in enumerate(names)]
+    scores = ["val AUROC", "acc", "sens", "spec", "AUROC"]
+    for exps, kept in (([("workspace", rows[2:3], None, None), ("quick", rows[:3], None, None)],
+                        ["sens", "spec", "AUROC"]),  # a default run's names: acc and val go
+                       ([("workspace", rows, None, None), ("a-long-experiment-name", rows[:3], None, None),
+                         ("qui", rows[5:], None, None)], ["AUROC"])):  # long names: test AUROC is the last left
+        for per_variant in (False, True):
+            text = table(exps, "auroc", per_variant, 80)
+            lines = text.splitlines()
+            assert max(map(len, lines)) <= 80, text
+            head = next(line for line in lines if line.startswith("experiment"))
+            assert re.split(r"\s{2,}", head) == ["experiment", "variant", *kept], text
+            body = lines[lines.index(head) + 1:]
+            assert [line.split()[0] for line in body if line[:1] not in ("", " ")][:len(exps)] == \
+                [name for name, *_ in exps], text  # every name whole, none cut
+            assert "…" not in text
+            note = " ".join(lines).split("Left out to fit 80 columns: ")[1]
+            assert note.startswith(", ".join(s for s in scores if s not in kept) + ".")
+            wide = int(re.search(r"COLUMNS=(\d+) cxr results", note)[1])
+            assert ("cxr results --variants" in note) == per_variant and wide > 80
+            full = table(exps, "auroc", per_variant, wide)  # at the width it names, every column
+            assert max(map(len, full.splitlines())) <= wide and "Left out" not in full
+            assert re.split(r"\s{2,}", next(line for line in full.splitlines() if line.startswith("experiment"))) \
+                == ["experiment", "variant", *scores]
+
+
+def test_cxr_results_says_why_two_experiments_have_the_same_scores():
+    from cxr.results import outputs, table
+
+    rows = [row("a", 1, val_auroc=0.95), row("b", 2, val_auroc=0.97)]
+    other = [row("a", 1, val_auroc=0.95), row("b", 3, val_auroc=0.97)]
+    # outputs as `dvc exp show --json` gives them; a variant the profile did not run has no hash
+    lock = outputs({"outs": {"comparison": {"hash": "4f1c.dir", "size": 9}, "models/b_cnn5": {"hash": None}}})
+    assert lock and outputs({"outs": {"comparison": {"hash": None}}}) is None  # a commit without its dvc.lock
+    exps = [("workspace", rows, None, lock), ("quick", rows, None, lock), ("full", other, None, lock)]
+    text = table(exps, "auroc", False, 120).replace("\n", " ")
+    assert ("workspace = quick: the workspace holds quick's outputs: its dvc.lock records the same output hashes"
+            in text), text
+    assert "full" not in text.split("workspace = quick")[1]  # other scores: not in the line
+    text = table([exps[1], ("copy", rows, None, lock)], "auroc", False, 120).replace("\n", " ")
+    assert "quick = copy: the same outputs: their dvc.lock files record the same hashes." in text
+    text = table([exps[0], ("rerun", rows, None, lock.replace("4f1c", "0000"))], "auroc", False, 120)
+    assert "workspace = rerun: the same scores to the digits shown, from different outputs" in text.replace("\n", " ")
+    text = table([exps[0], ("old", rows, None, None)], "auroc", False, 120).replace("\n", " ")
+    assert "workspace = old: the same scores to the digits shown (DVC shows no outputs for some" in text
+    said = re.compile(r"^\S+( = \S+)+: ", re.M)  # a line naming experiments alike
+    assert not said.search(table(exps[1:], "auroc", False, 120))  # quick and full: b's scores differ
+    # --variants compares every row: the same best row (b) but another a: alike in one row each, not in all
+    x, y = ("x", rows, None, None), ("y", [row("a", 3, val_auroc=0.95), rows[1]], None, None)
+    assert said.search(table([x, y], "auroc", False, 120)) and not said.search(table([x, y], "auroc", True, 120))

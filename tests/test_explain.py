@@ -3,6 +3,7 @@ follows where a convolutional model's evidence is."""
 
 import numpy as np
 import torch
+from matplotlib.text import Text
 from PIL import Image
 
 from conftest import shared
@@ -49,3 +50,33 @@ def test_grad_cam_moves_with_the_evidence_in_a_convolutional_model():
         hook.remove()
     assert label == f"Grad-CAM on {name}" and heat.shape == (4, 64, 64)
     assert (heat[:, :24, :24].mean((1, 2)) > 4 * heat[:, 40:, 40:].mean((1, 2)) + 1e-6).all()
+
+
+def test_the_figure_has_a_colour_bar_of_the_map_and_a_line_on_how_to_read_it():
+    """Each method's own words: Grad-CAM's map is evidence for pneumonia (rectified), the input gradient's a
+    magnitude either way; both scaled per image."""
+    from cxr.plots import plt
+    from cxr.serving import score
+
+    for arch, method, says in (("tinyvgg", "Grad-CAM on", "raised P(pneumonia)"), ("linear", "input gradient",
+                                                                                     "up or down")):
+        card = ModelCard(arch, arch, 64, ("NORMAL", "PNEUMONIA"), "stretch", 64, "none", 0.5, 0.25)
+        model = card.build().eval()
+        images = xrays(1, 64)
+        heat, label = explain.saliency(model, card, images)
+        fig = explain.figure(images[0], heat[0], "x.jpeg", score(model, card, list(images))[0], label)
+        try:
+            image, bar = fig.axes  # the X-ray with its map, and the colour bar under it
+            assert method in image.get_title() and "P(pneumonia)" in image.get_title()
+            assert bar.get_xlim() == (0, 1) and "relative to this image" in bar.get_xlabel()
+            assert [t.get_text()[:2] for t in bar.get_xticklabels()] == ["0:", "1:"]
+            how = fig.get_supxlabel()
+            assert says in how and "Scaled per image" in how and how.startswith("Red: ")
+            fig.canvas.draw()  # every word within the PNG, none cut at its edges
+            box = fig.bbox
+            line = next(t for t in fig.findobj(Text) if t.get_text() == how)
+            for text in (line, bar.xaxis.label, *bar.get_xticklabels()):
+                extent = text.get_window_extent()
+                assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and box.y0 <= extent.y0, text.get_text()
+        finally:
+            plt.close(fig)

@@ -1,5 +1,6 @@
 """params.yaml parsing: the repo's file loads, and bad values fail with a message naming the key."""
 
+import difflib
 import os
 import re
 import time
@@ -173,20 +174,53 @@ def test_a_profile_becomes_dvc_overrides_that_give_exactly_its_params_and_keep_t
         assert p.variant("xr_s1").arch == "xrnet" and p.variant("xr_s1").seed_offset == 1
 
 
-def test_a_failed_profile_leaves_params_yaml_and_the_lock_as_they_were(tmp_path):
-    repo = make_project(tmp_path / "repo", {"linear": {"arch": "linear"}})
-    for name in ("tools/profile.py", "configs/quick.yaml"):
-        (repo / name).parent.mkdir(exist_ok=True)
-        (repo / name).write_text((ROOT / name).read_text())
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "profile")
-    before = (repo / "params.yaml").read_bytes()
-    data = tmp_path / "data" / "train" / "NORMAL"
-    data.mkdir(parents=True)
-    out = sh(repo, "python", "tools/profile.py", "quick", "--data", str(data.parent.parent), "-S", "train.epochs=0",
-             ok=False)
-    assert "train.epochs: 0 must be 1 or more" in out  # the first stage's one line
+def test_params_yaml_keeps_its_layout_and_comments_through_dvcs_overrides(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml (ruamel): the file is laid out as that rewrite writes it, so that an
+    override changes only its own lines, and no list ends a section or carries a comment (ruamel drops a comment
+    after a list, and a replaced commented list can break the file)."""
+    from dvc.utils.hydra import apply_overrides
+
+    text = (ROOT / "params.yaml").read_text()
+    file = tmp_path / "params.yaml"
+
+    def comments(t: str) -> list[str]:
+        return [line.split("#", 1)[1] for line in t.splitlines() if " # " in line or line.lstrip().startswith("#")]
+
+    for sets, changed in ((["seed=42"], 0), (["train.epochs=abc"], 2), (["gray.extra_sizes=[]"], 3),
+                          (["split.series=[]"], 4), (["variants=[linear]"], None),
+                          (["~ensembles", "+ensembles={e:[a,b]}"], None)):
+        file.write_text(text)
+        apply_overrides(str(file), sets)
+        after = file.read_text()
+        assert yaml.safe_load(after), sets  # a valid file
+        assert [c for c in comments(text) if c not in comments(after)] == [], sets
+        lines = [d for d in difflib.unified_diff(text.splitlines(), after.splitlines(), lineterm="", n=0)
+                 if d[:1] in "+-" and d[:3] not in ("+++", "---")]
+        assert changed is None or len(lines) == changed, (sets, lines)
+
+
+def test_cxr_run_checks_params_first_and_puts_everything_back_when_a_stage_fails(tmp_path, small_folder):
+    repo = make_project(tmp_path / "repo", {"linear": {"arch": "linear", "epochs": 1}},
+                        gray={"image_size": 16, "extra_sizes": []}, data={"source": "imagefolder",
+                                                                          "path": str(small_folder)})
+    (repo / "configs").mkdir()
+    (repo / "configs" / "quick.yaml").write_text((ROOT / "configs" / "quick.yaml").read_text())
+    out = sh(repo, "cxr", "run", "-S", "seed=7", "-n", "first")
     assert "It won't be created" not in out  # DVC's word on each output of a first run: nothing to act on
+    assert "The workspace is now the experiment first: params.yaml holds its params " in out
+    assert params.load(repo / "params.yaml").seed == 7  # the workspace is the experiment, params included
+    assert "Data and pipelines are up to date." in sh(repo, "dvc", "status")
+    before, raw = (repo / "params.yaml").read_bytes(), (repo / "data" / "raw" / "manifest.csv").read_bytes()
+
+    out = sh(repo, "cxr", "run", "-S", "train.epochs=abc", ok=False)  # a bad value: DVC never starts
+    assert out.strip().splitlines()[-1] == ("error: train.epochs: expected int, got 'abc'; nothing was run, "
+                                            "params.yaml and the outputs are as they were")
+    empty = tmp_path / "empty" / "train" / "NORMAL"
+    empty.mkdir(parents=True)
+    out = sh(repo, "cxr", "run", "-S", f"data.path={empty.parent.parent}", ok=False)  # the download stage fails
+    assert "Running stage 'download'" in out
     assert out.strip().splitlines()[-1].startswith("error: dvc exp run failed (exit ")
-    assert (repo / "params.yaml").read_bytes() == before and not (repo / "dvc.lock").exists()
-    assert "no profile 'fast'" in sh(repo, "python", "tools/profile.py", "fast", ok=False)
+    assert (repo / "params.yaml").read_bytes() == before
+    assert (repo / "data" / "raw" / "manifest.csv").read_bytes() == raw  # deleted by DVC, checked out again
+    assert "Data and pipelines are up to date." in sh(repo, "dvc", "status")
+    assert "no profile 'fast'" in sh(repo, "cxr", "run", "--profile", "fast", ok=False)

@@ -1,6 +1,6 @@
-"""`make quick DATA=...` / `make cpu-best DATA=...`: run the pipeline with a profile, configs/<profile>.yaml, as
-one DVC experiment, and print the leaderboard and the wall time (cxr.profiles). DATA is a Kaggle-style folder
-or a MedMNIST .npz; empty means the hub. params.yaml is left as it was."""
+"""`cxr run --profile` as it was called before it existed (docs/results.md's commands): run the pipeline with a
+profile, configs/<profile>.yaml, as one DVC experiment (cxr.profiles). DATA is a Kaggle-style folder or a
+MedMNIST .npz; empty means the hub. The workspace is left as the experiment, params.yaml included."""
 
 import argparse
 

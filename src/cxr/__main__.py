@@ -1,5 +1,5 @@
-"""The `cxr` command: promote after a pipeline run, predict with the champion, compare the experiments, retrain
-(pipeline and promotion, as CI does), explain what drove a prediction."""
+"""The `cxr` command: run the pipeline as a DVC experiment, promote after it, predict with the champion, compare
+the experiments, retrain (pipeline and promotion, as CI does), explain what drove a prediction."""
 
 from __future__ import annotations
 
@@ -86,6 +86,12 @@ def _results(args: argparse.Namespace) -> None:
     sys.stdout.write(show(params.load(args.params).promote.metric, args.variants))
 
 
+def _run(args: argparse.Namespace) -> None:
+    from cxr.profiles import run
+
+    run(args.profile, args.data, args.name, tuple(args.set), args.force)
+
+
 def _retrain(args: argparse.Namespace) -> None:
     from cxr.retrain import retrain
 
@@ -127,6 +133,16 @@ def main() -> None:
         sp.add_argument("--comparison", default="comparison", help="the last run's compare stage output (its "
                         "leaderboard lists the variants that ran)")
         sp.set_defaults(func=func)
+    ru = sub.add_parser("run", help="dvc exp run with -S overrides, checked before DVC touches anything; the "
+                        "workspace becomes the experiment (params.yaml included), or stays as it was on failure")
+    ru.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a params.yaml override, as `dvc exp run -S` takes it (repeatable; after the profile's)")
+    ru.add_argument("--profile", default="", help="configs/<profile>.yaml first: quick, cpu-best")
+    ru.add_argument("--data", default="", help="a Kaggle-style folder or a MedMNIST .npz (with --profile, "
+                    "empty means the hub)")
+    ru.add_argument("-n", "--name", default="", help="the DVC experiment's name (default: the profile's, or DVC's)")
+    ru.add_argument("-f", "--force", action="store_true", help="run every stage again, even unchanged ones")
+    ru.set_defaults(func=_run)
     rs = sub.add_parser("results", help="the DVC experiments' test scores within the terminal's width: each "
                         "one's best variant by validation, or --variants")
     rs.add_argument("--variants", action="store_true", help="one row per experiment and variant")

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from torch import nn
 
@@ -88,10 +90,35 @@ def verdict(row: dict[str, Any]) -> str:
     return f"{row['decision']} ({', '.join(f'{k[2:]} {v:.2f}' for k, v in row.items() if k.startswith('p_'))})"
 
 
+def reading(label: str) -> tuple[str, tuple[str, str], str]:
+    """What the colour bar says for `saliency`'s method `label`: its caption, the words at 0 and at 1, and one line
+    on how to read the figure. Grad-CAM is rectified (0: nothing for pneumonia, the evidence against is cut
+    away); the input gradient is a magnitude (0: no effect; red sways P(pneumonia) up or down). Both are divided
+    by the image's own 99.5th percentile, hence "relative to this image"."""
+    if label.startswith("Grad-CAM"):
+        return ("evidence for pneumonia, relative to this image's strongest",
+                ("0: none here", "1: this image's strongest"),
+                "Red: regions that raised P(pneumonia) most in this image; blue: none (or against).\n"
+                "Scaled per image: read the colour with the score; do not compare it across images.")
+    return ("|d log-odds / d pixel|, relative to this image's largest",
+            ("0: no effect", "1: this image's largest"),
+            "Red: pixels whose change would move P(pneumonia) most, up or down.\n"
+            "Scaled per image: read the colour with the score; do not compare it across images.")
+
+
 def figure(image: np.ndarray, heat: np.ndarray, name: str, row: dict[str, Any], label: str) -> Figure:
-    """One X-ray as the model saw it, its map over it, and the prediction in the title."""
-    fig, ax = plt.subplots(figsize=(5, 5.6), layout="constrained")
-    _overlay(ax, image, heat, f"{name}\n{verdict(row)}\n{label} (red: drives P(pneumonia) up)", 9)
+    """One X-ray as the model saw it, its map over it, the prediction in the title, a colour bar of the map and a
+    line on how to read it (`reading`)."""
+    caption, ends, how = reading(label)
+    fig, ax = plt.subplots(figsize=(5, 6.2), layout="constrained")
+    _overlay(ax, image, heat, f"{name}\n{verdict(row)}\n{label}", 9)
+    # The bar shows the map's colours at full strength: over the X-ray they are blended at `_overlay`'s alpha.
+    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), "jet"), ax=ax, location="bottom", shrink=0.85, aspect=30,
+                       pad=0.02, ticks=[0, 1])
+    for tick, align in zip(bar.ax.set_xticklabels(ends, fontsize=8), ("left", "right"), strict=True):
+        tick.set_horizontalalignment(align)  # under the bar's ends, not past them
+    bar.set_label(caption, fontsize=8)
+    fig.supxlabel(how, fontsize=8)
     return fig
 
 

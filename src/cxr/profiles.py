@@ -1,6 +1,5 @@
-"""Profiles: configs/<name>.yaml as `dvc exp run -S` overrides of params.yaml, run as one DVC experiment
-(`make quick`, `make cpu-best`, `cxr retrain --profile`). By default params.yaml is put back afterwards, so
-that a profile never edits it; when the run fails, dvc.lock and the outputs are put back too."""
+"""`cxr run`: `dvc exp run -S` with the params checked first and everything put back on failure; profiles,
+configs/<name>.yaml, are sets of such overrides (`make quick`, `make cpu-best`, `cxr retrain --profile`)."""
 
 from __future__ import annotations
 
@@ -9,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -44,9 +44,10 @@ def hydra(value: Any) -> str:
     return text if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text) else "'" + text.replace("'", "\\'") + "'"
 
 
-def overrides(config: dict[str, Any], data: str) -> list[str]:
+def overrides(config: dict[str, Any], data: str, current: params.Params | None = None) -> list[str]:
     """-S values: `models.<name>` definitions added or replaced (params.yaml's others stay), `variants` and
-    `ensembles` replaced whole, every other section set key by key; DATA picks the source."""
+    `ensembles` replaced whole (ensembles only when they differ from `current`'s: a replaced mapping moves to
+    the end of params.yaml), every other section set key by key; DATA picks the source."""
     out = []
     for section, values in config.items():
         if section == "models":
@@ -54,17 +55,39 @@ def overrides(config: dict[str, Any], data: str) -> list[str]:
         elif section == "variants":
             out += [f"variants={hydra(values)}"]
         elif section == "ensembles":
-            out += ["~ensembles", f"+ensembles={hydra(values)}"]
+            out += [] if current is not None and current.ensembles == values else \
+                ["~ensembles", f"+ensembles={hydra(values)}"]
         else:
             out += [f"{section}.{k}={hydra(v)}" for k, v in values.items()]
-    if data:
-        if not Path(data).exists():
-            raise CxrError(f"DATA={data} does not exist; give a Kaggle-style folder or a MedMNIST .npz")
-        source = "npz" if data.endswith(".npz") else "imagefolder"
-        out += [f"data.source={source}", f"data.path={hydra(data)}"]  # as given: a relative path stays relative
-    else:
-        out += ["data.source=hub"]
-    return out
+    return out + source(data)
+
+
+def source(data: str) -> list[str]:
+    """The -S values of DATA: a folder or .npz picks the source, empty means the hub."""
+    if not data:
+        return ["data.source=hub"]
+    if not Path(data).exists():
+        raise CxrError(f"DATA={data} does not exist; give a Kaggle-style folder or a MedMNIST .npz")
+    kind = "npz" if data.endswith(".npz") else "imagefolder"
+    return [f"data.source={kind}", f"data.path={hydra(data)}"]  # as given: a relative path stays relative
+
+
+def check(sets: list[str], file: Path = Path("params.yaml")) -> None:
+    """Apply the -S values to a copy of params.yaml, as DVC will, and validate the result: a bad value fails
+    here, before DVC rewrites params.yaml or deletes any output."""
+    from dvc.utils.hydra import apply_overrides
+
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "params.yaml"
+        copy.write_bytes(file.read_bytes())
+        try:
+            apply_overrides(str(copy), sets)
+        except Exception as e:  # Hydra's grammar errors and DVC's "key not found" alike
+            raise CxrError(f"cannot apply -S {' '.join(sets)}: {str(e).splitlines()[0]}; nothing was run") from e
+        try:
+            params.load(copy)
+        except CxrError as e:
+            raise CxrError(f"{e}; nothing was run, params.yaml and the outputs are as they were") from e
 
 
 def load(profile: str) -> dict[str, Any]:
@@ -75,19 +98,25 @@ def load(profile: str) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
-def run(profile: str, data: str = "", name: str = "", extra: tuple[str, ...] = (), keep_params: bool = False,
-        force: bool = False) -> float:
-    """Run the profile as the DVC experiment `name` (default: the profile's) and return its minutes. DVC
-    skips what is unchanged (its run cache) unless `force`; the experiment of the same name is replaced."""
+def run(profile: str = "", data: str = "", name: str = "", extra: tuple[str, ...] = (), force: bool = False) -> float:
+    """Run the profile (configs/<profile>.yaml; none: params.yaml as it is) with `extra` -S overrides as one DVC
+    experiment in the workspace, and return its minutes. The workspace is left as that experiment, the way
+    `dvc exp apply` leaves it: its params in params.yaml and its outputs in place, so that `dvc status` is clean
+    and every later command sees one consistent state. The params are checked before DVC touches anything;
+    when a stage fails, params.yaml, dvc.lock and the outputs are put back. DVC skips what is unchanged (its
+    run cache) unless `force`; an experiment of the same name is replaced."""
+    sets = [*(overrides(load(profile), data, params.load()) if profile else source(data) if data else []), *extra]
+    check(sets)
     name = name or profile
-    cmd = [*DVC, "exp", "run", "-n", name, *(["--force"] if force else [])]
-    for o in [*overrides(load(profile), data), *extra]:
+    cmd = [*DVC, "exp", "run", *(["-n", name] if name else []), *(["--force"] if force else [])]
+    for o in sets:
         cmd += ["-S", o]
-    # `dvc exp run -S` writes the overrides into params.yaml and leaves them there; a failed stage also loses
-    # its previous outputs. Keep both files' bytes to put back.
+    # A failed stage has deleted its previous outputs, and DVC leaves the -S values in params.yaml: keep both
+    # files' bytes to put back.
     kept = {f: f.read_bytes() if f.exists() else None for f in (Path("params.yaml"), Path("dvc.lock"))}
     env = tool_env()
-    subprocess.run([*DVC, "exp", "remove", name], capture_output=True, env=env)  # it may not exist
+    if name:
+        subprocess.run([*DVC, "exp", "remove", name], capture_output=True, env=env)  # it may not exist
     t0, skipped, proc = time.perf_counter(), False, None
     try:
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
@@ -96,8 +125,9 @@ def run(profile: str, data: str = "", name: str = "", extra: tuple[str, ...] = (
                 if not NOISE.match(line):
                     sys.stdout.write(line)
                 skipped |= line.startswith("Stage 'compare' didn't change")
+                name = line.removeprefix("Ran experiment(s): ").strip() if line.startswith("Ran exp") else name
     finally:
-        if not keep_params or proc is None or proc.returncode:  # None: dvc did not start
+        if proc is None or proc.returncode:  # None: dvc did not start
             Path("params.yaml").write_bytes(kept[Path("params.yaml")] or b"")
     minutes = (time.perf_counter() - t0) / 60
     if proc.returncode:
@@ -109,10 +139,7 @@ def run(profile: str, data: str = "", name: str = "", extra: tuple[str, ...] = (
     if skipped:  # nothing changed since the last run: its leaderboard, as the compare stage prints it
         rows, groups = (json.loads(Path(f"comparison/{f}.json").read_text()) for f in ("leaderboard", "seed_spread"))
         print(summary(rows, params.load().compare.metric, Path("comparison"), groups, stage_reports(Path("reports"))))
-    kept_text = "params.yaml holds its params" if keep_params else \
-        f"params.yaml is unchanged (`dvc exp apply {name}` adopts its params)"
-    print(f"{profile}: {minutes:.1f} min wall time. The experiment is `dvc exp show`'s {name!r}; {kept_text}")
-    if not keep_params:  # `make quick`: what a first run goes on with (`cxr retrain` promotes by itself)
-        print("Next (after `source .venv/bin/activate`): `cxr promote` registers its best variant as the champion, "
-              "`cxr predict IMAGE...` uses it; `cxr results`, `dvc plots show` and `make ui` compare the variants")
+    print(f"{profile or 'cxr run'}: {minutes:.1f} min wall time. The workspace is now the experiment {name}: "
+          "params.yaml holds its params (`git diff params.yaml`), the outputs are its outputs, `dvc status` is "
+          "clean. `git checkout params.yaml` goes back to the defaults.")
     return minutes

@@ -169,7 +169,7 @@ def retrain(p: Params, refresh_data: bool, reports: Path, data: Path, comparison
     """Run the pipeline (as params.yaml says, or a profile of it on `source`), the shift report and the
     promotion; return the markdown summary and the promotion's record."""
     if profile:  # e.g. quick on a CPU runner: its params stay in params.yaml for promotion (CI's checkout)
-        profiles.run(profile, source, keep_params=True, force=refresh_data)  # a small run: all of it again
+        profiles.run(profile, source, force=refresh_data)  # a small run: all of it again
         p = params.load()
     else:
         if refresh_data:  # the source may have changed upstream while its params did not
