@@ -62,7 +62,7 @@ def test_retrain_promotes_first_keeps_the_champion_on_noise_promotes_a_clearly_b
     n = first["test_images"]
     assert first["decision"] == "promoted" and first["reason"].startswith("no champion yet; test auroc ")
     assert f" on the {n['used']} of {n['total']} test images ({n['patients_used']} of {n['patients_total']} " \
-        "patients) whose patients it never saw" in first["reason"]
+        "patients) whose patients it neither trained nor validated on" in first["reason"]
     assert n["used"] == n["total"] - n["removed"]["candidate"]["images"] and list(n["removed"]) == ["candidate"]
     assert first["champion_version"] == first["candidate"]["version"] and first["previous_champion"] is None
     assert "## Retraining: promoted a new champion" in text and "| cand |" in text
@@ -163,13 +163,25 @@ def test_retrain_promotes_first_keeps_the_champion_on_noise_promotes_a_clearly_b
     assert table[0].startswith("models:/chest-xray-classifier@champion: cand (") and "threshold" in table[0]
     assert table[1].split() == ["image", "P(pneumonia)", "decision"]
     in_folder = sorted(x for x in paths[0].parent.iterdir())
-    assert [line.split()[0] for line in table[2:]] == [*map(str, in_folder), str(paths[1])]
+    n = len(in_folder) + 1
+    lines, notes = table[2:2 + n], table[2 + n:]
+    assert [line.split()[0] for line in lines] == [*map(str, in_folder), str(paths[1])]
     by_path = {str(folder / r["name"]): r for r in rows}
-    for line in table[2:]:
+    for line in lines:
         path, prob, decision = line.split()
         if path in by_path:
             assert float(prob) == pytest.approx(float(by_path[path]["p_pneumonia"]), abs=1e-4)
             assert decision == by_path[path]["predicted"]
+    # Under the table, the counts at the threshold and the champion's operating point on validation and test.
+    calls = [line.split()[2] for line in lines]
+    assert notes[0] == (f"{n} images: {calls.count('NORMAL')} called NORMAL, {calls.count('PNEUMONIA')} called "
+                        f"PNEUMONIA (P(pneumonia) > {card_of(repo).threshold:.4f}, chosen on validation).")
+    m = client.get_run(better["candidate"]["run_id"]).data.metrics
+    assert " ".join(line.strip() for line in notes[1:]) == (
+        f"This model (cand, version {better['candidate']['version']}) on validation: sensitivity "
+        f"{m['val_best/recall']:.3f}, specificity {m['val_best/specificity']:.3f}; on test: sensitivity "
+        f"{m['test/recall']:.3f}, specificity {m['test/specificity']:.3f}, so it calls about "
+        f"{1 - m['test/specificity']:.0%} of normal test images pneumonia.")
     as_csv = list(csv.DictReader(io.StringIO(cxr("predict", "--csv", *map(str, paths[:3])))))
     assert [r["image"] for r in as_csv] == list(map(str, paths[:3]))
     assert list(as_csv[0]) == ["image", "p_pneumonia", "decision", "threshold", "class"]

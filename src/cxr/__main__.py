@@ -37,12 +37,16 @@ def _unread(errors: list[str]) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from cxr.predict import predict, render
+    from cxr.predict import model_facts, predict, render, summary
 
     uri, paths, missing = _images(args)
     rows, errors, card = predict(uri, paths)
     if rows:  # none readable: the error alone, no empty table
-        sys.stdout.write(render(rows, card, uri, "json" if args.json else "csv" if args.csv else "table"))
+        fmt = "json" if args.json else "csv" if args.csv else "table"
+        sys.stdout.write(render(rows, card, uri, fmt))
+        sys.stdout.flush()
+        # the counts and the model's operating point: under the table, or on stderr where stdout is data
+        (sys.stdout if fmt == "table" else sys.stderr).write(summary(rows, card, model_facts(uri)))
     _unread(missing + errors)
 
 

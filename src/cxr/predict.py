@@ -8,6 +8,8 @@ import csv
 import glob
 import io
 import json
+import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,50 @@ def explain_images(uri: str, paths: list[Path], out: Path) -> tuple[list[str], l
         plt.close(fig)
         lines.append(f"{target}  {explain.verdict(row)}  ({label})")
     return lines, errors
+
+
+def model_facts(uri: str) -> dict[str, Any]:
+    """The pipeline run behind a `models:/name@alias`, `models:/name/version` or `runs:/` URI: its version, DVC
+    experiment and its sensitivity and specificity on validation and test; {} where MLflow knows no such run."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    m = re.fullmatch(r"models:/([^@/]+)(?:@([^/]+)|/(\d+))", uri)
+    try:
+        if m:
+            mv = client.get_model_version_by_alias(m[1], m[2]) if m[2] else client.get_model_version(m[1], m[3])
+            run_id, version = mv.run_id, f"version {mv.version}"
+        elif uri.startswith("runs:/"):
+            run_id, version = uri.split("/")[1], ""
+        else:
+            return {}
+        run = client.get_run(run_id)
+    except MlflowException:
+        return {}
+    return {"version": version, "experiment": run.data.tags.get("dvc_exp_name", ""),
+            **{k: run.data.metrics.get(k) for k in ("val_best/recall", "val_best/specificity", "test/recall",
+                                                      "test/specificity")}}
+
+
+def summary(rows: list[dict[str, Any]], card: ModelCard, facts: dict[str, Any]) -> str:
+    """The lines under `cxr predict`'s table: how many images each decision took, at which threshold, and how
+    the model did on validation and test, so that a run of calls is read against the model's operating point."""
+    counts = {c: sum(r["decision"] == c for r in rows) for c in card.classes}
+    rule = f" (P(pneumonia) > {card.threshold:.4f}, chosen on validation)" if card.binary else ""
+    lines = [f"{len(rows)} image{'s' * (len(rows) != 1)}: " + ", ".join(f"{n} called {c}" for c, n in counts.items()) + rule + "."]
+    if all(facts.get(k) is not None for k in ("val_best/recall", "test/recall", "test/specificity")):
+        test_spec = facts["test/specificity"]
+        name = ", ".join(x for x in (card.variant, facts["version"]) if x)
+        lines.append(f"This model ({name}) on validation: "
+                     f"sensitivity {facts['val_best/recall']:.3f}, specificity {facts['val_best/specificity']:.3f}; "
+                     f"on test: sensitivity {facts['test/recall']:.3f}, specificity {test_spec:.3f}, so it calls "
+                     f"about {1 - test_spec:.0%} of normal test images pneumonia.")
+    if facts.get("experiment") == "quick":
+        lines.append("It comes from the experiment `quick` (`make quick`: 64 px, 4 epochs), a first run of the "
+                     "pipeline, not a model to screen with; `make cpu-best` trains the best 2-core recipe, then "
+                     "`cxr promote`.")
+    return "".join(textwrap.fill(line, 120, subsequent_indent="  ") + "\n" for line in lines)
 
 
 def render(rows: list[dict[str, Any]], card: ModelCard, uri: str, fmt: str) -> str:
