@@ -116,7 +116,8 @@ def summary(rows: list[dict[str, Any]], card: ModelCard, facts: dict[str, Any]) 
     the model did on validation and test, so that a run of calls is read against the model's operating point."""
     counts = {c: sum(r["decision"] == c for r in rows) for c in card.classes}
     rule = f" (P(pneumonia) > {card.threshold:.4f}, chosen on validation)" if card.binary else ""
-    lines = [f"{len(rows)} image{'s' * (len(rows) != 1)}: " + ", ".join(f"{n} called {c}" for c, n in counts.items()) + rule + "."]
+    calls = ", ".join(f"{n} called {c}" for c, n in counts.items())
+    lines = [f"{len(rows)} image{'s' * (len(rows) != 1)}: {calls}{rule}."]
     if all(facts.get(k) is not None for k in ("val_best/recall", "test/recall", "test/specificity")):
         test_spec = facts["test/specificity"]
         name = ", ".join(x for x in (card.variant, facts["version"]) if x)
