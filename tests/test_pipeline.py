@@ -125,7 +125,8 @@ def test_pipeline_runs_then_is_a_noop_then_reruns_one_variant(repo):
         listed = c.data.tags["variant_runs"].split(",")
         assert sorted(by_id[i].info.run_name for i in listed) == sorted([*VARIANTS, "ens"])
         note = c.data.tags["mlflow.note.content"]
-        assert all(f"(#/experiments/{exp.experiment_id}/runs/{i})" in note for i in listed)
+        mode = "workflowType=machine_learning"  # MLflow opens the page in "Model training" mode
+        assert all(f"(#/experiments/{exp.experiment_id}/runs/{i}?{mode})" in note for i in listed)
         assert f"(#/compare-runs?runs=[{','.join(f'%22{i}%22' for i in listed)}]" in note  # MLflow's comparison
     assert compares[1].data.tags["mlflow.note.content"].count(") (reused) |") == 2  # linear, tinyvgg: not retrained
     assert compares[1].data.tags["shift.verdict"] == shift["verdict"]
@@ -194,11 +195,12 @@ def test_dvc_plots_overlay_every_variant_and_exp_show_fits_a_terminal(repo):
     metrics = first[0]["data"]["metrics"]
     assert list(metrics) == ["comparison/scores.json"]
     data = metrics["comparison/scores.json"]["data"]
-    assert list(data) == ["best", "auroc", "val_auroc", "acc", "sens", "spec"]
+    assert list(data) == ["best", "test_auroc", "val_auroc", "test_acc", "test_sens", "test_spec"]
     assert all(set(d) == {*VARIANTS, "ens"} for k, d in data.items() if k != "best")
-    val = {v: json.loads((repo / "reports" / v / "evaluation.json").read_text())["val"]["auroc"] for v in data["auroc"]}
+    val = {v: json.loads((repo / "reports" / v / "evaluation.json").read_text())["val"]["auroc"]
+           for v in data["test_auroc"]}
     assert data["best"]["variant"] == max(val, key=val.get)  # unrounded: the file's 4 digits can tie
-    assert data["best"]["auroc"] == data["auroc"][data["best"]["variant"]]
+    assert data["best"]["test_auroc"] == data["test_auroc"][data["best"]["variant"]]
     assert EXP_SHOW in (ROOT / "README.md").read_text()
     table = sh(repo, "sh", "-c", EXP_SHOW, env={"COLUMNS": "120"})
     assert max(map(len, table.splitlines())) <= 120 and "…" not in table, table

@@ -16,6 +16,7 @@ from PIL import Image
 from conftest import free_port, mlflow_server, tracking_at
 from cxr import inference, predict, registry, tracking
 from cxr.errors import CxrError
+from cxr.evaluation import compare
 from cxr.inference import CardError, ModelCard, load_logged
 
 PASSWORD = "s3cret-Pass-9876"
@@ -120,3 +121,31 @@ def test_a_registered_version_that_is_code_is_refused_by_name_and_never_run(tmp_
     assert len(out.stderr.strip().splitlines()) == 1 and not marker.exists()
     torch.load(tmp_path / inference.WEIGHTS, weights_only=False)  # what loading the old way did
     assert marker.exists()
+
+
+def test_links_open_mlflow_in_model_training_mode_and_registry_descriptions_are_plain_text(tmp_path):
+    """MLflow 3's UI opens a page in GenAI mode unless its hash route's query says workflowType=machine_learning:
+    the parent run's links to its variants and to their comparison, and the printed link to a model version,
+    say it. A model version's description is plain text (the versions table shows it raw): the run's words
+    without markdown."""
+    rows = [{"variant": "mlp", "run_id": "abc", "val_auroc": 0.9}, {"variant": "cnn", "run_id": "def"}]
+    note = compare.note(rows, "auroc", "7")
+    assert "[mlp](#/experiments/7/runs/abc?workflowType=machine_learning)" in note
+    assert "(#/compare-runs?runs=[%22abc%22,%22def%22]&experiments=[%227%22]&workflowType=machine_learning)" in note
+    assert registry.version_link("my model", "3") == \
+        "http://127.0.0.1:5000/#/models/my%20model/versions/3?workflowType=machine_learning"  # `make ui`'s
+    with tracking_at(f"http://admin:{PASSWORD}@127.0.0.1:5055/"):  # a tracking server: its own UI, no password
+        assert registry.version_link("m", "1") == "http://127.0.0.1:5055/#/models/m/versions/1?workflowType=" \
+                                                  "machine_learning"
+    said = ("**mlp**: `mlp` from scratch, 32 px. Data: src (imagefolder), 192 train / 48 val images.\n\nTest (240 "
+            "images) at threshold 0.374: accuracy 0.838 [0.784–0.888]; see [the run](#/experiments/7/runs/abc)")
+    with mlflow.start_run(tags={tracking.NOTE: said}) as run:
+        model = ModelCard("mlp", "linear", 8, ("NORMAL", "PNEUMONIA"), "stretch", 8, "none", 0.5, 0.25).build()
+        info = mlflow.pytorch.log_model(model.eval(), name="model", pip_requirements=["torch"],
+                                        input_example=np.zeros((1, 1, 8, 8), dtype=np.float32))
+    client = MlflowClient()
+    version = registry._register(client, "plain-words", {"model_uri": info.model_uri, "variant": "mlp",
+                                                         "run_id": run.info.run_id})
+    assert client.get_model_version("plain-words", version).description == (
+        "mlp: mlp from scratch, 32 px. Data: src (imagefolder), 192 train / 48 val images.\n\nTest (240 images) at "
+        "threshold 0.374: accuracy 0.838 [0.784–0.888]; see the run (#/experiments/7/runs/abc)")

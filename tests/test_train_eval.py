@@ -1,6 +1,7 @@
 """Training and evaluation on real X-rays: repeatable, early stopping, MLflow logs, the logged model."""
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 from conftest import ROOT, make_imagefolder, tracking_at
-from cxr import params
+from cxr import params, tracking
 from cxr.data.gray import grayscale
 from cxr.data.sources import download
 from cxr.data.split import split
@@ -404,3 +405,42 @@ def test_an_ensemble_with_tta_and_temperature_is_one_model_that_predict_reproduc
     got, errors, _ = predict(uri, [folder / r["name"] for r in rows[:12]])
     assert not errors and [g["p_pneumonia"] for g in got] == pytest.approx([float(r["p_pneumonia"])
                                                                             for r in rows[:12]], abs=1e-6)
+
+
+def test_an_imagefolder_run_has_no_hub_params_and_its_evaluate_stage_logs_the_model_without_mlflow_warnings(
+        data, tmp_path):
+    """The hub's settings are params of hub runs only. The evaluate stage, run as DVC runs it, logs the served
+    model with its own signature (one binary `image` column) and input example, and MLflow prints no warning
+    about type hints on `predict` (it did twice per stage). Served one image at a time, the model answers
+    exactly what `cxr predict` answers for that file; in a batch, within float32 rounding."""
+    raw = project_raw(epochs=1)
+    raw["data"] |= {"source": "imagefolder", "path": str(data.parent / "src")}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    train_variant(params.parse(raw), "mlp", data, tmp_path / "m", tmp_path / "r", tmp_path / "ck")
+    run_id = json.loads((tmp_path / "m" / "run.json").read_text())["run_id"]
+    logged = MlflowClient().get_run(run_id).data.params
+    assert logged["data.source"] == "imagefolder" and not [k for k in logged if k.startswith("data.hub_")]
+    hub = tracking.flatten({"data": dataclasses.asdict(DataParams())})
+    assert hub["data.hub_repo"] == DataParams().hub_repo  # a hub run keeps them
+    out = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "mlp", "--data", str(data),
+                          "--model-dir", "m", "--reports", "r", "--params", "params.yaml"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "type hints" not in out.stderr and "Warning" not in out.stderr, out.stderr[-2000:]
+    [model] = MlflowClient().search_logged_models(filter_string=f"source_run_id='{run_id}'",
+                                                  experiment_ids=[MlflowClient().get_run(run_id).info.experiment_id])
+    info = get_model_info(f"models:/{model.model_id}")
+    assert info.signature.inputs.to_dict() == [{"type": "binary", "name": "image", "required": True}]
+    assert [c["name"] for c in info.signature.outputs.to_dict()] == ["p_pneumonia", "decision", "threshold", "class"]
+    served = mlflow.pyfunc.load_model(f"models:/{model.model_id}")
+    test = load_split(data / "32", "test")
+    files = []
+    for i, image in enumerate(test.images[:5]):
+        (path := tmp_path / f"{i}.png").write_bytes(png(image))
+        files.append(path)
+    rows, _, _ = predict(f"models:/{model.model_id}", files)
+    for path, row in zip(files, rows, strict=True):
+        one = served.predict(pd.DataFrame({"image": [path.read_bytes()]}))
+        assert one["p_pneumonia"][0] == row["p_pneumonia"]  # the same arithmetic: to the last digit
+    batch = served.predict(pd.DataFrame({"image": [f.read_bytes() for f in files]}))
+    assert np.allclose(batch["p_pneumonia"], [r["p_pneumonia"] for r in rows], rtol=0, atol=1e-6)

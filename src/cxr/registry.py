@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import re
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,7 +153,7 @@ def _register(client: MlflowClient, name: str, cand: dict[str, Any]) -> str:
         version = mlflow.register_model(cand["model_uri"], name, tags={"variant": cand["variant"]}).version
         note = client.get_run(cand["run_id"]).data.tags.get(tracking.NOTE)
         if note:  # the version's description in the registry: the run's (what it is, data, scores)
-            client.update_model_version(name, version, description=note)
+            client.update_model_version(name, version, description=plain(note))
         return version
     except MlflowException as e:
         raise CxrError(f"cannot register {cand['model_uri']} ({cand['variant']}) in {tracking.store_and_error(e)}; "
@@ -159,14 +161,21 @@ def _register(client: MlflowClient, name: str, cand: dict[str, Any]) -> str:
                        "MLFLOW_TRACKING_URI") from e
 
 
+def plain(note: str) -> str:
+    """A run's markdown description as plain text, for the registry, whose versions table shows a description
+    raw (markdown's ** and backticks would read as such): the same words; a link, its text and bare URL."""
+    return re.sub(r"\*\*|`", "", re.sub(r"\[([^\]]*)\]\(([^)]*)\)", r"\1 (\2)", note))
+
+
 def describe_model(client: MlflowClient, name: str, classes: tuple[str, ...] | list[str], p: Params) -> None:
     """The registered model's description in the registry (each version has its run's): what it classifies,
-    its labels and how the champion is chosen. Written when it differs, so that a label change shows."""
+    its labels and how the champion is chosen, in plain text like the versions'. Written when it differs, so
+    that a label change shows."""
     labels = ", ".join(f"{i} {c}" for i, c in enumerate(classes))
     text = (f"Chest X-ray pneumonia classification: one frontal chest X-ray (grayscale, resized as the model card "
             f"says) in, the class out; labels {labels}. Each version is one pipeline variant or ensemble, trained by "
-            f"`dvc repro` or a profile (its description: the run's data and scores). The `{ALIAS}` alias is the "
-            f"version `cxr predict` uses: `cxr promote` registers the variant best on validation "
+            f"dvc repro or a profile (its description: the run's data and scores). The {ALIAS} alias is the "
+            f"version cxr predict uses: cxr promote registers the variant best on validation "
             f"{metric_label(p.promote.metric)} and moves the alias only when it beats "
             f"the {ALIAS} on the test images of patients neither model trained or validated on (paired bootstrap by "
             f"patient, 95% interval of the difference above promote.min_delta {p.promote.min_delta}).")
@@ -268,7 +277,7 @@ def promote(p: Params, reports: Path, data: Path, out: Path, comparison: Path = 
         f" ({images['patients_used']} of {images['patients_total']} patients)" if images["patients_total"] else "")
     gone = f" (removed: {removed_text(images)})" if images["used"] < images["total"] else ""
     whose = "whose patients" if images["patients_total"] else "that"  # images without patient ids: themselves
-    alone = f"test {key} {cand['test']:.4f} on {on} {whose} it never saw{gone}"
+    alone = f"test {key} {cand['test']:.4f} on {on} {whose} it neither trained nor validated on{gone}"
     if champ is None:
         promoted, reason = True, f"no {ALIAS} yet; {alone}"
     elif champ.version == cand["version"]:
@@ -320,5 +329,11 @@ def promote(p: Params, reports: Path, data: Path, out: Path, comparison: Path = 
             client.set_tag(cand["run_id"], k, value)
     with atomic_path(out) as tmp:
         write_json(tmp, record)
-    log.info("%s %s version %s (%s): %s", decision, name, cand["version"], cand["variant"], reason)
+    log.info("%s %s version %s (%s): %s. In the MLflow UI: %s", decision, name, cand["version"], cand["variant"],
+             reason, version_link(name, cand["version"]))
     return record
+
+
+def version_link(name: str, version: str) -> str:
+    """The registered model version's page in the MLflow UI, as a whole address to print."""
+    return tracking.ui_link(f"models/{urllib.parse.quote(name, safe='')}/versions/{version}", tracking.ui_base())

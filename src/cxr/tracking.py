@@ -24,9 +24,9 @@ import yaml
 from cxr.errors import CxrError
 
 log = logging.getLogger(__name__)
-NOTE = "mlflow.note.content"  # a run's, experiment's or model version's description in the UI (markdown)
-# Marks the experiment as model training, not GenAI. (The 3.17 UI still picks its landing page from its own
-# `workflowType` URL parameter or remembered mode: `make ui` prints the URL that opens the runs tables.)
+NOTE = "mlflow.note.content"  # a run's or experiment's description in the UI (markdown)
+# Marks the experiment as model training, not GenAI. (The 3.17 UI still picks its mode from its own
+# `workflowType` URL parameter or remembered mode: every link the project writes carries it, see ui_link.)
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",
                    NOTE: "Chest X-ray pneumonia classifiers (NORMAL vs PNEUMONIA), one run per variant and DVC "
                          "pipeline run, nested under a parent run named after the DVC experiment whose description "
@@ -96,12 +96,36 @@ def store_and_error(e: BaseException) -> str:
     return f"{redact(mlflow.get_tracking_uri())} ({redact(str(e).splitlines()[0])})"
 
 
+def _without_credentials(uri: str) -> str:
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else parts.netloc
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc)).rstrip("/")
+
+
+# Where `make ui` serves the local store's UI.
+LOCAL_UI = "http://127.0.0.1:5000/"
+
+
+def ui_link(route: str, base: str = "") -> str:
+    """A page of the MLflow UI, e.g. `experiments/1/runs/<id>`, `compare-runs?runs=[...]` or
+    `models/<name>/versions/<v>`, in "Model training" mode. MLflow 3's UI opens runs, comparisons and models in
+    GenAI mode (or the mode it last remembered) unless the query of the hash route itself, after the route,
+    says `workflowType=machine_learning`; a query before the `#` is not read. `base` "": the relative link a
+    description inside the UI needs; ui_base(): the whole address, for a link printed to a terminal."""
+    return f"{base}#/{route}{'&' if '?' in route else '?'}workflowType=machine_learning"
+
+
+def ui_base() -> str:
+    """The UI of the current store: the tracking server's address (without credentials), else `make ui`'s."""
+    uri = mlflow.get_tracking_uri()
+    return _without_credentials(uri) + "/" if uri.startswith(("http://", "https://")) else LOCAL_UI
+
+
 def _check_server(uri: str, timeout: float = 5.0) -> None:
     """Fail in seconds, not after MLflow's minutes of retries, when the tracking server does not answer.
     Credentials in the URI (user:pass@host) are sent as basic auth, as MLflow's client sends them."""
     parts = urllib.parse.urlsplit(uri)
-    netloc = parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else parts.netloc
-    request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=netloc)).rstrip("/") + "/health")
+    request = urllib.request.Request(_without_credentials(uri) + "/health")
     if parts.username is not None:
         token = base64.b64encode(f"{urllib.parse.unquote(parts.username)}:"
                                  f"{urllib.parse.unquote(parts.password or '')}".encode()).decode()
@@ -117,9 +141,14 @@ def _check_server(uri: str, timeout: float = 5.0) -> None:
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as MLflow params (`train.model.hidden_units`). A `data` section's hub_* settings are
+    left out unless its source is hub: an imagefolder or npz run did not use them, and as params they would say
+    it came from the hub."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
+        if key == "data" and isinstance(v, dict) and v.get("source") != "hub":
+            v = {name: x for name, x in v.items() if not name.startswith("hub_")}
         out.update(flatten(v, f"{key}.") if isinstance(v, dict) else {key: v})
     return out
 

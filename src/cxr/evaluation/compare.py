@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import logging
 import math
 import statistics
 import textwrap
@@ -20,6 +21,7 @@ from cxr.io import atomic_path, best_on_val, read_report, short_interval, write_
 from cxr.params import HEADLINE, SCORES, WITH_INTERVAL, Params, metric_label
 from cxr.plots import bars_figure, curve_figure, histories_figure
 
+log = logging.getLogger(__name__)
 Rows = list[dict[str, Any]]
 Groups = list[dict[str, Any]]
 
@@ -281,7 +283,8 @@ def note(rows: Rows, metric: str, experiment_id: str = "", reused: frozenset[str
     head, body = _table(rows, metric)
     for row, r in zip(body, rows, strict=True):
         if experiment_id:
-            row[0] = f"[{row[0]}](#/experiments/{experiment_id}/runs/{r['run_id']})"
+            link = tracking.ui_link(f"experiments/{experiment_id}/runs/{r['run_id']}")
+            row[0] = f"[{row[0]}]({link})"
         if r["run_id"] in reused:
             row[0] += " (reused)"
     lines = [f"**Leaderboard**: test scores [{interval_label(rows)}] at the threshold chosen on val, best first "
@@ -290,8 +293,8 @@ def note(rows: Rows, metric: str, experiment_id: str = "", reused: frozenset[str
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if experiment_id and rows:  # one click to MLflow's comparison of exactly this run's variants
         ids = ",".join(f"%22{r['run_id']}%22" for r in rows)
-        lines.insert(1, f"\n[Compare all {len(rows)} variants of this pipeline run](#/compare-runs?runs=[{ids}]"
-                        f"&experiments=[%22{experiment_id}%22])")
+        link = tracking.ui_link(f"compare-runs?runs=[{ids}]&experiments=[%22{experiment_id}%22]")
+        lines.insert(1, f"\n[Compare all {len(rows)} variants of this pipeline run]({link})")
     lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines)
 
@@ -397,4 +400,6 @@ def log_comparison(p: Params, rows: Rows, groups: Groups, figs: dict[str, Any], 
             if r["run_id"] not in reused:
                 client.set_tag(r["run_id"], "mlflow.parentRunId", run.info.run_id)
                 client.set_tag(r["run_id"], "pipeline_run", run.info.run_id)
+    log.info("this pipeline run in the MLflow UI (its description links every variant's run): %s",
+             tracking.ui_link(f"experiments/{experiment_id}/runs/{run.info.run_id}", tracking.ui_base()))
     return run.info.run_id
