@@ -223,4 +223,12 @@ def test_cxr_run_checks_params_first_and_puts_everything_back_when_a_stage_fails
     assert (repo / "params.yaml").read_bytes() == before
     assert (repo / "data" / "raw" / "manifest.csv").read_bytes() == raw  # deleted by DVC, checked out again
     assert "Data and pipelines are up to date." in sh(repo, "dvc", "status")
+    assert "dvc checkout` (or `dvc exp apply" not in out  # cxr run put them back: no word on doing it by hand
+
+    # A plain `dvc exp run` cannot be helped before it starts: the failing stage says how to get back.
+    out = sh(repo, "dvc", "exp", "run", "-S", f"data.path={empty.parent.parent}", ok=False)
+    assert "params.yaml && dvc checkout` (or `dvc exp apply <experiment>`) puts them back" in out
+    assert (repo / "params.yaml").read_bytes() != before and not (repo / "data" / "raw").exists()
+    sh(repo, "dvc", "exp", "apply", "first")
+    assert (repo / "params.yaml").read_bytes() == before and (repo / "data" / "raw" / "manifest.csv").exists()
     assert "no profile 'fast'" in sh(repo, "cxr", "run", "--profile", "fast", ok=False)

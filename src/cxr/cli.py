@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
 from cxr.errors import CxrError
+
+RESTORES = "CXR_RUN_RESTORES"  # set by `cxr run`, which puts params.yaml and the outputs back itself
 
 
 def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
@@ -19,6 +22,10 @@ def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentPar
         main(args)
     except CxrError as e:
         print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("DVC_EXP_NAME") and not os.environ.get(RESTORES):  # a plain `dvc exp run`
+            print("DVC leaves its -S values in params.yaml and this stage's outputs deleted: `git checkout "
+                  "params.yaml && dvc checkout` (or `dvc exp apply <experiment>`) puts them back; `cxr run -S` "
+                  "does it by itself", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("error: interrupted; outputs of this stage were not written", file=sys.stderr)

@@ -121,8 +121,9 @@ Metric = Literal["accuracy", "precision", "recall", "specificity", "f1", "auroc"
 HEADLINE: tuple[str, ...] = typing.get_args(Metric)  # the headline scores, in that order
 WITH_INTERVAL = ("accuracy", "recall", "specificity", "f1", "auroc")  # those with a 95% interval
 # comparison/scores.json, the only DVC metrics file: its names -> leaderboard keys. `dvc exp show` names its columns
-# auroc.<variant> (test), val_auroc.<variant>, acc.<variant>..., short and unique, each variant's test AUROC first.
-SCORES = {"auroc": "auroc", "val_auroc": "val_auroc", "acc": "accuracy", "sens": "recall", "spec": "specificity"}
+# test_auroc.<variant>, val_auroc.<variant>, test_acc.<variant>...: short, unique, each saying its split.
+SCORES = {"test_auroc": "auroc", "val_auroc": "val_auroc", "test_acc": "accuracy", "test_sens": "recall",
+          "test_spec": "specificity"}
 
 
 def metric_label(metric: str) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from cxr import params
+from cxr import cli, params
 from cxr.errors import CxrError
 from cxr.evaluation.compare import stage_reports, summary
 
@@ -114,7 +114,7 @@ def run(profile: str = "", data: str = "", name: str = "", extra: tuple[str, ...
     # A failed stage has deleted its previous outputs, and DVC leaves the -S values in params.yaml: keep both
     # files' bytes to put back.
     kept = {f: f.read_bytes() if f.exists() else None for f in (Path("params.yaml"), Path("dvc.lock"))}
-    env = tool_env()
+    env = tool_env() | {cli.RESTORES: "1"}
     if name:
         subprocess.run([*DVC, "exp", "remove", name], capture_output=True, env=env)  # it may not exist
     t0, skipped, proc = time.perf_counter(), False, None
