@@ -325,8 +325,8 @@ def test_two_queued_experiments_train_at_once_and_both_land_in_mlflow(repo):
 
 
 def test_promote_and_predict_take_the_variants_the_last_run_ran_not_params_yaml_s(repo, tmp_path):
-    """As after `make quick`: params.yaml lists variants that never ran here (profiles leave it as it is), and
-    `cxr promote` then `cxr predict` work on what the run produced, its leaderboard's variants."""
+    """params.yaml edited after the run to list variants that never ran here (the defaults, say): `cxr promote`
+    then `cxr predict` work on what the run produced, its leaderboard's variants."""
     repo, _ = repo
     text = (repo / "params.yaml").read_text()
     default = yaml.safe_load((ROOT / "params.yaml").read_text())  # every report's variants at 224 px, no ensemble
