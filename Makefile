@@ -28,7 +28,8 @@ $(PLOTS): tools/plots/package-lock.json tools/plots/build.py $(VENV)/.installed
 .PHONY: setup repro quick cpu-best test test-all test-readme test-scale ui team-up team-down postgres
 setup: $(VENV)/.installed $(ACTIONLINT) $(PLOTS)
 
-# The full run, as params.yaml says (every variant, 224 px, pretrained weights): meant for a GPU. Through
+# The pipeline as params.yaml says: as committed, the full run (every variant, 224 px, pretrained weights),
+# meant for a GPU; after a profile, that profile's experiment (up to date). Through
 # `cxr run` (a DVC experiment): a failed stage puts params.yaml, dvc.lock and the outputs back. `dvc status -q`
 # first: when nothing changed it answers in status's time, where a no-op `dvc repro` takes about 0.4 s more
 # (it builds the stage graph and parses dvc.yaml and dvc.lock again; docs/benchmarks.md).

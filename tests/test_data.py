@@ -54,7 +54,7 @@ def test_hub_unreachable_fails_fast_with_the_fix(tmp_path, monkeypatch):
         download(DataParams(source="hub"), tmp_path / "raw")  # no GPU here: the CPU profile is suggested
     assert time.perf_counter() - t0 < 10
     assert list(tmp_path.iterdir()) == []
-    assert "dvc exp run -S data.source=imagefolder -S data.path=" in offline_hint(cuda=True)  # a GPU: the full run
+    assert "cxr run -S data.source=imagefolder -S data.path=" in offline_hint(cuda=True)  # a GPU: the full run
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16", "1", "CMYK"])

@@ -3,6 +3,7 @@
 import difflib
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -215,20 +216,26 @@ def test_cxr_run_checks_params_first_and_puts_everything_back_when_a_stage_fails
     out = sh(repo, "cxr", "run", "-S", "train.epochs=abc", ok=False)  # a bad value: DVC never starts
     assert out.strip().splitlines()[-1] == ("error: train.epochs: expected int, got 'abc'; nothing was run, "
                                             "params.yaml and the outputs are as they were")
-    empty = tmp_path / "empty" / "train" / "NORMAL"
-    empty.mkdir(parents=True)
-    out = sh(repo, "cxr", "run", "-S", f"data.path={empty.parent.parent}", ok=False)  # the download stage fails
-    assert "Running stage 'download'" in out
+    out = sh(repo, "cxr", "run", "-S", "train.epochz=3", ok=False)  # a typo: the key is named
+    assert out.strip().splitlines()[-1].startswith("error: -S train.epochz=3: ") and "epochz" in out
+    # A stage fails after another ran: download takes a folder with a corrupt image, grayscale stops on it.
+    bad = tmp_path / "bad"
+    shutil.copytree(small_folder, bad, symlinks=True)
+    (next(bad.glob("train/*")) / "broken.jpeg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    gray = (repo / "reports" / "grayscale.json").read_bytes()  # not cached by DVC: `dvc checkout` cannot restore it
+    out = sh(repo, "cxr", "run", "-n", "first", "-S", f"data.path={bad}", ok=False)
+    assert "Running stage 'download'" in out and "Running stage 'grayscale'" in out and "corrupt" in out
     assert out.strip().splitlines()[-1].startswith("error: dvc exp run failed (exit ")
     assert (repo / "params.yaml").read_bytes() == before
-    assert (repo / "data" / "raw" / "manifest.csv").read_bytes() == raw  # deleted by DVC, checked out again
+    assert (repo / "data" / "raw" / "manifest.csv").read_bytes() == raw  # the previous download's, from the cache
+    assert (repo / "reports" / "grayscale.json").read_bytes() == gray
     assert "Data and pipelines are up to date." in sh(repo, "dvc", "status")
-    assert "dvc checkout` (or `dvc exp apply" not in out  # cxr run put them back: no word on doing it by hand
+    assert "dvc exp apply <experiment>" not in out  # cxr run put them back: no word on doing it by hand
 
     # A plain `dvc exp run` cannot be helped before it starts: the failing stage says how to get back.
-    out = sh(repo, "dvc", "exp", "run", "-S", f"data.path={empty.parent.parent}", ok=False)
-    assert "params.yaml && dvc checkout` (or `dvc exp apply <experiment>`) puts them back" in out
-    assert (repo / "params.yaml").read_bytes() != before and not (repo / "data" / "raw").exists()
-    sh(repo, "dvc", "exp", "apply", "first")
-    assert (repo / "params.yaml").read_bytes() == before and (repo / "data" / "raw" / "manifest.csv").exists()
+    out = sh(repo, "dvc", "exp", "run", "-S", f"data.path={bad}", ok=False)
+    assert "`dvc exp apply <experiment>`" in out
+    assert (repo / "params.yaml").read_bytes() != before and not (repo / "reports" / "grayscale.json").exists()
+    sh(repo, "dvc", "exp", "apply", "first")  # the experiment the failed `cxr run -n first` left in place
+    assert (repo / "params.yaml").read_bytes() == before and (repo / "reports" / "grayscale.json").exists()
     assert "no profile 'fast'" in sh(repo, "cxr", "run", "--profile", "fast", ok=False)

@@ -59,6 +59,10 @@ def test_pipeline_runs_then_is_a_noop_then_reruns_one_variant(repo):
     # every test score with its 95% interval, e.g. 0.917 [.894–.938], within 120 columns
     assert all(len(re.findall(r"\d\.\d{3} \[1?\.\d{3}–1?\.\d{3}\]", line)) == 5 for line in printed[2:6])
     assert max(map(len, printed[1:6])) <= 120
+    for line in printed[2:6]:  # each figure as evaluate computed it, rounded once
+        test = json.loads((repo / "reports" / line.split()[0] / "evaluation.json").read_text())["test"]
+        shown = re.findall(r"(\d\.\d{3}) \[", line)[1:]  # after val auroc: acc, sens, spec, test AUROC
+        assert shown == [f"{test[k]:.3f}" for k in ("accuracy", "recall", "specificity", "auroc")], line
     assert any(line.startswith("Full table and figures: comparison/leaderboard.md") for line in printed[6:])
     board = (repo / "comparison" / "leaderboard.md").read_text()
     # the intervals say their unit: Kaggle's names give patients, so the bootstrap drew patients
@@ -120,7 +124,7 @@ def test_pipeline_runs_then_is_a_noop_then_reruns_one_variant(repo):
     for c in compares:
         assert c.info.run_name == c.data.tags["dvc_exp_name"] and c.info.run_name != "compare"
         assert c.data.tags["mlflow.note.content"].startswith("**Leaderboard**")
-        assert {f"auroc.{v}" for v in VARIANTS} <= set(c.data.metrics)  # the columns of `dvc exp show`
+        assert {f"test_auroc.{v}" for v in VARIANTS} <= set(c.data.metrics)  # the columns of `dvc exp show`
         # Every variant of that pipeline run, reused ones too, is listed and linked from the parent.
         listed = c.data.tags["variant_runs"].split(",")
         assert sorted(by_id[i].info.run_name for i in listed) == sorted([*VARIANTS, "ens"])
@@ -199,7 +203,7 @@ def test_dvc_plots_overlay_every_variant_and_exp_show_fits_a_terminal(repo):
     assert all(set(d) == {*VARIANTS, "ens"} for k, d in data.items() if k != "best")
     val = {v: json.loads((repo / "reports" / v / "evaluation.json").read_text())["val"]["auroc"]
            for v in data["test_auroc"]}
-    assert data["best"]["variant"] == max(val, key=val.get)  # unrounded: the file's 4 digits can tie
+    assert data["best"]["variant"] == max(val, key=val.get)  # unrounded: the file's rounded digits can tie
     assert data["best"]["test_auroc"] == data["test_auroc"][data["best"]["variant"]]
     assert EXP_SHOW in (ROOT / "README.md").read_text()
     table = sh(repo, "sh", "-c", EXP_SHOW, env={"COLUMNS": "120"})
@@ -279,7 +283,7 @@ def test_every_variant_run_is_complete_through_the_rest_api(repo, server):
     parent = _api(server, "runs/get", run_id=parent_id)["run"]
     board = json.loads((repo / "comparison" / "leaderboard.json").read_text())
     val = {r["variant"]: json.loads((repo / "reports" / r["variant"] / "evaluation.json").read_text())["val"]["auroc"]
-           for r in board}  # unrounded: the board's 4 digits can tie
+           for r in board}  # unrounded: the board's rounded digits can tie
     best = max(val, key=val.get)  # promotion's rule: validation, never test
     assert {t["key"]: t["value"] for t in parent["data"]["tags"]}["best_variant"] == best
     files = {f["path"] for f in _api(server, "artifacts/list", run_id=parent["info"]["run_id"], path="plots")["files"]}
@@ -347,7 +351,8 @@ def test_promote_and_predict_take_the_variants_the_last_run_ran_not_params_yaml_
     assert "labels 0 NORMAL, 1 PNEUMONIA" in description and "champion" in description
     folder = make_imagefolder(tmp_path / "new", per_class=1, splits=("test",), with_duplicates=False)
     table = sh(repo, "cxr", "predict", str(folder)).splitlines()
-    assert table[1].split() == ["image", "P(pneumonia)", "decision"] and len(table) == 2 + 2  # one per class
+    assert table[1].split() == ["image", "P(pneumonia)", "decision"]
+    assert table[4].startswith("2 images: ") and not table[3].startswith("2 images")  # one per class, then counts
     assert "no file matches this pattern" in sh(repo, "cxr", "predict", str(folder / "*.png"), ok=False)
     # Without a run there is nothing to promote, and the error names the command for this machine.
     moved = repo / "comparison.moved"

@@ -23,8 +23,8 @@ def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentPar
     except CxrError as e:
         print(f"error: {e}", file=sys.stderr)
         if os.environ.get("DVC_EXP_NAME") and not os.environ.get(RESTORES):  # a plain `dvc exp run`
-            print("DVC leaves its -S values in params.yaml and this stage's outputs deleted: `git checkout "
-                  "params.yaml && dvc checkout` (or `dvc exp apply <experiment>`) puts them back; `cxr run -S` "
+            print("DVC leaves its -S values in params.yaml and this stage's outputs deleted: `dvc exp apply "
+                  "<experiment>` (the one the workspace held, from `dvc exp show`) puts them back; `cxr run -S` "
                   "does it by itself", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -88,47 +88,45 @@ def explain_images(uri: str, paths: list[Path], out: Path) -> tuple[list[str], l
 
 
 def model_facts(uri: str) -> dict[str, Any]:
-    """The pipeline run behind a `models:/name@alias`, `models:/name/version` or `runs:/` URI: its version, DVC
-    experiment and its sensitivity and specificity on validation and test; {} where MLflow knows no such run."""
-    from mlflow import MlflowClient
+    """The pipeline run behind a model URI (`models:/name@alias`, `models:/name/version`, `models:/<model id>`,
+    `runs:/...`): the registry version where there is one, its DVC experiment and its sensitivity and
+    specificity on validation and test; {} where MLflow knows no such run."""
+    import mlflow
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient()
-    m = re.fullmatch(r"models:/([^@/]+)(?:@([^/]+)|/(\d+))", uri)
+    client = mlflow.MlflowClient()
     try:
-        if m:
-            mv = client.get_model_version_by_alias(m[1], m[2]) if m[2] else client.get_model_version(m[1], m[3])
-            run_id, version = mv.run_id, f"version {mv.version}"
-        elif uri.startswith("runs:/"):
-            run_id, version = uri.split("/")[1], ""
-        else:
-            return {}
-        run = client.get_run(run_id)
-    except MlflowException:
+        run = client.get_run(mlflow.models.get_model_info(uri).run_id)
+        m = re.fullmatch(r"models:/([^@/]+)(?:@([^/]+)|/(\d+))", uri)
+        version = "" if m is None else \
+            (client.get_model_version_by_alias(m[1], m[2]) if m[2] else client.get_model_version(m[1], m[3])).version
+    except (MlflowException, OSError):
         return {}
-    return {"version": version, "experiment": run.data.tags.get("dvc_exp_name", ""),
-            **{k: run.data.metrics.get(k) for k in ("val_best/recall", "val_best/specificity", "test/recall",
-                                                      "test/specificity")}}
+    return {"version": f"version {version}" if version else "", "experiment": run.data.tags.get("dvc_exp_name", ""),
+            **{k: run.data.metrics.get(k) for k in FACTS}}
+
+
+FACTS = ("val_best/recall", "val_best/specificity", "test/recall", "test/specificity")
 
 
 def summary(rows: list[dict[str, Any]], card: ModelCard, facts: dict[str, Any]) -> str:
-    """The lines under `cxr predict`'s table: how many images each decision took, at which threshold, and how
-    the model did on validation and test, so that a run of calls is read against the model's operating point."""
+    """The lines under `cxr predict`'s table: how many images each decision took, at which threshold, and (a
+    binary model) how it did on validation and test, so that a run of calls is read against its operating
+    point."""
     counts = {c: sum(r["decision"] == c for r in rows) for c in card.classes}
     rule = f" (P(pneumonia) > {card.threshold:.4f}, chosen on validation)" if card.binary else ""
     calls = ", ".join(f"{n} called {c}" for c, n in counts.items())
     lines = [f"{len(rows)} image{'s' * (len(rows) != 1)}: {calls}{rule}."]
-    if all(facts.get(k) is not None for k in ("val_best/recall", "test/recall", "test/specificity")):
-        test_spec = facts["test/specificity"]
+    if card.binary and all(facts.get(k) is not None for k in FACTS):
+        val_sens, val_spec, sens, spec = (facts[k] for k in FACTS)
         name = ", ".join(x for x in (card.variant, facts["version"]) if x)
-        lines.append(f"This model ({name}) on validation: "
-                     f"sensitivity {facts['val_best/recall']:.3f}, specificity {facts['val_best/specificity']:.3f}; "
-                     f"on test: sensitivity {facts['test/recall']:.3f}, specificity {test_spec:.3f}, so it calls "
-                     f"about {1 - test_spec:.0%} of normal test images pneumonia.")
+        lines.append(f"This model ({name}) on validation: sensitivity {val_sens:.3f}, specificity {val_spec:.3f}; "
+                     f"on test: sensitivity {sens:.3f}, specificity {spec:.3f}, so it calls about {1 - spec:.0%} "
+                     "of normal test images pneumonia.")
     if facts.get("experiment") == "quick":
-        lines.append("It comes from the experiment `quick` (`make quick`: 64 px, 4 epochs), a first run of the "
-                     "pipeline, not a model to screen with; `make cpu-best` trains the best 2-core recipe, then "
-                     "`cxr promote`.")
+        lines.append(f"It comes from the experiment `quick` (`make quick`: a few epochs at {card.image_size} px), a "
+                     "first run of the pipeline, not a model to screen with; `make cpu-best` trains the best 2-core "
+                     "recipe, then `cxr promote`.")
     return "".join(textwrap.fill(line, 120, subsequent_indent="  ") + "\n" for line in lines)
 
 

@@ -31,7 +31,7 @@ def offline_hint(cuda: bool | None = None) -> str:
         import torch
         cuda = torch.cuda.is_available()
     if cuda:
-        return (f"or use a local copy ({LOCAL}): dvc exp run -S data.source=imagefolder -S data.path=/abs/path "
+        return (f"or use a local copy ({LOCAL}): cxr run -S data.source=imagefolder -S data.path=/abs/path "
                 "(data.source=npz for a .npz)")
     return f"or use a local copy ({LOCAL}): make quick DATA=/abs/path (no GPU here: the CPU profile)"
 

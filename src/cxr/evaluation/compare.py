@@ -68,7 +68,8 @@ def leaderboard(p: Params, reports: Path) -> Rows:
 
 
 def _round(x: float | None) -> float | None:
-    return None if x is None else round(x, 4)
+    """6 digits: tables print these at 3, and 4 stored digits rounded twice (0.97949 -> 0.9795 -> "0.980")."""
+    return None if x is None else round(x, 6)
 
 
 def interval_label(rows: Rows) -> str:
@@ -176,9 +177,11 @@ def markdown(rows: Rows, metric: str, groups: Groups | None = None, shift: dict[
 
 def scores(rows: Rows, best: str | None) -> dict[str, dict[str, Any]]:
     """`best`: the variant promotion would pick (by validation) and its scores, first, so that a narrow `dvc exp
-    show --keep 'Experiment|^best'` compares experiments whatever their variants; then each score per variant."""
+    show --keep 'Experiment|^best'` compares experiments whatever their variants (accuracy left out there, so
+    that it fits 120 columns: sens and spec say more); then each score per variant."""
     top = next((r for r in rows if r["variant"] == best), None)
-    head = {"best": {"variant": best, **{name: top.get(key) for name, key in SCORES.items()}}} if top else {}
+    head = {"best": {"variant": best, **{name: top.get(key) for name, key in SCORES.items() if name != "test_acc"}}
+            } if top else {}
     return head | {name: {r["variant"]: r.get(key) for r in rows} for name, key in SCORES.items()}
 
 
@@ -392,7 +395,7 @@ def log_comparison(p: Params, rows: Rows, groups: Groups, figs: dict[str, Any], 
             top = next(r for r in rows if r["variant"] == best)
             mlflow.log_metrics({f"best/{k}": top[k] for k in HEADLINE if top[k] is not None})
             mlflow.set_tag("best_variant", best)
-        # The same columns as `dvc exp show` (auroc.<variant>, val_auroc.<variant>...): in the UI's chart view
+        # The same columns as `dvc exp show` (test_auroc.<variant>, val_auroc.<variant>...): in the UI's chart view
         # each is one bar chart across pipeline runs, e.g. how tinyvgg's test AUROC moved from run to run.
         mlflow.log_metrics({f"{name}.{variant}": value for name, column in scores(rows, None).items()
                             for variant, value in column.items() if value is not None})
