@@ -90,6 +90,9 @@ def verdict(row: dict[str, Any]) -> str:
     return f"{row['decision']} ({', '.join(f'{k[2:]} {v:.2f}' for k, v in row.items() if k.startswith('p_'))})"
 
 
+SCALED = "Scaled per image: read the colour with the score; do not compare it across images."
+
+
 def reading(label: str) -> tuple[str, tuple[str, str], str]:
     """What the colour bar says for `saliency`'s method `label`: its caption, the words at 0 and at 1, and one line
     on how to read the figure. Grad-CAM is rectified (0: nothing for pneumonia, the evidence against is cut
@@ -98,12 +101,10 @@ def reading(label: str) -> tuple[str, tuple[str, str], str]:
     if label.startswith("Grad-CAM"):
         return ("evidence for pneumonia, relative to this image's strongest",
                 ("0: none here", "1: this image's strongest"),
-                "Red: regions that raised P(pneumonia) most in this image; blue: none (or against).\n"
-                "Scaled per image: read the colour with the score; do not compare it across images.")
+                "Red: regions that raised P(pneumonia) most in this image; blue: none (or against).\n" + SCALED)
     return ("|d log-odds / d pixel|, relative to this image's largest",
             ("0: no effect", "1: this image's largest"),
-            "Red: pixels whose change would move P(pneumonia) most, up or down.\n"
-            "Scaled per image: read the colour with the score; do not compare it across images.")
+            "Red: pixels whose change would move P(pneumonia) most, up or down.\n" + SCALED)
 
 
 def figure(image: np.ndarray, heat: np.ndarray, name: str, row: dict[str, Any], label: str) -> Figure:

@@ -161,11 +161,8 @@ def run(profile: str = "", data: str = "", name: str = "", extra: tuple[str, ...
     outputs and an experiment of the same name are put back. DVC skips what is unchanged (its run cache) unless
     `force`."""
     base = committed() if profile else Path("params.yaml").read_bytes()
-    if profile:
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "params.yaml").write_bytes(base)
-            current = params.load(Path(tmp) / "params.yaml")
-    sets = [*(overrides(load(profile), data, current) if profile else source(data) if data else []), *extra]
+    sets = [*(overrides(load(profile), data, params.parse(yaml.safe_load(base) or {})) if profile else
+              source(data) if data else []), *extra]
     check(sets, base)
     name = name or profile
     cmd = [*DVC, "exp", "run", *(["-n", name] if name else []), *(["--force"] if force else [])]
