@@ -1,7 +1,6 @@
 """Training and evaluation on real X-rays: repeatable, early stopping, MLflow logs, the logged model."""
 
 import csv
-import dataclasses
 import hashlib
 import json
 import os
@@ -22,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 from conftest import ROOT, make_imagefolder, tracking_at
-from cxr import params, tracking
+from cxr import params
 from cxr.data.gray import grayscale
 from cxr.data.sources import download
 from cxr.data.split import split
@@ -37,7 +36,7 @@ from cxr.params import DataParams, GrayParams, SplitParams
 from cxr.predict import predict
 from cxr.training.parts import trained_prior
 from cxr.training.state import fingerprint
-from cxr.training.variant import train_variant
+from cxr.training.variant import _mlflow_params, train_variant
 
 
 @pytest.fixture(scope="module")
@@ -420,7 +419,7 @@ def test_an_imagefolder_run_has_no_hub_params_and_its_evaluate_stage_logs_the_mo
     run_id = json.loads((tmp_path / "m" / "run.json").read_text())["run_id"]
     logged = MlflowClient().get_run(run_id).data.params
     assert logged["data.source"] == "imagefolder" and not [k for k in logged if k.startswith("data.hub_")]
-    hub = tracking.flatten({"data": dataclasses.asdict(DataParams())})
+    hub = _mlflow_params(project_params(epochs=1), "mlp")  # params.yaml's source: the hub
     assert hub["data.hub_repo"] == DataParams().hub_repo  # a hub run keeps them
     out = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "mlp", "--data", str(data),
                           "--model-dir", "m", "--reports", "r", "--params", "params.yaml"], cwd=tmp_path,

@@ -141,14 +141,9 @@ def _check_server(uri: str, timeout: float = 5.0) -> None:
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested settings as MLflow params (`train.model.hidden_units`). A `data` section's hub_* settings are
-    left out unless its source is hub: an imagefolder or npz run did not use them, and as params they would say
-    it came from the hub."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if key == "data" and isinstance(v, dict) and v.get("source") != "hub":
-            v = {name: x for name, x in v.items() if not name.startswith("hub_")}
         out.update(flatten(v, f"{key}.") if isinstance(v, dict) else {key: v})
     return out
 

@@ -34,7 +34,10 @@ EPOCH_METRICS = {"images_per_s": "train/images_per_s", "seconds": "train/epoch_s
 
 def _mlflow_params(p: Params, variant: str) -> dict[str, Any]:
     tp = p.variant(variant)
-    flat = tracking.flatten({"train": dataclasses.asdict(tp), "data": dataclasses.asdict(p.data),
+    # The hub's settings only where the data came from it: as params of an imagefolder or npz run they would
+    # say it did.
+    data = {k: v for k, v in dataclasses.asdict(p.data).items() if p.data.source == "hub" or not k.startswith("hub_")}
+    flat = tracking.flatten({"train": dataclasses.asdict(tp), "data": data,
                              "gray": dataclasses.asdict(p.gray), "split": dataclasses.asdict(p.split)})
     return {"variant": variant, "seed": p.seed, **flat}
 
