@@ -86,6 +86,8 @@ def test_every_readme_command_runs_as_written_on_a_fresh_clone(tmp_path):
             assert CLEAN not in status()  # the defaults: the full run, which has not run here
         elif cmd != "make repro":
             assert CLEAN in status(), f"after {cmd}: {status()}"
+        if cmd == "dvc repro":  # the main job, right after a profile: the workspace is that experiment
+            assert "Running stage" not in out and CLEAN in out, out[-2000:]
         if cmd.startswith("cxr predict"):
             assert re.search(r"\n234 images: \d+ called NORMAL, \d+ called PNEUMONIA", out), out[-2000:]
         if cmd == "dvc plots show":
