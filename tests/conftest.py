@@ -119,9 +119,16 @@ def project_env() -> dict[str, str]:
     return env
 
 
-def sh(repo: Path, *cmd: str, ok: bool = True, env: dict[str, str] | None = None) -> str:
-    """Run a command in `repo` with project_env() (and `env`); assert its exit status; return its output."""
-    res = subprocess.run(cmd, cwd=repo, env=project_env() | (env or {}), text=True, capture_output=True)
+def sh(repo: Path, *cmd: str, ok: bool = True, env: dict[str, str] | None = None, timeout: float = 1200) -> str:
+    """Run a command in `repo` with project_env() (and `env`); assert its exit status; return its output. A
+    command still running after `timeout` s fails the test with what it printed so far (a hang must not hold CI
+    until its own limit)."""
+    try:
+        res = subprocess.run(cmd, cwd=repo, env=project_env() | (env or {}), text=True, capture_output=True,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        said = [x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr)]
+        pytest.fail(f"{' '.join(cmd)} still ran after {timeout:.0f} s:\n{said[0][-3000:]}\n{said[1][-3000:]}")
     assert (res.returncode == 0) == ok, f"{' '.join(cmd)} gave {res.returncode}:\n{res.stdout[-3000:]}\n" \
                                         f"{res.stderr[-3000:]}"
     return res.stdout + res.stderr

@@ -4,6 +4,7 @@ per epoch and gives the one-process result, and the train stage launches it itse
 
 import base64
 import configparser
+import contextlib
 import csv
 import dataclasses
 import json
@@ -27,7 +28,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, free_port, make_imagefolder, make_project, ran, sh, shared, tracking_at
+from conftest import ROOT, free_port, make_imagefolder, make_project, project_env, ran, sh, shared, tracking_at
 from cxr import inference
 from cxr.training import ddp
 
@@ -169,7 +170,7 @@ def no_secret_in(listing: str, folder: Path) -> None:
         assert secret not in listing
 
 
-def wait_for_queue(repo: Path, env: dict, timeout: float = 600) -> str:
+def wait_for_queue(repo: Path, env: dict, timeout: float = 900) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = sh(repo, "dvc", "queue", "status", env=env)
@@ -199,8 +200,9 @@ def test_a_team_shares_runs_models_and_data_through_the_server_and_the_remote(tm
     for seed in (1, 2):
         sh(a, "dvc", "exp", "run", "--queue", "-n", f"seed{seed}", "-S", "data.source=imagefolder",
            "-S", f"data.path={folder}", "-S", f"seed={seed}", env=env)
-    # `dvc queue start` returns once its workers are done here (they keep its output pipes open); meanwhile
-    # every command line on the machine is read once a second, and none may hold a secret.
+    # While the queue trains, every command line on the machine is read once a second, and none may hold a
+    # secret. `dvc queue start` may return at once or only when its workers are done (they can inherit its
+    # output): its output goes to a file, and the queue's status says when it is done, within a limit.
     listings: list[str] = []
     done = threading.Event()
 
@@ -211,16 +213,21 @@ def test_a_team_shares_runs_models_and_data_through_the_server_and_the_remote(tm
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        sh(a, "dvc", "queue", "start", "-j", "2", env=env)
+        with (tmp_path / "queue.log").open("w") as log:
+            subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=a, env=project_env() | env, stdout=log,
+                           stderr=log, stdin=subprocess.DEVNULL, timeout=900, check=True)
+        status = wait_for_queue(a, env)
     finally:
         done.set()
         sampler.join()
+        with contextlib.suppress(subprocess.TimeoutExpired):  # no worker outlives the test, whatever failed
+            subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=a, env=project_env() | env, capture_output=True,
+                           timeout=120)
     for listing in listings:
         no_secret_in(listing, Path(services["CXR_TEAM_DIR"]))
     training = [ls for ls in listings if "dvc exp exec-run" in ls and "mlflow server" in ls and "postgres" in ls]
     assert len(training) >= 10, f"{len(listings)} listings, {len(training)} while an experiment ran"
     print(f"ps -eww -o args while the queue trains:\n{training[len(training) // 2]}")  # `pytest -rP` shows it
-    status = wait_for_queue(a, env)
     failed = re.findall(r"^\w+\s+(\S+)\s.*\bFailed\b", status, re.M)
     assert not failed, status + "".join(sh(a, "dvc", "queue", "logs", name)[-3000:] for name in failed)
 
