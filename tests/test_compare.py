@@ -72,7 +72,7 @@ def test_the_leaderboard_says_how_it_ranks_what_sens_and_spec_are_a_shift_and_sh
 
 
 def test_cxr_results_fits_120_columns_with_every_default_variant():
-    from cxr.results import table
+    from cxr.jobs.results import table
 
     names = list(params.load().variants or [])
     assert len(names) == 14
@@ -90,7 +90,7 @@ def test_cxr_results_fits_120_columns_with_every_default_variant():
 def test_cxr_results_at_80_columns_leaves_out_the_least_important_scores_and_says_so():
     """Every line within 80 columns, every experiment's name whole; the score columns left out are named, with
     the width that shows them."""
-    from cxr.results import table
+    from cxr.jobs.results import table
 
     names = list(params.load().variants or [])
     rows = [row(v, i % 5, val_auroc=0.9 + i / 1000) for i, v in enumerate(names)]
@@ -120,7 +120,7 @@ def test_cxr_results_at_80_columns_leaves_out_the_least_important_scores_and_say
 
 
 def test_cxr_results_says_why_two_experiments_have_the_same_scores():
-    from cxr.results import outputs, table
+    from cxr.jobs.results import outputs, table
 
     rows = [row("a", 1, val_auroc=0.95), row("b", 2, val_auroc=0.97)]
     other = [row("a", 1, val_auroc=0.95), row("b", 3, val_auroc=0.97)]

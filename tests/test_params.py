@@ -151,7 +151,7 @@ def test_bad_params_stop_dvc_repro_in_the_first_stage_with_one_line(tmp_path):
 def test_a_profile_becomes_dvc_overrides_that_give_exactly_its_params_and_keep_the_comments(profile, tmp_path):
     from dvc.utils.hydra import apply_overrides  # what `dvc exp run -S` applies
 
-    from cxr.profiles import overrides
+    from cxr.jobs.experiment import overrides
 
     recipe = yaml.safe_load((ROOT / "configs" / f"{profile}.yaml").read_text())
     data = tmp_path / "shared data" / "it's here"  # a space and a quote survive the override grammar

@@ -14,10 +14,11 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from conftest import free_port, mlflow_server, tracking_at
-from cxr import inference, predict, registry, tracking
+from cxr import inference, tracking
 from cxr.errors import CxrError
 from cxr.evaluation import compare
 from cxr.inference import CardError, ModelCard, load_logged
+from cxr.jobs import predict, promote
 
 PASSWORD = "s3cret-Pass-9876"
 
@@ -52,9 +53,9 @@ def test_only_a_missing_alias_means_no_champion(server, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     good = f"http://admin:{PASSWORD}@127.0.0.1:{server}"
     MlflowClient(good).create_registered_model("m")
-    assert registry.champion(MlflowClient(good), "m") is None  # the registry says: no such alias
+    assert promote.champion(MlflowClient(good), "m") is None  # the registry says: no such alias
     with tracking_at(bad := good.replace(PASSWORD, "not-it")), pytest.raises(CxrError, match="nothing was promoted"):
-        registry.champion(MlflowClient(bad), "m")
+        promote.champion(MlflowClient(bad), "m")
 
 
 def test_a_model_from_before_the_card_cannot_be_scored_so_a_champion_of_it_is_replaced(tmp_path):
@@ -65,7 +66,7 @@ def test_a_model_from_before_the_card_cannot_be_scored_so_a_champion_of_it_is_re
     with mlflow.start_run():
         info = mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=["torch"],
                                         metadata=old_card)
-    probs, card, why, _ = registry.test_probs(info.model_uri, tmp_path)
+    probs, card, why, _ = promote.test_probs(info.model_uri, tmp_path)
     assert probs is None and card is None and "has no card and weights file" in why
     with pytest.raises(CardError, match="run `dvc repro` to retrain it"):
         load_logged(info.model_uri)
@@ -110,7 +111,7 @@ def test_a_registered_version_that_is_code_is_refused_by_name_and_never_run(tmp_
             load_logged("models:/evil-model@champion")
         assert f"models:/evil-model@champion (version {version}) is refused" in str(e.value)
         assert "\n" not in str(e.value)
-        probs, _, why, _ = registry.test_probs("models:/evil-model@champion", tmp_path)
+        probs, _, why, _ = promote.test_probs("models:/evil-model@champion", tmp_path)
         assert probs is None and "is refused" in why
         with pytest.raises(CardError, match="is refused"):
             predict.predict("models:/evil-model@champion", [image])
@@ -132,10 +133,10 @@ def test_links_open_mlflow_in_model_training_mode_and_registry_descriptions_are_
     note = compare.note(rows, "auroc", "7")
     assert "[mlp](#/experiments/7/runs/abc?workflowType=machine_learning)" in note
     assert "(#/compare-runs?runs=[%22abc%22,%22def%22]&experiments=[%227%22]&workflowType=machine_learning)" in note
-    assert registry.version_link("my model", "3") == \
+    assert promote.version_link("my model", "3") == \
         "http://127.0.0.1:5000/#/models/my%20model/versions/3?workflowType=machine_learning"  # `make ui`'s
     with tracking_at(f"http://admin:{PASSWORD}@127.0.0.1:5055/"):  # a tracking server: its own UI, no password
-        assert registry.version_link("m", "1") == "http://127.0.0.1:5055/#/models/m/versions/1?workflowType=" \
+        assert promote.version_link("m", "1") == "http://127.0.0.1:5055/#/models/m/versions/1?workflowType=" \
                                                   "machine_learning"
     said = ("**mlp**: `mlp` from scratch, 32 px. Data: src (imagefolder), 192 train / 48 val images.\n\nTest (240 "
             "images) at threshold 0.374: accuracy 0.838 [0.784–0.888]; see [the run](#/experiments/7/runs/abc)")
@@ -144,7 +145,7 @@ def test_links_open_mlflow_in_model_training_mode_and_registry_descriptions_are_
         info = mlflow.pytorch.log_model(model.eval(), name="model", pip_requirements=["torch"],
                                         input_example=np.zeros((1, 1, 8, 8), dtype=np.float32))
     client = MlflowClient()
-    version = registry._register(client, "plain-words", {"model_uri": info.model_uri, "variant": "mlp",
+    version = promote._register(client, "plain-words", {"model_uri": info.model_uri, "variant": "mlp",
                                                          "run_id": run.info.run_id})
     assert client.get_model_version("plain-words", version).description == (
         "mlp: mlp from scratch, 32 px. Data: src (imagefolder), 192 train / 48 val images.\n\nTest (240 images) at "

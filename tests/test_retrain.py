@@ -272,8 +272,8 @@ def test_the_champion_is_pinned_once_though_the_alias_moves_during_promotion(pro
     and as it compared the candidate with a champion that is no longer the champion, it moves nothing and records
     nothing, in one line. Without the move it records the version it compared."""
     from cxr import params as P
-    from cxr import registry
     from cxr.errors import CxrError
+    from cxr.jobs import promote
 
     _, repo = project
     store = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
@@ -281,7 +281,7 @@ def test_the_champion_is_pinned_once_though_the_alias_moves_during_promotion(pro
     client.set_registered_model_alias(name, "champion", "1")  # the first champion, pool false: another candidate
     read: list[str] = []
     move = [True]
-    real_probs, real_seen = registry.test_probs, registry.seen_images
+    real_probs, real_seen = promote.test_probs, promote.seen_images
 
     def moving(uri, data):
         read.append(uri)
@@ -293,21 +293,21 @@ def test_the_champion_is_pinned_once_though_the_alias_moves_during_promotion(pro
         read.append(uri)
         return real_seen(uri)
 
-    monkeypatch.setattr(registry, "test_probs", moving)
-    monkeypatch.setattr(registry, "seen_images", seen)
+    monkeypatch.setattr(promote, "test_probs", moving)
+    monkeypatch.setattr(promote, "seen_images", seen)
     monkeypatch.chdir(repo)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     out = repo / "pinned.json"
     with tracking_at(store):
         with pytest.raises(CxrError, match=f"^{name}@champion moved from version 1 to 2 during this promotion"):
-            registry.promote(P.load(), repo / "reports", repo / "data" / "split", out)
+            promote.promote(P.load(), repo / "reports", repo / "data" / "split", out)
         assert str(client.get_model_version_by_alias(name, "champion").version) == "2" and not out.exists()
         # the champion's and the candidate's versions, by number only, never the alias
         assert f"models:/{name}/1" in read and len(set(read)) == 2
         assert all(re.fullmatch(rf"models:/{name}/\d+", u) for u in read), read
         move[0], read[:] = False, []
         client.set_registered_model_alias(name, "champion", "1")
-        record = registry.promote(P.load(), repo / "reports", repo / "data" / "split", out)
+        record = promote.promote(P.load(), repo / "reports", repo / "data" / "split", out)
     version = record["candidate"]["version"]
     assert sorted(set(read)) == sorted({f"models:/{name}/1", f"models:/{name}/{version}"})
     assert str(record["previous_champion"]["version"]) == "1" and "(version 1)" in record["reason"]

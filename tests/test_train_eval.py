@@ -31,9 +31,9 @@ from cxr.evaluation.ensemble import run_ensemble
 from cxr.evaluation.variant import evaluate_variant, png
 from cxr.inference import TTA_VIEWS, ModelCard, view
 from cxr.inference import load as load_checkpoint
+from cxr.jobs.predict import predict
 from cxr.metrics import choose_threshold, scores
 from cxr.params import DataParams, GrayParams, SplitParams
-from cxr.predict import predict
 from cxr.training.parts import trained_prior
 from cxr.training.state import fingerprint
 from cxr.training.variant import _mlflow_params, train_variant

@@ -1,5 +1,5 @@
 """`python tools/profile.py PROFILE [--data D] [--name N] [-S X]...`, as docs/results.md's older commands call it:
-the same as `cxr run --profile PROFILE ...` (cxr.profiles)."""
+the same as `cxr run --profile PROFILE ...` (cxr.jobs.experiment)."""
 
 import sys
 

@@ -15,7 +15,7 @@ from cxr.errors import CxrError
 def _images(args: argparse.Namespace) -> tuple[str, list[Path], list[str]]:
     """The model URI and the image files of `cxr predict` / `cxr explain`, and the names that match nothing:
     checked before the model loads (seconds), so that a typo fails at once."""
-    from cxr.predict import IMAGE_SUFFIXES, expand
+    from cxr.jobs.predict import IMAGE_SUFFIXES, expand
 
     p = params.load(args.params)
     paths, missing = expand(args.images)
@@ -37,7 +37,7 @@ def _unread(errors: list[str]) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from cxr.predict import model_facts, predict, render, summary
+    from cxr.jobs.predict import model_facts, predict, render, summary
 
     uri, paths, missing = _images(args)
     rows, errors, card = predict(uri, paths)
@@ -51,7 +51,7 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _explain(args: argparse.Namespace) -> None:
-    from cxr.predict import explain_images
+    from cxr.jobs.predict import explain_images
 
     uri, paths, missing = _images(args)
     lines, errors = explain_images(uri, paths, Path(args.out))
@@ -77,7 +77,7 @@ def _shift(args: argparse.Namespace) -> None:
 
 
 def _promote(args: argparse.Namespace) -> None:
-    from cxr.registry import promote
+    from cxr.jobs.promote import promote
 
     record = promote(params.load(args.params), Path(args.reports), Path(args.data), Path(args.out),
                      Path(args.comparison))
@@ -85,19 +85,19 @@ def _promote(args: argparse.Namespace) -> None:
 
 
 def _results(args: argparse.Namespace) -> None:
-    from cxr.results import show
+    from cxr.jobs.results import show
 
     sys.stdout.write(show(params.load(args.params).promote.metric, args.variants))
 
 
 def _run(args: argparse.Namespace) -> None:
-    from cxr.profiles import run
+    from cxr.jobs.experiment import run
 
     run(args.profile, args.data, args.name, tuple(args.set), args.force)
 
 
 def _retrain(args: argparse.Namespace) -> None:
-    from cxr.retrain import retrain
+    from cxr.jobs.retrain import retrain
 
     text, record = retrain(params.load(args.params), args.refresh_data, Path(args.reports), Path(args.data),
                            Path(args.comparison), Path(args.out), args.profile, args.source)

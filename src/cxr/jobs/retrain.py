@@ -13,12 +13,13 @@ from typing import Any
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from cxr import params, profiles, shift, tracking
+from cxr import params, shift, tracking
 from cxr.data.store import load_split
 from cxr.errors import CxrError
 from cxr.inference import HASHES, CardError, load_logged
+from cxr.jobs import experiment
+from cxr.jobs.promote import Pin, not_applicable, pin, promote, removed_text, seen_rows
 from cxr.params import Params
-from cxr.registry import Pin, not_applicable, pin, promote, removed_text, seen_rows
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """DVC of this environment; its stages' `python` is this interpreter too."""
     log.info("dvc %s", " ".join(args))
-    res = subprocess.run([*profiles.DVC, *args], env=profiles.tool_env(), text=True,
+    res = subprocess.run([*experiment.DVC, *args], env=experiment.tool_env(), text=True,
                          stdout=None if check else subprocess.PIPE, stderr=None if check else subprocess.PIPE)
     if check and res.returncode:
         raise CxrError(f"`dvc {' '.join(args)}` failed (exit {res.returncode}); its output above says why")
@@ -169,7 +170,7 @@ def retrain(p: Params, refresh_data: bool, reports: Path, data: Path, comparison
     """Run the pipeline (as params.yaml says, or a profile of it on `source`), the shift report and the
     promotion; return the markdown summary and the promotion's record."""
     if profile:  # e.g. quick on a CPU runner: its params stay in params.yaml for promotion (CI's checkout)
-        profiles.run(profile, source, force=refresh_data)  # a small run: all of it again
+        experiment.run(profile, source, force=refresh_data)  # a small run: all of it again
         p = params.load()
     else:
         if refresh_data:  # the source may have changed upstream while its params did not
