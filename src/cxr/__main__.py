@@ -111,22 +111,31 @@ def _retrain(args: argparse.Namespace) -> None:
                        "shift/shift.png, then `cxr promote` to promote anyway, or set retrain.on_shift: warn")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="cxr", description=__doc__)
-    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+MODEL_HELP = "an MLflow model URI (default: models:/<mlflow.registered_model>@champion)"
+IMAGES_HELP = "image files, folders (searched recursively), globs"
+
+
+def _image_commands(sub: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
+    """`cxr predict` and `cxr explain`: images in, per image a row or a PNG."""
     pr = sub.add_parser("predict", help="P(pneumonia) and the decision per image, from the registered champion")
-    pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (searched recursively), globs")
-    pr.add_argument("--model", help="an MLflow model URI (default: models:/<mlflow.registered_model>@champion)")
+    pr.add_argument("images", nargs="+", metavar="IMAGE", help=IMAGES_HELP)
+    pr.add_argument("--model", help=MODEL_HELP)
     fmt = pr.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="one JSON object per image and line")
     fmt.add_argument("--csv", action="store_true", help="CSV, a header then one row per image")
     pr.set_defaults(func=_predict)
     ex = sub.add_parser("explain", help="per image, a PNG of what drove P(pneumonia): Grad-CAM for convolutional "
                         "models, the input gradient for the others, with the prediction")
-    ex.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (searched recursively), globs")
-    ex.add_argument("--model", help="an MLflow model URI (default: models:/<mlflow.registered_model>@champion)")
+    ex.add_argument("images", nargs="+", metavar="IMAGE", help=IMAGES_HELP)
+    ex.add_argument("--model", help=MODEL_HELP)
     ex.add_argument("--out", default="explanations", help="folder for the PNGs (default: explanations)")
     ex.set_defaults(func=_explain)
+    return [pr, ex]
+
+
+def _promotion_commands(sub: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
+    """`cxr promote` and `cxr retrain`, which promotes after `dvc repro`."""
+    made = []
     for name, func, text in (("promote", _promote, "register the last run's best variant (val); make it champion "
                               "if it beats the current one on test"),
                              ("retrain", _retrain, "dvc repro, then promote, then a markdown summary")):
@@ -137,6 +146,18 @@ def main() -> None:
         sp.add_argument("--comparison", default="comparison", help="the last run's compare stage output (its "
                         "leaderboard lists the variants that ran)")
         sp.set_defaults(func=func)
+        made.append(sp)
+    rt = made[1]
+    rt.add_argument("--refresh-data", action="store_true", help="re-run download even if its params are unchanged")
+    rt.add_argument("--profile", default="", help="run configs/<profile>.yaml (e.g. quick, for a CPU) instead of "
+                    "params.yaml as it is; its params stay in params.yaml")
+    rt.add_argument("--source", default="", help="with --profile: a Kaggle-style folder or .npz (default: the hub)")
+    rt.add_argument("--summary", help="append the summary here (default: $GITHUB_STEP_SUMMARY when set)")
+    return made[:1]  # retrain's `dvc repro` reads params.yaml: no --params
+
+
+def _experiment_commands(sub: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
+    """`cxr run` and `cxr results`: the DVC experiments, run and compared."""
     ru = sub.add_parser("run", help="dvc exp run with -S overrides, checked before DVC touches anything; the "
                         "workspace becomes the experiment (params.yaml included), or stays as it was on failure")
     ru.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
@@ -151,26 +172,30 @@ def main() -> None:
                         "one's best variant by validation, or --variants")
     rs.add_argument("--variants", action="store_true", help="one row per experiment and variant")
     rs.set_defaults(func=_results)
+    return [rs]
+
+
+def _shift_command(sub: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
     sh = sub.add_parser("shift", help="are TARGET's images what REFERENCE's are? image statistics, and the model's "
                         "scores and features (a domain classifier), with a verdict")
     for name in ("reference", "target"):
         sh.add_argument(name, help="a prepared split (data/split:test), a folder of images or a .npz[:split]")
-    sh.add_argument("--model", help="an MLflow model URI (default: models:/<mlflow.registered_model>@champion)")
+    sh.add_argument("--model", help=MODEL_HELP)
     sh.add_argument("--no-model", action="store_true", help="image statistics only")
     sh.add_argument("--size", type=int, default=128, help="image size with --no-model (default 128)")
     sh.add_argument("--out", default="shift", help="folder for shift.json and shift.png (default: shift)")
     sh.set_defaults(func=_shift)
-    # --params also after the command; retrain's `dvc repro` reads params.yaml
-    for sp in (pr, ex, sh, sub.choices["promote"], rs):
-        sp.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: params.yaml)")
-    rt = sub.choices["retrain"]
-    rt.add_argument("--refresh-data", action="store_true", help="re-run download even if its params are unchanged")
-    rt.add_argument("--profile", default="", help="run configs/<profile>.yaml (e.g. quick, for a CPU) instead of "
-                    "params.yaml as it is; its params stay in params.yaml")
-    rt.add_argument("--source", default="", help="with --profile: a Kaggle-style folder or .npz (default: the hub)")
-    rt.add_argument("--summary", help="append the summary here (default: $GITHUB_STEP_SUMMARY when set)")
-    cli.run(lambda a: a.func(a), parser)
+    return [sh]
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="cxr", description=__doc__)
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    reads_params = [*_image_commands(sub), *_promotion_commands(sub), *_experiment_commands(sub),
+                    *_shift_command(sub)]
+    for sp in reads_params:  # --params also after the command
+        sp.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: params.yaml)")
+    cli.run(lambda a: a.func(a), parser)
 
 if __name__ == "__main__":
     sys.exit(main())

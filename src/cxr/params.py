@@ -120,10 +120,6 @@ class EvaluateParams:
 Metric = Literal["accuracy", "precision", "recall", "specificity", "f1", "auroc", "average_precision"]
 HEADLINE: tuple[str, ...] = typing.get_args(Metric)  # the headline scores, in that order
 WITH_INTERVAL = ("accuracy", "recall", "specificity", "f1", "auroc")  # those with a 95% interval
-# comparison/scores.json, the only DVC metrics file: its names -> leaderboard keys. `dvc exp show` names its columns
-# test_auroc.<variant>, val_auroc.<variant>, test_acc.<variant>...: short, unique, each saying its split.
-SCORES = {"test_auroc": "auroc", "val_auroc": "val_auroc", "test_acc": "accuracy", "test_sens": "recall",
-          "test_spec": "specificity"}
 
 
 def metric_label(metric: str) -> str:
@@ -295,12 +291,9 @@ def _check_train(tp: TrainParams, prefix: str) -> None:
                           "weight the classes; keep one (pos_weight: 1.0 or class_weights: none)")
 
 
-def parse(raw: dict[str, Any]) -> Params:
-    params = _build(Params, raw, "")
-    for size in params.gray.sizes:  # ints already: _check saw to that
-        if size < 8:
-            raise ParamsError(f"gray: image size {size!r} is too small; use whole numbers of 8 or more")
-    _check_train(params.train, "train")  # first, so that a bad default is named where it is set
+def _check_variants(params: Params) -> None:
+    """Every definition's types and name; `variants` filled in, known and unique; the variants that run fit the
+    prepared sizes and the train rules."""
     for name in params.models:
         params.variant(name)  # the types of every definition, also of variants that do not run
         if not name.replace("_", "").isalnum() or not name.islower():
@@ -322,10 +315,13 @@ def parse(raw: dict[str, Any]) -> Params:
             raise ParamsError(f"models.{name}.image_size: {tp.image_size} is not prepared; add it to "
                               f"gray.extra_sizes (now {params.gray.extra_sizes})")
         _check_train(tp, f"models.{name}")
+
+
+def _check_split(split: SplitParams) -> None:
     for key in ("val_fraction", "test_fraction"):
-        if not 0 < getattr(params.split, key) < 0.5:
+        if not 0 < getattr(split, key) < 0.5:
             raise ParamsError(f"split.{key}: must be between 0 and 0.5")
-    for i, pattern in enumerate(params.split.series):
+    for i, pattern in enumerate(split.series):
         try:
             groups = re.compile(pattern).groupindex
         except re.error as e:
@@ -333,6 +329,10 @@ def parse(raw: dict[str, Any]) -> Params:
         if "series" not in groups:
             raise ParamsError(f"split.series[{i}]: {pattern!r} needs a named group (?P<series>...) (and "
                               "(?P<number>\\d+) where the names give a running number, for val_by acquisition)")
+
+
+def _check_after_training(params: Params) -> None:
+    """Ensembles, evaluation and promotion."""
     for name, members in params.ensembles.items():
         if name in params.models or not name.replace("_", "").isalnum() or not name.islower():
             raise ParamsError(f"ensembles.{name}: needs a snake_case name that no variant in models has")
@@ -351,8 +351,18 @@ def parse(raw: dict[str, Any]) -> Params:
     for key in ("min_test_images", "min_test_patients"):
         if getattr(params.promote, key) < 1:
             raise ParamsError(f"promote.{key}: {getattr(params.promote, key)} must be at least 1")
-    return params
 
+
+def parse(raw: dict[str, Any]) -> Params:
+    params = _build(Params, raw, "")
+    for size in params.gray.sizes:  # ints already: _check saw to that
+        if size < 8:
+            raise ParamsError(f"gray: image size {size!r} is too small; use whole numbers of 8 or more")
+    _check_train(params.train, "train")  # first, so that a bad default is named where it is set
+    _check_variants(params)
+    _check_split(params.split)
+    _check_after_training(params)
+    return params
 
 def load(path: str | Path = "params.yaml") -> Params:
     path = Path(path)

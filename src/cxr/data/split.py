@@ -316,6 +316,37 @@ def choose_validation(gray: Path, p: SplitParams, seed: int, labels: str,
             "domain_auroc": measured}
 
 
+def _source_splits(gray: Path, present: list[str], labels: str) -> dict[str, Split]:
+    """The source's splits, each a Split whose `images` are row numbers counted one after another (in SPLITS
+    order), with the labels the run uses."""
+    splits, start = {}, 0
+    for s in present:
+        data = load_split(gray, s, mmap=True)
+        splits[s] = Split(np.arange(start, start + len(data.labels)), data.labels, data.meta)
+        start += len(data.labels)
+    return {s: three_class(d) for s, d in splits.items()} if labels == "three_class" else splits
+
+
+def _carve_missing(splits: dict[str, Split], p: SplitParams, seed: int, val_by: str, report: dict[str, Any]) -> None:
+    """Test, then validation, carved from train where the source has none (in place); the report says how."""
+    for name, fraction in (("test", p.test_fraction), ("val", p.val_fraction)):
+        if name in splits:
+            continue
+        if name == "val" and val_by == "acquisition":
+            kept, carved, blocks = carve_blocks(splits["train"], fraction, seed, p.series, p.val_end)
+            if not blocks["blocks"]:
+                raise CxrError("split.val_by acquisition: no training file name matches a split.series pattern "
+                               f"with a running number (e.g. {splits['train'].meta[0]['name']}); set "
+                               "split.series to patterns your names follow, or split.val_by: patient")
+            report["validation"] = {"by": val_by, "end": p.val_end, "share": fraction, "series": p.series, **blocks}
+        else:
+            kept, carved = carve(splits["train"], fraction, seed)
+            if name == "val":
+                report["validation"] = {"by": "patient", "share": fraction}
+        splits[name], splits["train"] = splits["train"].take(carved), splits["train"].take(kept)
+        report["carved"].append(name)
+
+
 def _select(gray: Path, p: SplitParams, seed: int, labels: str, val_by: str,
             warn: bool = True) -> tuple[dict[str, Any], dict[str, Split]]:
     """The report, and per output split a Split whose `images` are row numbers in the source's splits, counted
@@ -326,13 +357,7 @@ def _select(gray: Path, p: SplitParams, seed: int, labels: str, val_by: str,
         raise CxrError(f"the source has no train split (it has {', '.join(present) or 'none'}); "
                        "a source needs train/ images")
     names = CLASSES[labels]
-    splits, start = {}, 0
-    for s in present:
-        data = load_split(gray, s, mmap=True)
-        splits[s] = Split(np.arange(start, start + len(data.labels)), data.labels, data.meta)
-        start += len(data.labels)
-    if labels == "three_class":
-        splits = {s: three_class(d) for s, d in splits.items()}
+    splits = _source_splits(gray, present, labels)
     report: dict[str, Any] = {"classes": list(names), "source_counts": {s: _counts(d, names) for s, d in
                                                                         splits.items()}, "carved": [],
                               "pooled": p.pool}
@@ -348,22 +373,7 @@ def _select(gray: Path, p: SplitParams, seed: int, labels: str, val_by: str,
                                  np.concatenate([d.labels for d in splits.values()]),
                                  [m for d in splits.values() for m in d.meta])}
     report["validation"] = {"by": "source"}
-    for name, fraction in (("test", p.test_fraction), ("val", p.val_fraction)):
-        if name not in splits:
-            if name == "val" and val_by == "acquisition":
-                kept, carved, blocks = carve_blocks(splits["train"], fraction, seed, p.series, p.val_end)
-                if not blocks["blocks"]:
-                    raise CxrError("split.val_by acquisition: no training file name matches a split.series pattern "
-                                   f"with a running number (e.g. {splits['train'].meta[0]['name']}); set "
-                                   "split.series to patterns your names follow, or split.val_by: patient")
-                report["validation"] = {"by": val_by, "end": p.val_end, "share": fraction, "series": p.series,
-                                        **blocks}
-            else:
-                kept, carved = carve(splits["train"], fraction, seed)
-                if name == "val":
-                    report["validation"] = {"by": "patient", "share": fraction}
-            splits[name], splits["train"] = splits["train"].take(carved), splits["train"].take(kept)
-            report["carved"].append(name)
+    _carve_missing(splits, p, seed, val_by, report)
     if "val" in present and not p.pool and len(splits["val"].labels) < MIN_VAL and warn:
         log.warning("the source's val split has only %d images (Kaggle's val/ folder has 16): early stopping, the "
                     "threshold and the choice of model would rest on them; remove that folder (or move its images "
