@@ -83,7 +83,7 @@ def _overlay(ax: Any, image: np.ndarray, heat: np.ndarray, title: str, size: flo
 
 
 def verdict(row: dict[str, Any]) -> str:
-    """'P(pneumonia) 0.973 > 0.830: PNEUMONIA' from a cxr.predict.score row."""
+    """'P(pneumonia) 0.973 > 0.830: PNEUMONIA' from a cxr.serving.score row."""
     if "p_pneumonia" in row:
         sign = ">" if row["decision"] != "NORMAL" else "≤"
         return f"P(pneumonia) {row['p_pneumonia']:.3f} {sign} {row['threshold']:.3f}: {row['decision']}"
