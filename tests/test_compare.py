@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from cxr import params
-from cxr.evaluation.compare import SPREAD, markdown, spread, summary
+from cxr.evaluation.compare import SPREAD, dvc_scores, markdown, spread, summary
+from cxr.wording import score_text
 
 
 def row(variant: str, seed: int, **extra) -> dict:
@@ -41,15 +42,40 @@ def test_variants_that_differ_only_in_their_seed_get_mean_sd_and_range_beside_th
     assert "| s0 | 0.8000 [0.780–0.820] |" in board and "Seed spread of s0, s1, s2" in board
 
 
+
+def test_a_score_reads_the_same_everywhere_long_in_reports_short_in_terminal_columns():
+    assert score_text(0.91666, [0.8941, 0.9384]) == "0.9167 [0.894–0.938]"
+    assert score_text(0.91666, [0.8941, 1.0], short=True) == "0.917 [.894–1.000]"
+    assert (score_text(0.5), score_text(0.5, short=True)) == ("0.5000", "0.500")  # no interval
+    assert (score_text(None), score_text(None, short=True)) == ("n/a", "-")
+    assert (score_text("tinyvgg"), score_text(4)) == ("tinyvgg", "4")  # a row's name and counts beside its scores
+
+
+def test_scores_json_keeps_the_names_dvc_and_mlflow_know():
+    rows = [row("a", 1), row("b", 2)]
+    data = dvc_scores(rows, "b")
+    assert list(data) == ["best", "test_auroc", "val_auroc", "test_acc", "test_sens", "test_spec"]
+    assert data["best"] == {"variant": "b", "test_auroc": rows[1]["auroc"], "val_auroc": rows[1]["val_auroc"],
+                            "test_sens": rows[1]["recall"], "test_spec": rows[1]["specificity"]}
+    assert data["test_acc"] == {"a": rows[0]["accuracy"], "b": rows[1]["accuracy"]}
+    assert "best" not in dvc_scores(rows, None)
+
 def test_the_leaderboard_says_how_it_ranks_what_sens_and_spec_are_a_shift_and_shared_patients():
     rows = [row("a", 4, val_auroc=0.99), row("b", 1, val_auroc=0.95)]  # a: test AUROC 0.92, val 0.99
     split = {"source_patients_across_splits": {"train-test": 170}, "pooled": False}
     shift = {"verdict": "shift in images: mean (+0.50 sd)", "shifted": {"images": True, "scores": False}}
     text = summary(rows, "auroc", Path("comparison"), [], {"split": split, "shift": shift})
-    said = "Validation against test (shift stage, reports/shift.json and shift.png): shift in images: mean (+0.50 sd)."
+    said = "Validation against test (shift stage): shift in images: mean (+0.50 sd). Validation cannot speak for"
     flat = text.replace("\n  ", " ")
     assert said in flat and "Validation cannot speak for the test set" in flat
     assert said in markdown(rows, "auroc", [], shift)
+    # a measured report (the stage's always is): its domain classifier, the images on each side, where it is
+    measured = shift | {"domain": {"auroc": 0.775, "ci95": [0.742, 0.806]}, "reference": {"name": "data/split:val",
+                        "images": 1341}, "target": {"name": "data/split:test", "images": 624}}
+    auroc = score_text(0.775, [0.742, 0.806])
+    assert (f"\n\nDomain classifiers (0.5: indistinguishable): on the images, AUROC {auroc}; "
+            "1341 images (data/split:val) against 624 (data/split:test). Report and figure: reports/shift.json, "
+            "reports/shift.png.\n") in markdown(rows, "auroc", [], measured)
     assert "Ranked by validation AUROC" in text and "sens = sensitivity: the share of pneumonia" in text
     assert "a: validation AUROC 0.990 against test 0.924" in text and "shifted" in text
     assert "170 patients have images on both sides of the source's splits (train-test: 170)" in text

@@ -23,7 +23,7 @@ from PIL import Image
 
 from conftest import ROOT, make_imagefolder, make_project, mlflow_server, project_env, ran, sh, tracking_at
 from cxr import serving
-from cxr.evaluation.variant import png
+from cxr.evaluation.variant import png_bytes
 
 VARIANTS = ("linear", "mlp", "tinyvgg")  # the ones that train in seconds on a CPU
 EPOCHS = 2
@@ -93,7 +93,8 @@ def test_pipeline_runs_then_is_a_noop_then_reruns_one_variant(repo):
                                                      {"name": "data/split:test", "images": counts["test"]})
     assert shift["domain"]["class_balanced"] and shift["domain"]["ci95"][0] <= shift["domain"]["auroc"]
     assert shift["verdict"] in log and (repo / "reports" / "shift.png").read_bytes()[:4] == b"\x89PNG"
-    assert f"(shift stage, reports/shift.json and shift.png): {shift['verdict']}." in board
+    assert f"Validation against test (shift stage): {shift['verdict']}." in board
+    assert f"({shift['target']['name']}). Report and figure: reports/shift.json, reports/shift.png." in board
 
     noop = sh(repo, "dvc", "repro")
     assert ran(noop) == set() and "Data and pipelines are up to date" in noop
@@ -275,7 +276,7 @@ def test_every_variant_run_is_complete_through_the_rest_api(repo, server):
         model_id = json.loads((repo / "reports" / v / "evaluation.json").read_text())["mlflow"]["model_id"]
         with tracking_at(server):  # the logged model is looked up through the server, and takes image files
             model = mlflow.pyfunc.load_model(f"models:/{model_id}")
-        out = model.predict(pd.DataFrame({"image": [png(a) for a in test_images]}))
+        out = model.predict(pd.DataFrame({"image": [png_bytes(a) for a in test_images]}))
         assert out.shape == (3, 4) and out["p_pneumonia"].between(0, 1).all()
     # The comparison of the latest pipeline run (the one that retrained mlp) and the board it wrote.
     latest = max((r for r in runs if r["info"]["run_name"] == "mlp"), key=lambda r: r["info"]["start_time"])

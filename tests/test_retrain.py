@@ -20,6 +20,7 @@ from cxr.data.gray import decode
 from cxr.inference import HASHES, load_logged, logged_file
 from cxr.io import read_csv
 from cxr.serving import read
+from cxr.wording import score_text
 
 MIN_DELTA = 0.005
 
@@ -91,6 +92,10 @@ def test_retrain_promotes_first_keeps_the_champion_on_noise_promotes_a_clearly_b
     assert report["target"]["images"] == n["used"]  # the test images of patients it never saw
     assert f"### Shift: the images the champion never saw against those it was validated on\n\n{report['verdict']}." \
         in text
+    features = report["model"]["domain"]  # the shift summary's words: the leaderboard's (cxr.wording.shift_summary)
+    assert (f"on cand's features, AUROC {score_text(features['auroc'], features['ci95'])}; "
+            f"{report['reference']['images']} images (trained or validated on) against {n['used']} (never seen). "
+            "Report and figure: shift/shift.json, shift/shift.png") in text
     assert json.loads((repo / "shift" / "shift.json").read_text())["verdict"] == report["verdict"]
 
     # New images 40 grey levels brighter (a new scanner, say: here the test split, in a copy of the prepared

@@ -35,16 +35,16 @@ def test_halves_of_one_set_show_no_shift_and_a_brightened_copy_is_told_apart():
     def part(name, i, images=None):
         return shift.ImageSet(name, s.images[i] if images is None else images, s.width[i], s.height[i], s.labels[i])
 
-    same = shift.shift(part("a", idx[:half]), part("b", idx[half:]), model, card)
+    same = shift.shift_report(part("a", idx[:half]), part("b", idx[half:]), model, card)
     assert same["verdict"].startswith("no shift") and not same["model"]["domain"]["different"]
     lo, hi = same["model"]["domain"]["ci95"]
     assert lo < 0.5 < hi
     # The same images on both sides: each one's held-out twin is read as the other set's, far below chance.
-    twins = shift.shift(part("a", idx[:half]), part("a again", idx[:half]))
+    twins = shift.shift_report(part("a", idx[:half]), part("a again", idx[:half]))
     assert twins["domain"]["ci95"][1] < 0.4 and not any(twins["shifted"].values())
     assert twins["verdict"].startswith("no shift") and "the sets share near-copies of images" in twins["verdict"]
     brighter = np.clip(s.images[idx[half:]].astype(int) + 40, 0, 255).astype(np.uint8)
-    moved = shift.shift(part("a", idx[:half]), part("b+40", idx[half:], brighter), model, card)
+    moved = shift.shift_report(part("a", idx[:half]), part("b+40", idx[half:], brighter), model, card)
     assert moved["images"]["mean"]["shift"] and moved["model"]["domain"]["different"]
     assert moved["verdict"].startswith("shift in images: mean")
     # EM starts from the prior the model's scores carry (balanced sampling: 0.5), not from the reference's share (0)

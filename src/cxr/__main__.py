@@ -28,7 +28,7 @@ def _images(args: argparse.Namespace) -> tuple[str, list[Path], list[str]]:
 
 def _model_uri(args: argparse.Namespace, p: params.Params) -> str:
     """--model, or the registered champion."""
-    return args.model or f"models:/{p.mlflow.registered_model}@champion"
+    return args.model or tracking.model_uri(p.mlflow.registered_model)
 
 
 def _unread(errors: list[str]) -> None:
@@ -71,7 +71,7 @@ def _shift(args: argparse.Namespace) -> None:
         tracking.setup(p.mlflow.experiment)
         model, card = load_logged(_model_uri(args, p))
         size = card.image_size
-    report = shift.shift(shift.load_set(args.reference, size), shift.load_set(args.target, size), model, card)
+    report = shift.shift_report(shift.load_set(args.reference, size), shift.load_set(args.target, size), model, card)
     shift.write(report, Path(args.out))
     sys.stdout.write(shift.render(report) + f"Report and figure: {args.out}/shift.json, {args.out}/shift.png\n")
 

@@ -1,5 +1,5 @@
 """File helpers: outputs written atomically (to a temporary sibling, renamed into place only when complete),
-reports read back, and what terminals show (progress bars, short intervals)."""
+reports read back, and progress bars."""
 
 from __future__ import annotations
 
@@ -77,11 +77,6 @@ def write_csv(path: str | Path, rows: Sequence[dict[str, Any]], fields: Sequence
 def read_csv(path: str | Path) -> list[dict[str, str]]:
     with Path(path).open(newline="") as f:
         return list(csv.DictReader(f))
-
-
-def short_interval(ci: Sequence[float] | None) -> str:
-    """A 95% interval as terminals show it: ` [.768–.819]` (leading zeros dropped to fit), or nothing."""
-    return f" [{ci[0]:.3f}–{ci[1]:.3f}]".replace(" [0.", " [.").replace("–0.", "–.") if ci else ""
 
 
 def progress(iterable: Iterable[Any], quiet: bool = False, **kw: Any) -> Any:

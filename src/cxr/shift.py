@@ -27,6 +27,7 @@ from cxr.data.store import Split, load_split, size_dir
 from cxr.errors import CxrError
 from cxr.inference import ModelCard, predict_logits, to_device
 from cxr.plots import plt
+from cxr.wording import score_text
 
 STATS = ("width", "height", "aspect", "mean", "std", "sharpness", "border", "marker")
 ALPHA = 0.01  # per test, before Bonferroni over the statistics
@@ -261,7 +262,7 @@ def prevalence(p_target: torch.Tensor, prior: float, steps: int = 100) -> float:
     return q
 
 
-def shifted(report: dict[str, Any]) -> dict[str, bool]:
+def shifts_found(report: dict[str, Any]) -> dict[str, bool]:
     """Which kinds of shift the report found: images (a statistic, or a domain classifier on the images or on the
     model's features) and scores (within each class where both sets are labelled: a new share of pneumonia
     moves the mean score, and is no shift)."""
@@ -273,11 +274,11 @@ def shifted(report: dict[str, Any]) -> dict[str, bool]:
 
 
 def _domain(d: dict[str, Any]) -> str:
-    return f"AUROC {d['auroc']:.3f} [{d['ci95'][0]:.3f}–{d['ci95'][1]:.3f}]"
+    return f"AUROC {score_text(d['auroc'], d['ci95'])}"
 
 
 def verdict(report: dict[str, Any]) -> str:
-    found, model = shifted(report), report.get("model") or {}
+    found, model = shifts_found(report), report.get("model") or {}
     domains = [("the images", report["domain"]), ("the model's features", model.get("domain"))]
     parts = []
     if found["images"]:
@@ -302,8 +303,8 @@ def verdict(report: dict[str, Any]) -> str:
     return text
 
 
-def shift(reference: ImageSet, target: ImageSet, model: torch.nn.Module | None = None,
-          card: ModelCard | None = None) -> dict[str, Any]:
+def shift_report(reference: ImageSet, target: ImageSet, model: torch.nn.Module | None = None,
+                 card: ModelCard | None = None) -> dict[str, Any]:
     """The report: per statistic its test, a domain classifier on the images, and with a model its scores, a
     domain classifier on its features and the target's prevalence."""
     ra, ta = image_stats(reference), image_stats(target)
@@ -340,7 +341,7 @@ def shift(reference: ImageSet, target: ImageSet, model: torch.nn.Module | None =
             report["_panels"] |= {f"P | {c.lower()}": v for c, v in by.items()}
         else:
             report["_panels"]["P(pneumonia)"] = (pa.numpy(), pb.numpy())
-    report["shifted"] = shifted(report)
+    report["shifted"] = shifts_found(report)
     report["verdict"] = verdict(report)
     report["_stats"] = (ra, ta)
     return report

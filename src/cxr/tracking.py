@@ -33,6 +33,20 @@ EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",
                          "is the leaderboard. Test scores are at the threshold chosen on validation."}
 
 
+CHAMPION = "champion"  # the registry alias `cxr predict` loads and `cxr promote` moves
+
+
+def model_uri(name: str, version: str | int | None = None) -> str:
+    """The registered model `name`'s URI: of its `version`, or of its champion (MLflow resolves the alias each
+    time it loads, so a job that must read one model throughout pins a version)."""
+    return f"models:/{name}/{version}" if version is not None else f"models:/{name}@{CHAMPION}"
+
+
+def shift_tag(verdict: str) -> dict[str, str]:
+    """A shift report's verdict as a run's or model version's tag, cut to MLflow's limit on a tag's value."""
+    return {"shift.verdict": verdict[:5000]}
+
+
 def project_root() -> Path:
     # DVC sets DVC_ROOT for every stage it runs, also in `dvc exp run --temp/--queue` workspaces.
     return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()

@@ -17,9 +17,10 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from cxr import tracking
-from cxr.io import atomic_path, best_on_val, read_report, short_interval, write_csv, write_json
-from cxr.params import HEADLINE, SCORES, WITH_INTERVAL, Params, metric_label
+from cxr.io import atomic_path, best_on_val, read_report, write_csv, write_json
+from cxr.params import HEADLINE, WITH_INTERVAL, Params, metric_label
 from cxr.plots import bars_figure, curve_figure, histories_figure
+from cxr.wording import SCORE_NAMES, SHOWN, score_text, shift_summary
 
 log = logging.getLogger(__name__)
 Rows = list[dict[str, Any]]
@@ -79,20 +80,6 @@ def interval_label(rows: Rows) -> str:
     return f"95% interval by {' or '.join(units)}"
 
 
-def cell(row: dict[str, Any], key: str, short: bool = False) -> str:
-    """A leaderboard value as text: a score with its 95% interval where it has one, e.g. 0.9167 [0.894–0.938]
-    (`short`, for a terminal: 0.917 [.894–.938])."""
-    v = row.get(key)
-    if v is None:
-        return ""
-    if not isinstance(v, float):
-        return str(v)
-    ci = row.get(f"{key}_ci95")
-    if short:
-        return f"{v:.3f}{short_interval(ci)}"
-    return f"{v:.4f}" + (f" [{ci[0]:.3f}–{ci[1]:.3f}]" if ci else "")
-
-
 def flat(rows: Rows) -> Rows:
     """The rows with each interval as two numeric columns (<score>_ci95_low and _high), for CSV."""
     out = []
@@ -132,10 +119,6 @@ def spread(p: Params, rows: Rows) -> Groups:
     return groups
 
 
-SUMMARY = {"accuracy": "test acc", "recall": "sens", "specificity": "spec", "auroc": "test AUROC"}
-LABELS = {**SUMMARY, "f1": "test F1", "val_auroc": "val AUROC"}
-
-
 def spread_lines(groups: Groups) -> list[str]:
     """The seed spread in plain text: a header per group, a line per score."""
     lines = []
@@ -145,8 +128,8 @@ def spread_lines(groups: Groups) -> list[str]:
                      f"mean ± sd (min–max){ens}")
         for key, st in g["scores"].items():
             beside = f"   {g['ensemble']} {st['ensemble']:.4f}" if st["ensemble"] is not None else ""
-            lines.append(f"  {LABELS[key]:<10} {st['mean']:.4f} ± {st['sd']:.4f} ({st['min']:.4f}–{st['max']:.4f})"
-                         + beside)
+            lines.append(f"  {SCORE_NAMES[key].long:<10} {st['mean']:.4f} ± {st['sd']:.4f} "
+                         f"({st['min']:.4f}–{st['max']:.4f})" + beside)
     return lines
 
 
@@ -169,34 +152,35 @@ def markdown(rows: Rows, metric: str, groups: Groups | None = None, shift: dict[
              "(split.series); test_ece: top-label (Guo et al.), test_class_ece: class-wise.",
              *(f"\n{line}" for line in shift_lines(shift)), "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(cell(r, k) for k in head) + " |" for r in rows]
+    lines += ["| " + " | ".join(score_text(r.get(k), r.get(f"{k}_ci95")) for k in head) + " |" for r in rows]
     if extra := [*threshold_lines(rows), *spread_lines(groups or [])]:
         lines += ["", "```", *extra, "```"]
     return "\n".join(lines) + "\n"
 
 
-def scores(rows: Rows, best: str | None) -> dict[str, dict[str, Any]]:
-    """`best`: the variant promotion would pick (by validation) and its scores, first, so that a narrow `dvc exp
+def dvc_scores(rows: Rows, best: str | None) -> dict[str, dict[str, Any]]:
+    """comparison/scores.json, DVC's metrics (and the comparison run's MLflow metrics), named by SCORE_NAMES' `dvc`.
+    `best`: the variant promotion would pick (by validation) and its scores, first, so that a narrow `dvc exp
     show --keep 'Experiment|^best'` compares experiments whatever their variants (accuracy left out there, so
     that it fits 120 columns: sens and spec say more); then each score per variant."""
     top = next((r for r in rows if r["variant"] == best), None)
-    head = {"best": {"variant": best, **{name: top.get(key) for name, key in SCORES.items() if name != "test_acc"}}
-            } if top else {}
-    return head | {name: {r["variant"]: r.get(key) for r in rows} for name, key in SCORES.items()}
+    named = [(key, name.dvc) for key, name in SCORE_NAMES.items() if name.dvc]
+    head = {"best": {"variant": best, **{dvc: top.get(key) for key, dvc in named if key != "accuracy"}}} if top else {}
+    return head | {dvc: {r["variant"]: r.get(key) for r in rows} for key, dvc in named}
 
 
 def _table(rows: Rows, metric: str, *extra: str, short: bool = False) -> tuple[list[str], list[list[str]]]:
     """The leaderboard's headline columns (and `extra` ones), as text with intervals: a header and a row each."""
-    head = ["variant", f"val {metric}", *SUMMARY.values(), *extra]
-    keys = ["variant", f"val_{metric}", *SUMMARY, *extra]
-    return head, [[cell(r, k, short) or "-" for k in keys] for r in rows]
+    head = ["variant", f"val {metric}", *(SCORE_NAMES[k].long for k in SHOWN), *extra]
+    keys = ["variant", f"val_{metric}", *SHOWN, *extra]
+    return head, [[score_text(r.get(k), r.get(f"{k}_ci95"), short) for k in keys] for r in rows]
 
 
 GAP = 0.05  # val minus test AUROC of the top row above which the summary says the test set is shifted
 
 
-def explain(rows: Rows, metric: str, stages: dict[str, dict[str, Any]]) -> list[str]:
-    """The leaderboard's words: why the top row is first, what sens and spec mean, the shift stage's verdict, a
+def reading_lines(rows: Rows, metric: str, stages: dict[str, dict[str, Any]]) -> list[str]:
+    """How to read the leaderboard: why the top row is first, what sens and spec mean, the shift stage's verdict, a
     large validation/test gap, and the split stage's warning about patients on both sides of the source's
     splits. `stages`: stage_reports."""
     lines = [f"Ranked by validation {metric_label(metric)}, the one score choices are made on (the top row is what "
@@ -251,14 +235,15 @@ def stage_reports(reports: Path) -> dict[str, dict[str, Any]]:
 
 
 def shift_lines(shift: dict[str, Any] | None) -> list[str]:
-    """The shift stage's verdict on validation against test, and what it means for the choices made on
-    validation."""
+    """The shift stage's verdict on validation against test, what it means for the choices made on validation,
+    and its domain classifier, in the words `cxr retrain`'s summary uses too."""
     if not shift:
         return []
     meaning = ("Validation cannot speak for the test set: what was chosen on it (variant, epoch, threshold) may "
-               "not carry over" if any(shift["shifted"].values()) else "Choices made on validation should carry "
-               "over to test")
-    return [f"Validation against test (shift stage, reports/shift.json and shift.png): {shift['verdict']}. {meaning}."]
+               "not carry over." if any(shift["shifted"].values()) else "Choices made on validation should carry "
+               "over to test.")
+    return shift_summary(shift, "Validation against test (shift stage)", "reports/shift.json, reports/shift.png",
+                         meaning)
 
 
 def summary(rows: Rows, metric: str, out: Path, groups: Groups | None = None,
@@ -271,8 +256,8 @@ def summary(rows: Rows, metric: str, out: Path, groups: Groups | None = None,
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
              for row in [head, *body]]
     return "\n".join([f"Leaderboard: test scores [{interval_label(rows)}] at the threshold chosen on val, best first "
-                      f"by val {metric}", *lines, *wrap([*explain(rows, metric, stages or {}), *threshold_lines(rows),
-                                                  *spread_lines(groups or []),
+                      f"by val {metric}", *lines, *wrap([*reading_lines(rows, metric, stages or {}),
+                                                  *threshold_lines(rows), *spread_lines(groups or []),
                                                   f"Full table and figures: {out}/leaderboard.md, {out}/*.png, "
                                                   "dvc plots show; every run in MLflow: make ui; all experiments: "
                                                   "cxr results"])])
@@ -314,7 +299,6 @@ def figures(p: Params, rows: Rows, reports: Path) -> dict[str, Any]:
             "history.png": histories_figure(hist, ("val_loss", "val_auroc", "train_loss"))}
 
 
-WORDS = {"accuracy": "accuracy", "recall": "sensitivity", "specificity": "specificity", "auroc": "AUROC"}
 HISTORY = {"train_loss": "train loss", "val_loss": "validation loss", "val_auroc": "validation AUROC"}
 
 
@@ -337,10 +321,11 @@ def plot_data(p: Params, rows: Rows, reports: Path) -> dict[str, list[dict[str, 
             total = sum(cells[(actual, b)] for b in names)
             confusion += [{"variant": v, "actual": actual, "predicted": b, "count": cells[(actual, b)],
                            "share": round(cells[(actual, b)] / total, 4) if total else 0.0} for b in names]
-        for key, label in WORDS.items():
+        for key in SHOWN:
             low, high = r.get(f"{key}_ci95") or (None, None)
             if r.get(key) is not None:
-                scores_.append({"variant": v, "rank": rank, "score": label, "value": r[key], "low": low, "high": high})
+                scores_.append({"variant": v, "rank": rank, "score": SCORE_NAMES[key].word, "value": r[key], "low": low,
+                                "high": high})
     return {"roc": roc, "pr": pr, "history": history, "confusion": confusion, "scores": scores_}
 
 
@@ -357,7 +342,7 @@ def compare(p: Params, reports: Path, out: Path) -> Rows:
         write_csv(tmp / "leaderboard.csv", flat(rows))
         write_json(tmp / "leaderboard.json", rows)
         write_json(tmp / "seed_spread.json", groups)
-        write_json(tmp / "scores.json", scores(rows, best))
+        write_json(tmp / "scores.json", dvc_scores(rows, best))
         for name, fig in figs.items():
             fig.savefig(tmp / name, dpi=110)
         (tmp / "plots").mkdir()
@@ -388,7 +373,7 @@ def log_comparison(p: Params, rows: Rows, groups: Groups, figs: dict[str, Any], 
             if (reports / name).exists():
                 mlflow.log_artifact(str(reports / name), "shift")
         if shift:
-            mlflow.set_tag("shift.verdict", shift["verdict"][:5000])
+            mlflow.set_tags(tracking.shift_tag(shift["verdict"]))
         for name, fig in figs.items():
             mlflow.log_figure(fig, f"plots/{name}")
         if best:  # the variant promotion would pick: best on validation
@@ -397,7 +382,7 @@ def log_comparison(p: Params, rows: Rows, groups: Groups, figs: dict[str, Any], 
             mlflow.set_tag("best_variant", best)
         # The same columns as `dvc exp show` (test_auroc.<variant>, val_auroc.<variant>...): in the UI's chart view
         # each is one bar chart across pipeline runs, e.g. how tinyvgg's test AUROC moved from run to run.
-        mlflow.log_metrics({f"{name}.{variant}": value for name, column in scores(rows, None).items()
+        mlflow.log_metrics({f"{name}.{variant}": value for name, column in dvc_scores(rows, None).items()
                             for variant, value in column.items() if value is not None})
         for r in rows:
             if r["run_id"] not in reused:

@@ -1,5 +1,6 @@
 """Evaluate one variant on test: metrics, curves, per-image predictions and figures to files and to its MLflow
-run, plus the model with its card (threshold chosen on validation)."""
+run, plus the model with its card (threshold chosen on validation). `evaluate` computes (no MLflow);
+`evaluate_variant` writes and logs what it returns."""
 
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from cxr.metrics import (
 from cxr.params import Params
 from cxr.plots import confusion_figure, curve_figure, plt, reliability_figure
 from cxr.task import predicted
+from cxr.wording import SCORE_NAMES, SHOWN, score_text
 
 log = logging.getLogger(__name__)
 
@@ -174,22 +176,13 @@ def headline(metrics: dict[str, Any]) -> dict[str, Any]:
     return {s: {k: metrics[s][k] for k in keys} for s, keys in COLUMNS.items()}
 
 
-def with_interval(x: float | None, ci: list[float] | None = None) -> str:
-    """0.917 [0.894–0.938]: a score and its 95% interval, as every table prints it."""
-    if x is None:
-        return "n/a"
-    return f"{x:.3f}" + (f" [{ci[0]:.3f}–{ci[1]:.3f}]" if ci else "")
-
-
 def scores_note(metrics: dict[str, Any], n_test: int) -> str:
     """One line of the headline scores with their 95% intervals, for descriptions in MLflow."""
     t = metrics.get("threshold")
     at = f" at threshold {t:.3f} (chosen on val)" if t is not None else ""
     test, ci = metrics["test"], metrics.get("test_ci95", {})
-    shown = ", ".join(f"{label} {with_interval(test[k], ci.get(k))}" for k, label in
-                      (("accuracy", "accuracy"), ("recall", "sensitivity"), ("specificity", "specificity"),
-                       ("auroc", "AUROC")))
-    val = with_interval(metrics["val"]["auroc"], metrics.get("val_ci95", {}).get("auroc"))
+    shown = ", ".join(f"{SCORE_NAMES[k].word} {score_text(test[k], ci.get(k))}" for k in SHOWN)
+    val = score_text(metrics["val"]["auroc"], metrics.get("val_ci95", {}).get("auroc"))
     units = {s: (metrics.get(f"{s}_intervals") or {}).get("unit", "image") for s in ("test", "val")}
     n = metrics.get("test_intervals", {}).get("patients")
     images = f"{n_test} images" + (f" of {n} patients" if n else "")
@@ -198,10 +191,11 @@ def scores_note(metrics: dict[str, Any], n_test: int) -> str:
 
 
 def series_note(series: dict[str, Any]) -> str:
-    """The test scores per series in words, e.g. ' By series: specificity IM 0.913 [0.85-0.96] (69 normal images)'."""
-    parts = [f"{label} {name} {with_interval(row[key], row.get(f'{key}_ci95'))} ({row[f'{key}_images']} {kind} images)"
-             for name, row in series.items() for key, label, kind in (("specificity", "specificity", "normal"),
-                                                                      ("recall", "sensitivity", "pneumonia"))
+    """The test scores per series in words, e.g. ' By series: specificity IM 0.9130 [0.850–0.960] (69 normal
+    images)'."""
+    parts = [f"{SCORE_NAMES[key].word} {name} {score_text(row[key], row.get(f'{key}_ci95'))} "
+             f"({row[f'{key}_images']} {kind} images)"
+             for name, row in series.items() for key, kind in (("specificity", "normal"), ("recall", "pneumonia"))
              if key in row]
     return f" By series: {'; '.join(parts)}." if parts else ""
 
@@ -267,19 +261,36 @@ def error_gallery(model: torch.nn.Module, card: inference.ModelCard, test: Split
     return fig, listed
 
 
-def png(image: np.ndarray) -> bytes:
+def png_bytes(image: np.ndarray) -> bytes:
     """A uint8 gray array as a PNG file's bytes: what the served model takes."""
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
 
 
-def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, report_dir: Path) -> dict[str, Any]:
-    """Log metrics, figures and the model to the variant's MLflow run, then write
-    report_dir/{metrics,evaluation,confusion,roc,pr}.json and predictions.csv."""
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """What evaluating a variant computes, before anything is written or logged."""
+    model: torch.nn.Module  # on the CPU
+    card: inference.ModelCard  # with its TTA views, and the temperature and threshold chosen on val
+    test: Split
+    hashes: list[dict[str, str]]  # image_hashes: the images it trained and validated on
+    p_test: torch.Tensor
+    metrics: dict[str, Any]  # evaluation.json, less where MLflow keeps the model
+    reliability: list[dict[str, Any]]  # calibrate's rows
+    predictions: list[dict[str, Any]]  # predictions.csv
+    curves: dict[str, list]  # test's ROC and PR rows
+
+    @property
+    def y_test(self) -> torch.Tensor:
+        return torch.from_numpy(self.test.labels)
+
+
+def evaluate(p: Params, data: Path, model_dir: Path) -> Evaluation:
+    """Score model_dir/model.pt on data/<size>/{val,test}, with p's TTA, calibration and threshold rule (all
+    fitted on val); an error when its train/val images are not the ones prepared now."""
     model, card = inference.load(model_dir / "model.pt")
     card = dataclasses.replace(card, tta_views=inference.TTA_VIEWS[:p.evaluate.tta])
-    names = list(card.classes)
     data = size_dir(data, card.image_size)
     val, test = load_split(data, "val"), load_split(data, "test")
     hashes = image_hashes(card, load_split(data, "train", mmap=True), val)
@@ -289,65 +300,92 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
     calibration = calibrate(card, z_val, y_val, z_test, y_test, p.evaluate.calibrate)
     card = dataclasses.replace(card, temperature=calibration["temperature"])
     p_val, p_test = card.probabilities(z_val), card.probabilities(z_test)
-    metrics = _metrics(p_val, val, p_test, test, names, p.evaluate.threshold, p.seed, p.split.series)
+    metrics = _metrics(p_val, val, p_test, test, list(card.classes), p.evaluate.threshold, p.seed, p.split.series)
     metrics |= {"tta": len(card.tta_views), "tta_views": [list(v) for v in card.tta_views]}
     metrics["calibration"] = {k: v for k, v in calibration.items() if k != "reliability"}
     card = dataclasses.replace(card, threshold=metrics.get("threshold", 0.5))
-    pred_rows = predictions(test, p_test, card)
-    rows = [{"actual": r["label"], "predicted": r["predicted"]} for r in pred_rows]
-    curve_rows = curves(p_test, y_test)
+    return Evaluation(model, card, test, hashes, p_test, metrics, calibration["reliability"],
+                      predictions(test, p_test, card), curves(p_test, y_test))
 
+
+def _write_reports(out: dict[str, Path], ev: Evaluation) -> None:
+    """{metrics,confusion,roc,pr,reliability}.json and predictions.csv."""
+    rows = [{"actual": r["label"], "predicted": r["predicted"]} for r in ev.predictions]
+    for name, obj in (("metrics", headline(ev.metrics)), ("confusion", rows), ("roc", ev.curves["roc"]),
+                      ("pr", ev.curves["pr"]), ("reliability", ev.reliability)):
+        write_json(out[name], obj)
+    write_csv(out["predictions"], ev.predictions)
+
+
+def _tag_run(run_id: str, variant: str, metrics: dict[str, Any], n_test: int) -> None:
+    mlflow.set_tag("ci95.unit", metrics["intervals"]["unit"]["test"])  # of every *_ci95_low/high metric
+    if os.environ.get("DVC_STAGE"):
+        mlflow.set_tag("dvc_stage_evaluate", os.environ["DVC_STAGE"])
+    # The description: training's first paragraph (what the variant is), then the scores of this evaluation.
+    note = mlflow.MlflowClient().get_run(run_id).data.tags.get(tracking.NOTE, f"**{variant}**")
+    mlflow.set_tag(tracking.NOTE, note.split("\n\n")[0] + "\n\n" + scores_note(metrics, n_test))
+
+
+def _log_model(ev: Evaluation) -> Any:
+    """The model MLflow serves takes images (cxr.serving): its card and weights are what it and this project
+    load (never a pickle); the images it trained and validated on go with it, so that promotion keeps them out
+    of its test. Its input example: two test images, as PNG files. Returns MLflow's ModelInfo."""
+    with tempfile.TemporaryDirectory() as extra:
+        write_csv(Path(extra) / inference.HASHES, ev.hashes)
+        inference.save(Path(extra) / inference.WEIGHTS, ev.model, ev.card)
+        return serving.log_model(Path(extra) / inference.WEIGHTS, Path(extra) / inference.HASHES, ev.card,
+                                 [png_bytes(a) for a in ev.test.images[:2]])
+
+
+def _log_scores(metrics: dict[str, Any], model_id: str) -> None:
+    # "val_best", not "val": training logs val/* per epoch, and this is one more point, at the kept weights.
+    for split, key in (("test", "test"), ("test_threshold_0_5", "test_at_0.5"), ("val", "val_best")):
+        if split in metrics:
+            mlflow.log_metrics({f"{key}/{k}": v for k, v in metrics[split].items() if v is not None},
+                               model_id=model_id)
+        for k, ci in metrics.get(f"{split}_ci95", {}).items():
+            if ci:
+                mlflow.log_metrics({f"{key}/{k}_ci95_low": ci[0], f"{key}/{k}_ci95_high": ci[1]}, model_id=model_id)
+    for name, row in metrics.get("series", {}).get("test", {}).items():  # e.g. test/specificity_NORMAL2-IM
+        key = re.sub(r"[^\w\-. ]", "_", name)  # what MLflow takes in a metric's name
+        mlflow.log_metrics({f"test/{k}_{key}": row[k] for k in ("specificity", "recall") if k in row},
+                           model_id=model_id)
+
+
+def _log_gallery(ev: Evaluation, path: Path) -> None:
+    """The error gallery to `path` and to the run, with its rows."""
+    gallery, listed = error_gallery(ev.model, ev.card, ev.test, ev.p_test)
+    gallery.savefig(path, dpi=90, format="jpeg", pil_kwargs={"quality": 85})  # a PNG: 1.3 MB
+    plt.close(gallery)
+    with tempfile.TemporaryDirectory() as tmp:  # drawn once: the same file to MLflow
+        shutil.copy(path, Path(tmp) / "error_gallery.jpg")
+        mlflow.log_artifact(str(Path(tmp) / "error_gallery.jpg"), "plots")
+    mlflow.log_dict(listed, "error_gallery.json")
+
+
+def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, report_dir: Path) -> dict[str, Any]:
+    """Log metrics, figures and the model to the variant's MLflow run, then write
+    report_dir/{metrics,evaluation,confusion,roc,pr}.json and predictions.csv."""
+    ev = evaluate(p, data, model_dir)
+    metrics, card = ev.metrics, ev.card
     run_id = json.loads((model_dir / "run.json").read_text())["run_id"]
     tracking.setup(p.mlflow.experiment)
     names_out = ("metrics", "confusion", "roc", "pr", "reliability", "evaluation")
     paths = [*(report_dir / f"{n}.json" for n in names_out), report_dir / "predictions.csv", report_dir / "gallery.jpg"]
     with atomic_paths(*paths) as tmps, mlflow.start_run(run_id=run_id):
         out = dict(zip([*names_out, "predictions", "gallery"], tmps, strict=True))
-        for name, obj in (("metrics", headline(metrics)), ("confusion", rows), ("roc", curve_rows["roc"]),
-                          ("pr", curve_rows["pr"]), ("reliability", calibration["reliability"])):
-            write_json(out[name], obj)
-        write_csv(out["predictions"], pred_rows)
-        mlflow.set_tag("ci95.unit", metrics["intervals"]["unit"]["test"])  # of every *_ci95_low/high metric
-        if os.environ.get("DVC_STAGE"):
-            mlflow.set_tag("dvc_stage_evaluate", os.environ["DVC_STAGE"])
-        # The description: training's first paragraph (what the variant is), then the scores of this evaluation.
-        note = mlflow.MlflowClient().get_run(run_id).data.tags.get(tracking.NOTE, f"**{variant}**")
-        mlflow.set_tag(tracking.NOTE, note.split("\n\n")[0] + "\n\n" + scores_note(metrics, len(test.labels)))
-        # The model MLflow serves takes images (cxr.serving): its card and weights are what it and this project
-        # load (never a pickle); the images it trained and validated on go with it, so that promotion keeps them
-        # out of its test. Its input example: two test images, as PNG files.
-        with tempfile.TemporaryDirectory() as extra:
-            write_csv(Path(extra) / inference.HASHES, hashes)
-            inference.save(Path(extra) / inference.WEIGHTS, model, card)
-            info = serving.log_model(Path(extra) / inference.WEIGHTS, Path(extra) / inference.HASHES, card,
-                                     [png(a) for a in test.images[:2]])
-        # "val_best", not "val": training logs val/* per epoch, and this is one more point, at the kept weights.
-        for split, key in (("test", "test"), ("test_threshold_0_5", "test_at_0.5"), ("val", "val_best")):
-            if split in metrics:
-                mlflow.log_metrics({f"{key}/{k}": v for k, v in metrics[split].items() if v is not None},
-                                   model_id=info.model_id)
-            for k, ci in metrics.get(f"{split}_ci95", {}).items():
-                if ci:
-                    mlflow.log_metrics({f"{key}/{k}_ci95_low": ci[0], f"{key}/{k}_ci95_high": ci[1]},
-                                       model_id=info.model_id)
-        for name, row in metrics.get("series", {}).get("test", {}).items():  # e.g. test/specificity_NORMAL2-IM
-            key = re.sub(r"[^\w\-. ]", "_", name)  # what MLflow takes in a metric's name
-            mlflow.log_metrics({f"test/{k}_{key}": row[k] for k in ("specificity", "recall") if k in row},
-                               model_id=info.model_id)
+        _write_reports(out, ev)
+        _tag_run(run_id, variant, metrics, len(ev.test.labels))
+        info = _log_model(ev)
+        _log_scores(metrics, info.model_id)
         mlflow.log_metric("threshold", card.threshold)
         mlflow.log_dict(metrics, "metrics.json")
         mlflow.log_text(out["predictions"].read_text(), "predictions.csv")
-        _log_figures(variant, names, p_test, y_test, card.threshold, card.binary, curve_rows)
+        _log_figures(variant, list(card.classes), ev.p_test, ev.y_test, card.threshold, card.binary, ev.curves)
         mlflow.log_metrics({f"calibration/{k}": v for k, v in metrics["calibration"].items()},
                            model_id=info.model_id)
-        log_figure(reliability_figure(calibration["reliability"], variant), "plots/reliability.png")
-        gallery, listed = error_gallery(model, card, test, p_test)
-        gallery.savefig(out["gallery"], dpi=90, format="jpeg", pil_kwargs={"quality": 85})  # a PNG: 1.3 MB
-        plt.close(gallery)
-        with tempfile.TemporaryDirectory() as tmp:  # drawn once: the same file to MLflow
-            shutil.copy(out["gallery"], Path(tmp) / "error_gallery.jpg")
-            mlflow.log_artifact(str(Path(tmp) / "error_gallery.jpg"), "plots")
-        mlflow.log_dict(listed, "error_gallery.json")
+        log_figure(reliability_figure(ev.reliability, variant), "plots/reliability.png")
+        _log_gallery(ev, out["gallery"])
         metrics["mlflow"] = {"run_id": run_id, "model_id": info.model_id, "model_uri": info.model_uri}
         write_json(out["evaluation"], metrics)
     t = metrics["test"]

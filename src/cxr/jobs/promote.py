@@ -10,7 +10,7 @@ import json
 import logging
 import re
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,10 @@ from cxr.metrics import metric
 from cxr.params import Params, metric_label
 
 log = logging.getLogger(__name__)
-ALIAS = "champion"
+ALIAS = tracking.CHAMPION
 
 
-def ran(comparison: Path) -> list[str]:
+def last_run_variants(comparison: Path) -> list[str]:
     """The variants and ensembles of the last pipeline run, as its compare stage listed them: after a profile
     (`make quick`) these are the profile's, not params.yaml's `variants`."""
     board = comparison / "leaderboard.json"
@@ -43,33 +43,33 @@ def ran(comparison: Path) -> list[str]:
 
 def candidate(p: Params, reports: Path, comparison: Path) -> dict[str, Any]:
     """The variant of the last run with the best `promote.metric` on validation (never test)."""
-    variant, ev = best_on_val(ran(comparison), reports, p.promote.metric)
+    variant, ev = best_on_val(last_run_variants(comparison), reports, p.promote.metric)
     return {"variant": variant, "val": ev["val"][p.promote.metric], **ev["mlflow"]}
 
 
 @dataclass(frozen=True)
 class Seen:
-    """What a model trained and validated on: the images' sha256s and their patients' ids."""
+    """What a model trained and validated on: the images' sha256s and their patients' ids; `validated`: the
+    sha256s of its validation images alone."""
 
     images: frozenset[str]
     patients: frozenset[str]
+    validated: frozenset[str] = frozenset()
 
 
-def seen_rows(uri: str) -> list[dict[str, str]]:
-    """The images the registered model at `uri` trained and validated on, as logged with it: split, sha256, name
-    and patient_id (a list of an older version has no patient column: the id its file name gives)."""
+def seen_images(uri: str) -> Seen:
+    """The images and patients the registered model at `uri` trained and validated on, from the list logged with
+    it (image_hashes.csv: split, sha256, name and patient_id; a list of an older version has no patient column:
+    the id its file name gives). The one reader of that list: promotion and `cxr retrain`'s shift report."""
     try:
         path = logged_file(uri, HASHES)
     except (MlflowException, OSError) as e:
         raise CxrError(f"{uri} has no list of the images it saw ({HASHES}): it cannot be scored fairly; retrain it "
                        f"with this version of the project ({tracking.store_and_error(e)})") from e
-    return [r if "patient_id" in r else r | {"patient_id": patient_id(r["name"])} for r in read_csv(path)]
-
-
-def seen_images(uri: str) -> Seen:
-    """The images and patients the registered model at `uri` trained and validated on."""
-    rows = seen_rows(uri)
-    return Seen(frozenset(r["sha256"] for r in rows), frozenset(r["patient_id"] for r in rows) - {""})
+    rows = read_csv(path)
+    patients = frozenset(r["patient_id"] if "patient_id" in r else patient_id(r["name"]) for r in rows) - {""}
+    return Seen(frozenset(r["sha256"] for r in rows), patients,
+                frozenset(r["sha256"] for r in rows if r.get("split") == "val"))
 
 
 def test_probs(uri: str, data: Path) -> tuple[torch.Tensor | None, ModelCard | None, str, list[str]]:
@@ -99,7 +99,7 @@ def not_applicable(card: ModelCard, data: Path) -> str:
     return ""
 
 
-def unseen(p: Params, test: Split, seen: dict[str, Seen]) -> tuple[torch.Tensor, dict[str, Any]]:
+def unseen_test_images(p: Params, test: Split, seen: dict[str, Seen]) -> tuple[torch.Tensor, dict[str, Any]]:
     """The indices of the test images that no model in `seen` saw, nor any image of whose patient it saw, and the
     counts: images and patients in all and used, and those removed for each model. An error when images were
     removed and fewer than promote.min_test_images (or promote.min_test_patients, where the images name their
@@ -136,7 +136,7 @@ def unseen(p: Params, test: Split, seen: dict[str, Seen]) -> tuple[torch.Tensor,
 
 
 def removed_text(counts: dict[str, Any]) -> str:
-    """'12 images of 5 patients seen by the candidate, ...': what `unseen` removed for each model."""
+    """'12 images of 5 patients seen by the candidate, ...': what `unseen_test_images` removed for each model."""
     def n(k: int, what: str) -> str:
         return f"{k} {what}" + ("s" if k != 1 else "")
 
@@ -199,19 +199,114 @@ def champion(client: MlflowClient, name: str) -> Any | None:
                        "check the server and your credentials, then run `cxr promote` again") from e
 
 
-def _decide(p: Params, champ_probs: torch.Tensor, champ_card: ModelCard, cand_probs: torch.Tensor,
-            cand_card: ModelCard, labels: torch.Tensor, meta: list[dict[str, Any]]) -> tuple[bool, dict[str, Any]]:
-    """Promote only if the 95% interval of candidate - champion lies above min_delta, from the bootstrap of every
-    interval (the same resampled patients for both models): a difference within the test set's noise moves
-    nothing."""
-    design = bootstrap.design(labels, meta, p.split.series)
-    stats = bootstrap.paired(p.promote.metric, (cand_probs, cand_card.threshold), (champ_probs, champ_card.threshold),
-                             labels, bootstrap.resample_counts(design, bootstrap.RESAMPLES, p.seed))
+@dataclass(frozen=True)
+class Contender:
+    """A model promotion compares: its registry version and variant, its probabilities on the test split at its
+    threshold (None: it cannot be scored there, `why_not` says why) and what it trained and validated on."""
+
+    version: str
+    variant: str
+    probs: torch.Tensor | None = None
+    threshold: float = 0.5
+    seen: Seen = Seen(frozenset(), frozenset())
+    why_not: str = ""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What promotion decided: "promoted", "kept" or "stopped" (a shift held a comparison back), why, the
+    candidate's test score, the champion before (version, variant, test score; None where none was compared),
+    the paired difference (None without a comparison) and the test images' counts (unseen_test_images)."""
+
+    decision: str
+    reason: str
+    candidate_test: float
+    previous_champion: dict[str, Any] | None
+    difference: dict[str, Any] | None
+    test_images: dict[str, Any]
+
+    @property
+    def promoted(self) -> bool:
+        return self.decision == "promoted"
+
+
+def decide(p: Params, test: Split, class_names: list[str], cand: Contender, champ: Contender | None,
+           shift: dict[str, Any] | None = None) -> Decision:
+    """The candidate against the champion (None: there is none yet) on the test images of patients neither
+    trained or validated on: promoted only when the 95% interval of the paired difference lies above
+    promote.min_delta; held back where `shift` (`cxr retrain`'s report) found a shift and retrain.on_shift is stop.
+    A CxrError where nothing can be decided: too few unseen test images, or a score undefined on them."""
+    seen = {"candidate": cand.seen}
+    if champ is not None and champ.probs is not None and champ.version != cand.version:
+        seen[ALIAS] = champ.seen  # compared: the patients it saw are no test of it
+    keep, images = unseen_test_images(p, test, seen)  # every score below is on these images only
+    key, labels = p.promote.metric, torch.from_numpy(test.labels)[keep]
+    assert cand.probs is not None, "a candidate that cannot be scored is refused before any decision"
+    score = metric(key, cand.probs[keep], labels, class_names, cand.threshold)
+    if score is None:
+        raise CxrError(f"the test split has one class, so {key} is undefined; set promote.metric: recall")
+    on, whose, gone = scored_on(images)
+    alone = f"test {key} {score:.4f} on {on} {whose} it neither trained nor validated on{gone}"
+    before: dict[str, Any] | None = None
+    stats: dict[str, Any] | None = None
+    if champ is None:
+        promoted, reason = True, f"no {ALIAS} yet; {alone}"
+    elif champ.version == cand.version:
+        promoted, reason = False, f"the candidate is already the {ALIAS} (version {champ.version})"
+    elif champ.probs is None:
+        before = {"version": champ.version, "variant": champ.variant, "test": None}
+        promoted, reason = True, (f"the {ALIAS} (version {champ.version}) cannot be scored on this test data: "
+                                  f"{champ.why_not}; {alone}")
+    else:
+        before = {"version": champ.version, "variant": champ.variant,
+                  "test": metric(key, champ.probs[keep], labels, class_names, champ.threshold)}
+        promoted, stats = paired_difference(p, test, keep, cand, champ)
+        reason = (f"test {key} on {on} {whose} neither model trained or validated on{gone}: {score:.4f} vs "
+                  f"{before['test']:.4f} (version {champ.version}): {stats['difference']:+.4f}, 95% interval "
+                  f"[{stats['ci95_low']:+.4f}, {stats['ci95_high']:+.4f}] ({stats['resamples']} paired bootstrap "
+                  f"resamples by {stats['unit']}), {'above' if promoted else 'not above'} min_delta "
+                  f"{p.promote.min_delta}")
+    decision, reason = held_back(p, shift if before is not None else None, promoted, reason)
+    return Decision(decision, reason, score, before, stats, images)
+
+
+def scored_on(images: dict[str, Any]) -> tuple[str, str, str]:
+    """The words for the images a decision scores (unseen_test_images' counts): 'the 80 of 120 test images (40 of
+    60 patients)', whose they are, and what was removed ('' where nothing was)."""
+    on = f"the {images['used']} of {images['total']} test images" + (
+        f" ({images['patients_used']} of {images['patients_total']} patients)" if images["patients_total"] else "")
+    whose = "whose patients" if images["patients_total"] else "that"  # images without patient ids: themselves
+    gone = f" (removed: {removed_text(images)})" if images["used"] < images["total"] else ""
+    return on, whose, gone
+
+
+def paired_difference(p: Params, test: Split, keep: torch.Tensor, cand: Contender,
+                      champ: Contender) -> tuple[bool, dict[str, Any]]:
+    """Whether the candidate beats the champion on the `keep` test images, and the paired difference: promote
+    only if the 95% interval of candidate - champion lies above min_delta, from the bootstrap of every interval
+    (the same resampled patients for both models): a difference within the test set's noise moves nothing."""
+    assert cand.probs is not None and champ.probs is not None, "both models are scored before they are compared"
+    labels = torch.from_numpy(test.labels)[keep]
+    design = bootstrap.design(labels, [test.meta[i] for i in keep.tolist()], p.split.series)
+    stats = bootstrap.paired(p.promote.metric, (cand.probs[keep], cand.threshold),
+                             (champ.probs[keep], champ.threshold), labels,
+                             bootstrap.resample_counts(design, bootstrap.RESAMPLES, p.seed))
     if stats["ci95"] is None:
         raise CxrError(f"test {p.promote.metric} is undefined in some bootstrap resamples of the "
                        f"{len(labels)} compared test images, so no interval decides; set promote.metric: accuracy")
     stats |= {"ci95_low": stats["ci95"][0], "ci95_high": stats["ci95"][1], "unit": design.unit}
     return stats["ci95_low"] > p.promote.min_delta, stats
+
+
+def held_back(p: Params, shift: dict[str, Any] | None, promoted: bool, reason: str) -> tuple[str, str]:
+    """The decision and why: "promoted" or "kept" as the comparison says, or "stopped" where `shift` found a
+    shift and retrain.on_shift is stop (the champion stays; the reason says what the comparison alone did)."""
+    if not (shift and any(shift["shifted"].values()) and p.retrain.on_shift == "stop"):
+        return ("promoted" if promoted else "kept"), reason
+    kinds = " and ".join(k for k, v in shift["shifted"].items() if v)
+    return "stopped", (f"retrain.on_shift is stop and the images the {ALIAS} never saw are shifted in {kinds} from "
+                       f"those it was validated on; the comparison alone would have "
+                       f"{'promoted the candidate' if promoted else 'kept the champion'}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -239,99 +334,83 @@ def pin(p: Params) -> Pin:
 
 def promote(p: Params, reports: Path, data: Path, out: Path, comparison: Path = Path("comparison"),
             shift: dict[str, Any] | None = None, pinned: Pin | None = None) -> dict[str, Any]:
-    """Register the candidate, decide on the test images of patients neither model saw, move the alias if it
+    """Register the candidate, `decide` on the test images of patients neither model saw, move the alias if it
     wins; write the decision to `out` and as tags. `shift`: `cxr retrain`'s shift report (verdict, shifted): with
     retrain.on_shift stop, a shift holds the decision back (decision "stopped": the champion stays). `pinned`:
     the champion as the caller resolved it (`cxr retrain`, before its shift report); else resolved here, once."""
     tracking.setup(p.mlflow.experiment)
-    client, name, key = MlflowClient(), p.mlflow.registered_model, p.promote.metric
+    client, name = MlflowClient(), p.mlflow.registered_model
     champ = (pinned or pin(p)).champion
     cand = candidate(p, reports, comparison)
     cand["version"] = _register(client, name, cand)
-    cand_uri = f"models:/{name}/{cand['version']}"
-    cand_probs, cand_card, why_not, order = test_probs(cand_uri, data)
-    if cand_probs is None or cand_card is None:
-        raise CxrError(f"cannot score the candidate {cand['variant']}: {why_not}")
-    describe_model(client, name, cand_card.classes, p)
-    test = load_split(data / str(cand_card.image_size), "test")
-    labels, names = torch.from_numpy(test.labels), list(cand_card.classes)
-    seen = {"candidate": seen_images(cand_uri)}
-    probs, card, why_not = None, None, ""
-    if champ is not None and champ.version != cand["version"]:
-        champ_uri = f"models:/{name}/{champ.version}"
-        probs, card, why_not, champ_order = test_probs(champ_uri, data)
-        if probs is not None:
-            if champ_order != order:
-                raise CxrError(f"the candidate's test images ({data}/{cand_card.image_size}) and the {ALIAS}'s "
-                               f"({data}/{card.image_size if card else ''}) are not the same images in the same "
-                               "order; nothing was promoted: run `dvc repro` so that every image size is split "
-                               "from one selection")
-            seen[ALIAS] = seen_images(champ_uri)
-    keep, images = unseen(p, test, seen)  # every score below is on these images only
-    cand["test"] = metric(key, cand_probs[keep], labels[keep], names, cand_card.threshold)
-    if cand["test"] is None:
-        raise CxrError(f"the test split has one class, so {key} is undefined; set promote.metric: recall")
-    before: dict[str, Any] | None = None
-    stats: dict[str, Any] | None = None
-    on = f"the {len(keep)} of {len(labels)} test images" + (
-        f" ({images['patients_used']} of {images['patients_total']} patients)" if images["patients_total"] else "")
-    gone = f" (removed: {removed_text(images)})" if images["used"] < images["total"] else ""
-    whose = "whose patients" if images["patients_total"] else "that"  # images without patient ids: themselves
-    alone = f"test {key} {cand['test']:.4f} on {on} {whose} it neither trained nor validated on{gone}"
-    if champ is None:
-        promoted, reason = True, f"no {ALIAS} yet; {alone}"
-    elif champ.version == cand["version"]:
-        promoted, reason = False, f"the candidate is already the {ALIAS} (version {champ.version})"
-    elif probs is None or card is None:
-        before = {"version": champ.version, "variant": champ.tags.get("variant", ""), "test": None}
-        promoted, reason = True, (f"the {ALIAS} (version {champ.version}) cannot be scored on this test data: "
-                                  f"{why_not}; {alone}")
-    else:
-        score = metric(key, probs[keep], labels[keep], names, card.threshold)
-        before = {"version": champ.version, "variant": champ.tags.get("variant", ""), "test": score}
-        promoted, stats = _decide(p, probs[keep], card, cand_probs[keep], cand_card, labels[keep],
-                                  [test.meta[i] for i in keep.tolist()])
-        verdict = "above" if promoted else "not above"
-        reason = (f"test {key} on {on} {whose} neither model trained or validated on{gone}: "
-                  f"{cand['test']:.4f} vs {score:.4f} (version {champ.version}): {stats['difference']:+.4f}, 95% "
-                  f"interval [{stats['ci95_low']:+.4f}, {stats['ci95_high']:+.4f}] ({stats['resamples']} paired "
-                  f"bootstrap resamples by {stats['unit']}), {verdict} min_delta {p.promote.min_delta}")
-    decision = "promoted" if promoted else "kept"
-    if before is not None and shift and any(shift["shifted"].values()) and p.retrain.on_shift == "stop":
-        kinds = " and ".join(k for k, v in shift["shifted"].items() if v)
-        reason = (f"retrain.on_shift is stop and the images the {ALIAS} never saw are shifted in {kinds} from those "
-                  f"it was validated on; the comparison alone would have "
-                  f"{'promoted the candidate' if promoted else 'kept the champion'}: {reason}")
-        promoted, decision = False, "stopped"
+    ruling = decide(p, *contenders(p, client, data, cand, champ), shift)
+    cand["test"] = ruling.candidate_test
     now = champion(client, name)
     if (now and now.version) != (champ and champ.version):  # another promotion landed while this one compared
         raise CxrError(f"{name}@{ALIAS} moved from version {champ.version if champ else 'none'} to "
                        f"{now.version if now else 'none'} during this promotion, which compared the candidate with "
                        "the former; nothing was promoted or recorded: run `cxr promote` again")
-    if promoted:
+    if ruling.promoted:
         client.set_registered_model_alias(name, ALIAS, cand["version"])
-    record = {"decision": decision, "reason": reason, "registered_model": name, "metric": key,
-              "min_delta": p.promote.min_delta, "test_images": images, "candidate": cand,
-              "previous_champion": before, "difference": stats,
-              "champion_version": cand["version"] if promoted else champ.version, "shift": shift,
+    record = {"decision": ruling.decision, "reason": ruling.reason, "registered_model": name,
+              "metric": p.promote.metric, "min_delta": p.promote.min_delta, "test_images": ruling.test_images,
+              "candidate": cand, "previous_champion": ruling.previous_champion, "difference": ruling.difference,
+              "champion_version": cand["version"] if ruling.promoted else champ.version, "shift": shift,
               "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
-    tags = {"promotion.decision": decision, "promotion.reason": reason, f"val_{key}": f"{cand['val']:.4f}",
-            f"test_{key}": f"{cand['test']:.4f}", "promotion.test_images": f"{images['used']} of {images['total']}",
-            "promotion.test_patients": f"{images['patients_used']} of {images['patients_total']}",
-            "promotion.removed": removed_text(images) or "none"}
-    if shift:
-        tags["shift.verdict"] = shift["verdict"][:5000]  # MLflow's limit on a tag's value
-    if stats:
-        tags["promotion.ci95"] = f"[{stats['ci95_low']:+.4f}, {stats['ci95_high']:+.4f}]"
-    if before is not None or champ is None:  # a champion re-selected keeps the tags of its promotion
-        for k, value in tags.items():
+    if ruling.previous_champion is not None or champ is None:  # a champion re-selected keeps its promotion's tags
+        for k, value in promotion_tags(p, cand, ruling, shift).items():
             client.set_model_version_tag(name, cand["version"], k, value)
             client.set_tag(cand["run_id"], k, value)
     with atomic_path(out) as tmp:
         write_json(tmp, record)
-    log.info("%s %s version %s (%s): %s. In the MLflow UI: %s", decision, name, cand["version"], cand["variant"],
-             reason, version_link(name, cand["version"]))
+    log.info("%s %s version %s (%s): %s. In the MLflow UI: %s", ruling.decision, name, cand["version"],
+             cand["variant"], ruling.reason, version_link(name, cand["version"]))
     return record
+
+
+def contenders(p: Params, client: MlflowClient, data: Path, cand: dict[str, Any],
+               champ: Any | None) -> tuple[Split, list[str], Contender, Contender | None]:
+    """What `decide` reads: the test split, its classes, and the candidate and the champion (its ModelVersion, or
+    None), each scored on that split and with its seen list, from its registry version, never the alias. The
+    registered model is described by the candidate's labels."""
+    name = p.mlflow.registered_model
+    uri = tracking.model_uri(name, cand["version"])
+    probs, card, why_not, order = test_probs(uri, data)
+    if probs is None or card is None:
+        raise CxrError(f"cannot score the candidate {cand['variant']}: {why_not}")
+    describe_model(client, name, card.classes, p)
+    test, class_names = load_split(data / str(card.image_size), "test"), list(card.classes)
+    mine = Contender(cand["version"], cand["variant"], probs, card.threshold, seen_images(uri))
+    if champ is None:
+        return test, class_names, mine, None
+    if champ.version == cand["version"]:  # nothing to compare: the decision says so
+        return test, class_names, mine, Contender(champ.version, champ.tags.get("variant", ""))
+    champ_uri = tracking.model_uri(name, champ.version)
+    their_probs, their_card, why_not, their_order = test_probs(champ_uri, data)
+    theirs = Contender(champ.version, champ.tags.get("variant", ""), why_not=why_not)
+    if their_probs is None or their_card is None:
+        return test, class_names, mine, theirs
+    if their_order != order:
+        raise CxrError(f"the candidate's test images ({data}/{card.image_size}) and the {ALIAS}'s "
+                       f"({data}/{their_card.image_size}) are not the same images in the same order; nothing was "
+                       "promoted: run `dvc repro` so that every image size is split from one selection")
+    return test, class_names, mine, replace(theirs, probs=their_probs, threshold=their_card.threshold,
+                                            seen=seen_images(champ_uri))
+
+
+def promotion_tags(p: Params, cand: dict[str, Any], ruling: Decision, shift: dict[str, Any] | None) -> dict[str, str]:
+    """The decision as tags of the candidate's model version and run."""
+    key, images = p.promote.metric, ruling.test_images
+    tags = {"promotion.decision": ruling.decision, "promotion.reason": ruling.reason,
+            f"val_{key}": f"{cand['val']:.4f}", f"test_{key}": f"{cand['test']:.4f}",
+            "promotion.test_images": f"{images['used']} of {images['total']}",
+            "promotion.test_patients": f"{images['patients_used']} of {images['patients_total']}",
+            "promotion.removed": removed_text(images) or "none"}
+    if shift:
+        tags |= tracking.shift_tag(shift["verdict"])
+    if ruling.difference:
+        tags["promotion.ci95"] = f"[{ruling.difference['ci95_low']:+.4f}, {ruling.difference['ci95_high']:+.4f}]"
+    return tags
 
 
 def version_link(name: str, version: str) -> str:

@@ -13,12 +13,11 @@ import textwrap
 from typing import Any
 
 from cxr.errors import CxrError, run_pipeline
-from cxr.io import short_interval
-from cxr.params import SCORES, metric_label
+from cxr.params import metric_label
+from cxr.wording import SCORE_NAMES, SHOWN, score_text
 
 BOARD = "comparison/leaderboard.json"
 SCORES_FILE = "comparison/scores.json"
-TEST = {"accuracy": "acc", "recall": "sens", "specificity": "spec", "auroc": "AUROC"}
 
 
 # name, leaderboard rows, its best variant, and its outputs as its dvc.lock records them (None where DVC shows none)
@@ -72,16 +71,8 @@ def _board(rev: str) -> list[dict[str, Any]] | None:
 
 def _from_scores(data: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows from the metrics DVC shows, without intervals: for an experiment whose leaderboard is not in git."""
-    return [{"variant": v, **{key: (data.get(short) or {}).get(v) for short, key in SCORES.items()}}
+    return [{"variant": v, **{key: (data.get(name.dvc) or {}).get(v) for key, name in SCORE_NAMES.items() if name.dvc}}
             for v in data.get("val_auroc") or {}]
-
-
-def cell(row: dict[str, Any], key: str) -> str:
-    """A score as `0.812 [.781–.842]` (its 95% interval, leading zeros dropped to fit), or `-`."""
-    v = row.get(key)
-    if v is None:
-        return "-"
-    return f"{v:.3f}{short_interval(row.get(f'{key}_ci95'))}"
 
 
 def best(rows: list[dict[str, Any]], metric: str, named: str | None) -> dict[str, Any]:
@@ -98,15 +89,14 @@ def table(exps: list[Experiment], metric: str, per_variant: bool, width: int) ->
     if not exps:
         raise CxrError(f"no experiment has results yet; run {run_pipeline()}")
     label = metric_label(metric)
-    head = ["experiment", "variant", f"val {label}", *TEST.values()]
+    head = ["experiment", "variant", f"val {label}", *(SCORE_NAMES[k].short for k in SHOWN)]
     shown: list[list[list[str]]] = []  # per experiment, its rows' cells
     for name, rows, named, _ in exps:
         top = best(rows, metric, named)
         shown.append([])
         for i, r in enumerate([top, *(r for r in rows if r is not top)] if per_variant else [top]):
-            v = r.get(f"val_{metric}")
-            shown[-1].append([name if i == 0 else "", r["variant"], "-" if v is None else f"{v:.3f}",
-                              *(cell(r, k) for k in TEST)])
+            shown[-1].append([name if i == 0 else "", r["variant"], score_text(r.get(f"val_{metric}"), short=True),
+                              *(score_text(r.get(k), r.get(f"{k}_ci95"), short=True) for k in SHOWN)])
     body = [row for rows in shown for row in rows]
     widths = [max(len(c[i]) for c in [head, *body]) for i in range(len(head))]
     cols = list(range(len(head)))

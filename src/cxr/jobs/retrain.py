@@ -11,15 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from mlflow.tracking import MlflowClient
 
 from cxr import params, shift, tracking
-from cxr.data.store import load_split
+from cxr.data.store import Split, load_split
 from cxr.errors import CxrError
-from cxr.inference import HASHES, CardError, load_logged
+from cxr.inference import HASHES, CardError, ModelCard, load_logged
 from cxr.jobs import experiment
-from cxr.jobs.promote import Pin, not_applicable, pin, promote, removed_text, seen_rows
+from cxr.jobs.promote import Pin, Seen, not_applicable, pin, promote, removed_text, seen_images
 from cxr.params import Params
+from cxr.wording import shift_summary
 
 log = logging.getLogger(__name__)
 
@@ -42,52 +44,49 @@ HEADS = {"promoted": "promoted a new champion", "kept": "kept the champion",
 
 
 def champion_shift(p: Params, data: Path, pinned: Pin) -> dict[str, Any] | None:
-    """The prepared images of patients the champion never trained or validated on (the new ones, and the test
-    split) against those it was validated on (its image_hashes.csv), through its features where it applies to
-    this data: cxr.shift's report; None without a champion. Its validation images, not its training images: on those its
-    features carry what it memorised, which a domain classifier reads as a shift (0.92 on a 1-epoch tinyvgg's
-    150 training images against Kaggle's test, tests/test_retrain.py); with fewer than MIN_IMAGES of them, its
-    training images join them and the report says so. Too few on a side: a report that says so. `pinned`: the
-    champion's version, resolved once for the whole retraining."""
+    """The shift report (`shift_since_seen`) of the champion's version `pinned`, resolved once for the whole
+    retraining, on the data prepared now: None without a champion; a report that says "not measured" for a
+    champion of an older version of the project, which has no list of the images it saw."""
     if pinned.champion is None:
         return None
     tracking.setup(p.mlflow.experiment)
-    uri = f"models:/{p.mlflow.registered_model}/{pinned.champion.version}"
+    uri = tracking.model_uri(p.mlflow.registered_model, pinned.champion.version)
     try:
-        rows = seen_rows(uri)
+        seen = seen_images(uri)
     except CxrError:  # a champion of an older version of the project
         return {"verdict": f"not measured: the champion has no list of the images it saw ({HASHES})", "shifted": {}}
-    val, seen = {r["sha256"] for r in rows if r["split"] == "val"}, {r["sha256"] for r in rows}
-    patients = {r["patient_id"] for r in rows} - {""}
     try:
         model, card = load_logged(uri)
         why_not = not_applicable(card, data)
     except CardError as e:
-        why_not = str(e)
-    size = p.gray.image_size if why_not else card.image_size
+        model, card, why_not = None, None, str(e)
+    if why_not:  # its images alone are compared, at the size the pipeline prepares
+        model, card = None, None
+    size = card.image_size if card else p.gray.image_size
     splits = [load_split(data / str(size), split, mmap=True) for split in ("train", "val", "test")]
-    inside = {"validated on": val, "trained or validated on": seen}
+    return shift_since_seen(seen, splits, p.seed, model, card, why_not)
+
+
+def shift_since_seen(seen: Seen, splits: list[Split], seed: int, model: torch.nn.Module | None = None,
+                     card: ModelCard | None = None, why_not: str = "") -> dict[str, Any]:
+    """cxr.shift's report on the images of `splits` of patients the champion never trained or validated on (the
+    new ones, and the test split) against those it was validated on (`seen`), through its features where it
+    applies to this data (`why_not`: why it does not). Its validation images, not its training images: on those its
+    features carry what it memorised, which a domain classifier reads as a shift (0.92 on a 1-epoch tinyvgg's 150
+    training images against Kaggle's test, tests/test_retrain.py); with fewer than MIN_IMAGES of them, its
+    training images join them and the report says so. Too few on a side: a report that says so."""
+    inside = {"validated on": seen.validated, "trained or validated on": seen.images}
     picked = {side: [(s, i) for s in splits for i, m in enumerate(s.meta) if m["sha256"] in hashes]
               for side, hashes in inside.items()}
     picked["never seen"] = [(s, i) for s in splits for i, m in enumerate(s.meta)  # nor any image of its patient
-                            if m["sha256"] not in seen and m["patient_id"] not in patients]
+                            if m["sha256"] not in seen.images and m["patient_id"] not in seen.patients]
     picked.pop("validated on" if len(picked["validated on"]) < MIN_IMAGES else "trained or validated on")
     if min(map(len, picked.values())) < MIN_IMAGES:
         return {"verdict": "not measured: " + " and ".join(f"{len(v)} images the champion {k}" for k, v in
                                                             picked.items()) +
                 f" are in the prepared data; the report needs {MIN_IMAGES} of each", "shifted": {}}
-    rng = np.random.default_rng(p.seed)
-    sets = []
-    for side, items in picked.items():
-        if len(items) > MAX_IMAGES:
-            items = [items[i] for i in sorted(rng.choice(len(items), MAX_IMAGES, replace=False))]
-        metas = [s.meta[i] for s, i in items]
-        sets.append(shift.ImageSet(side, np.stack([s.images[i] for s, i in items]),
-                                   np.array([int(m["width"]) for m in metas]),
-                                   np.array([int(m["height"]) for m in metas]),
-                                   np.array([s.labels[i] for s, i in items]),
-                                   np.array([m["patient_id"] for m in metas])))
-    report = shift.shift(*sets, *((None, None) if why_not else (model, card)))
+    rng = np.random.default_rng(seed)
+    report = shift.shift_report(*(image_set(side, items, rng) for side, items in picked.items()), model, card)
     if why_not:
         report["verdict"] += f" (images only: the champion cannot be applied to this data, {why_not})"
     elif "trained or validated on" in picked:
@@ -96,25 +95,33 @@ def champion_shift(p: Params, data: Path, pinned: Pin) -> dict[str, Any] | None:
     return report
 
 
+def image_set(side: str, items: list[tuple[Split, int]], rng: np.random.Generator) -> shift.ImageSet:
+    """The images `items` (split, index) as one side of a shift report, a seeded sample of MAX_IMAGES of them
+    where there are more."""
+    if len(items) > MAX_IMAGES:
+        items = [items[i] for i in sorted(rng.choice(len(items), MAX_IMAGES, replace=False))]
+    metas = [s.meta[i] for s, i in items]
+    return shift.ImageSet(side, np.stack([s.images[i] for s, i in items]), np.array([int(m["width"]) for m in metas]),
+                          np.array([int(m["height"]) for m in metas]), np.array([s.labels[i] for s, i in items]),
+                          np.array([m["patient_id"] for m in metas]))
+
+
 def shift_lines(report: dict[str, Any] | None, decision: str, on_shift: str) -> list[str]:
-    """The summary's section on the images the champion never saw against those it was validated on."""
+    """The summary's section on the images the champion never saw against those it was validated on, and what
+    the shift did to the decision."""
     if report is None:
         return []
-    lines = ["### Shift: the images the champion never saw against those it was validated on", "",
-             f"{report['verdict']}."]
-    if "images" in report:
-        doms = [("images", report["domain"])] + ([("champion's features", report["model"]["domain"])]
-                                                 if report.get("model") else [])
-        ref, target = report["reference"], report["target"]
-        lines += ["", "Domain classifiers (0.5: indistinguishable): " + "; ".join(
-            f"on the {what}, AUROC {d['auroc']:.3f} [{d['ci95'][0]:.3f}–{d['ci95'][1]:.3f}]" for what, d in doms) +
-            f"; {ref['images']} images it {ref['name']} against {target['images']} it never saw. Report and figure: "
-            f"{SHIFT}/shift.json, {SHIFT}/shift.png (and the candidate's MLflow run, under shift/)."]
     if decision == "stopped":
-        lines += ["", "retrain.on_shift is stop: nothing was promoted. Look at the report; `cxr promote` decides "
-                  "without it, or set retrain.on_shift: warn."]
+        meaning = ("retrain.on_shift is stop: nothing was promoted. Look at the report; `cxr promote` decides "
+                   "without it, or set retrain.on_shift: warn.")
     elif any(report["shifted"].values()) and on_shift == "warn":
-        lines += ["", "retrain.on_shift is warn: the decision went ahead as usual (stop would have held it back)."]
+        meaning = "retrain.on_shift is warn: the decision went ahead as usual (stop would have held it back)."
+    else:
+        meaning = ""
+    lines = ["### Shift: the images the champion never saw against those it was validated on"]
+    for paragraph in shift_summary(report, "", f"{SHIFT}/shift.json, {SHIFT}/shift.png (and the candidate's MLflow "
+                                   "run, under shift/)", meaning):
+        lines += ["", paragraph]
     return [*lines, ""]
 
 

@@ -7,6 +7,7 @@ every batch (cxr.training.ddp)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import random
@@ -188,6 +189,89 @@ def _restore(state: State, model: nn.Module, opt: torch.optim.Optimizer, sched: 
     return state["epoch"] + 1, state["history"], state["best"], best_state, state["since_best"]
 
 
+@dataclasses.dataclass
+class _Parts:
+    """What `fit` trains with: the model as built, as stepped (DDP, compiled) and as evaluated and kept (its EMA
+    where on), the data on the device, the loss, the optimiser and its schedule, and the two generators."""
+    model: Classifier
+    step_model: nn.Module
+    val_model: nn.Module
+    kept: nn.Module
+    ema: AveragedModel | None
+    loss_fn: Loss
+    opt: torch.optim.Optimizer
+    sched: Any
+    sched_every: str
+    shuffle: torch.Generator
+    aug_gen: torch.Generator
+    x_tr: torch.Tensor
+    y_tr: torch.Tensor
+    x_va: torch.Tensor
+    y_va: torch.Tensor
+    mode: Mode
+
+
+def _setup(train: Split, val: Split, tp: TrainParams, card: ModelCard, seed: int, mode: Mode | None) -> _Parts:
+    """Seed, then build everything `fit` trains with. The order of the random draws (the model's initial weights
+    first) is what makes a run repeatable and a resumed one identical."""
+    seed_everything(seed)
+    device = ddp.device()
+    mode = training_mode(device, tp.arch, tp.cpu_bf16) if mode is None else mode
+    torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest kernels once (training only)
+    x_tr, x_va = to_device(train.images, device), to_device(val.images, device)
+    y_tr, y_va = torch.from_numpy(train.labels).to(device), torch.from_numpy(val.labels).to(device)
+    model = card.build(start=True).to(device)
+    if tp.sync_batchnorm and ddp.world_size() > 1:
+        model = ddp.sync_batchnorm(model)
+    if mode.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if tp.freeze_epochs and not hasattr(model.net, "head_name"):
+        raise CxrError(f"{card.variant}: arch {tp.arch!r} has no pretrained base to freeze; set freeze_epochs: 0")
+    step_model = ddp.wrap(model, find_unused=bool(tp.freeze_epochs))
+    step_model = torch.compile(step_model) if tp.compile else step_model
+    loss_fn = make_loss(tp, train.labels, len(card.classes), device)
+    opt = make_optimizer(tp, model)
+    sched, sched_every = make_scheduler(tp, opt, math.ceil(len(y_tr) / tp.batch_size))
+    shuffle = torch.Generator().manual_seed(seed)
+    aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    # With EMA on, the average is what is evaluated, early-stopped on and kept (BatchNorm statistics averaged too).
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tp.ema), use_buffers=True) if tp.ema else None
+    kept = ema.module if ema is not None else model
+    # Every rank evaluates all of val: the same weights give the same scores, with no gather.
+    val_model = kept if ema is not None or ddp.world_size() > 1 else step_model
+    return _Parts(model, step_model, val_model, kept, ema, loss_fn, opt, sched, sched_every, shuffle, aug_gen,
+                  x_tr, y_tr, x_va, y_va, mode)
+
+
+def _epoch(t: _Parts, tp: TrainParams, epoch: int, name: str) -> dict[str, Any]:
+    """Train one epoch and score val: the epoch's history row. Its val loss is rank 0's, on every rank, and an
+    epoch-wise schedule steps on it."""
+    t0 = time.perf_counter()
+    t.step_model.train()
+    if tp.freeze_epochs:
+        set_frozen(t.model, frozen=epoch <= tp.freeze_epochs)
+    desc = f"{name} epoch {epoch}/{tp.epochs}"
+    train_loss, train_acc, trained = train_one_epoch(t.step_model, t.x_tr, t.y_tr, tp, t.loss_fn, t.opt, t.sched,
+                                                     t.sched_every, t.shuffle, t.aug_gen, desc, t.ema, t.mode)
+    if not math.isfinite(train_loss):
+        raise CxrError(f"{name}: training diverged (loss {train_loss}) in epoch {epoch}; lower its lr "
+                       "or set grad_clip")
+    seconds = time.perf_counter() - t0
+    row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
+           **evaluate(t.val_model, t.x_va, t.y_va, t.loss_fn), "lr": t.opt.param_groups[0]["lr"], "seconds": seconds,
+           "images_per_s": trained / seconds}
+    row["val_loss"] = ddp.from_rank0(row["val_loss"])  # one decision, taken on every rank alike
+    if t.sched_every == "epoch":
+        t.sched.step(row["val_loss"])
+    return row
+
+
+def _log_epoch(name: str, row: dict[str, Any]) -> None:
+    auroc = "n/a" if row["val_auroc"] is None else f"{row['val_auroc']:.3f}"
+    log.info("%s epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f auroc %s | %.1fs", name, row["epoch"],
+             row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"], auroc, row["seconds"])
+
+
 def fit(train: Split, val: Split, tp: TrainParams, card: ModelCard, seed: int,
         on_epoch: Callable[[dict[str, Any]], None] = lambda row: None, state: State | None = None,
         save_state: Callable[[State], None] | None = None,
@@ -200,69 +284,28 @@ def fit(train: Split, val: Split, tp: TrainParams, card: ModelCard, seed: int,
     every rank calls this; the returned model is the same everywhere, and a plain one (no DDP, no
     SyncBatchNorm), so its card and file are those of a one-device run."""
     name, world, rank = card.variant, ddp.world_size(), ddp.rank()
-    seed_everything(seed)
-    device = ddp.device()
-    mode = training_mode(device, tp.arch, tp.cpu_bf16) if mode is None else mode
-    torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest kernels once (training only)
-    x_tr, x_va = to_device(train.images, device), to_device(val.images, device)
-    y_tr, y_va = torch.from_numpy(train.labels).to(device), torch.from_numpy(val.labels).to(device)
-    model = card.build(start=True).to(device)
-    if tp.sync_batchnorm and world > 1:
-        model = ddp.sync_batchnorm(model)
-    if mode.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if tp.freeze_epochs and not hasattr(model.net, "head_name"):
-        raise CxrError(f"{name}: arch {tp.arch!r} has no pretrained base to freeze; set freeze_epochs: 0")
-    step_model = ddp.wrap(model, find_unused=bool(tp.freeze_epochs))
-    step_model = torch.compile(step_model) if tp.compile else step_model
-    loss_fn = make_loss(tp, train.labels, len(card.classes), device)
-    opt = make_optimizer(tp, model)
-    sched, sched_every = make_scheduler(tp, opt, math.ceil(len(y_tr) / tp.batch_size))
-    shuffle = torch.Generator().manual_seed(seed)
-    aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
-    # With EMA on, the average is what is evaluated, early-stopped on and kept (BatchNorm statistics averaged too).
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tp.ema), use_buffers=True) if tp.ema else None
-    kept = ema.module if ema is not None else model
-    # Every rank evaluates all of val: the same weights give the same scores, with no gather.
-    val_model = kept if ema is not None or world > 1 else step_model
+    t = _setup(train, val, tp, card, seed, mode)
     history: list[dict[str, Any]] = []
-    best, best_state, since_best, start = float("inf"), copy.deepcopy(kept.state_dict()), 0, 1
+    best, best_state, since_best, start = float("inf"), copy.deepcopy(t.kept.state_dict()), 0, 1
     if state:
-        start, history, best, best_state, since_best = _restore(state, model, opt, sched, shuffle, aug_gen, ema)
+        start, history, best, best_state, since_best = _restore(state, t.model, t.opt, t.sched, t.shuffle, t.aug_gen,
+                                                                t.ema)
         log.info("%s: resuming after epoch %d", name, start - 1)
     if world > 1:  # dropout: one seed would give every rank's k-th image rank 0's k-th mask
         torch.manual_seed(seed + 7919 * (rank + 1) + start)
     for epoch in range(start, tp.epochs + 1):
-        t0 = time.perf_counter()
-        step_model.train()
-        if tp.freeze_epochs:
-            set_frozen(model, frozen=epoch <= tp.freeze_epochs)
-        desc = f"{name} epoch {epoch}/{tp.epochs}"
-        train_loss, train_acc, trained = train_one_epoch(step_model, x_tr, y_tr, tp, loss_fn, opt, sched, sched_every,
-                                                         shuffle, aug_gen, desc, ema, mode)
-        if not math.isfinite(train_loss):
-            raise CxrError(f"{name}: training diverged (loss {train_loss}) in epoch {epoch}; lower its lr "
-                           "or set grad_clip")
-        seconds = time.perf_counter() - t0
-        row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
-               **evaluate(val_model, x_va, y_va, loss_fn), "lr": opt.param_groups[0]["lr"], "seconds": seconds,
-               "images_per_s": trained / seconds}
-        row["val_loss"] = ddp.from_rank0(row["val_loss"])  # one decision, taken on every rank alike
-        if sched_every == "epoch":
-            sched.step(row["val_loss"])
+        row = _epoch(t, tp, epoch, name)
         history.append(row)
-        auroc = "n/a" if row["val_auroc"] is None else f"{row['val_auroc']:.3f}"
         if rank == 0:
-            log.info("%s epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f auroc %s | %.1fs", name, epoch,
-                     train_loss, train_acc, row["val_loss"], row["val_accuracy"], auroc, seconds)
+            _log_epoch(name, row)
         if row["val_loss"] < best:
-            best, best_state, since_best = row["val_loss"], copy.deepcopy(kept.state_dict()), 0
+            best, best_state, since_best = row["val_loss"], copy.deepcopy(t.kept.state_dict()), 0
         else:
             since_best += 1
         stop = bool(tp.patience) and since_best >= tp.patience
         if rank == 0 and save_state and not stop and epoch < tp.epochs and epoch % tp.checkpoint_every == 0:
-            save_state(_snapshot(epoch, model, opt, sched, history, best, best_state, since_best, shuffle, aug_gen,
-                                 ema))
+            save_state(_snapshot(epoch, t.model, t.opt, t.sched, history, best, best_state, since_best, t.shuffle,
+                                 t.aug_gen, t.ema))
         if rank == 0:
             on_epoch(row)
         if stop:

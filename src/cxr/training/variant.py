@@ -1,5 +1,5 @@
 """Train one variant end to end: an MLflow run with params and per-epoch curves, a resumable state each
-epoch, then the outputs."""
+epoch, then the outputs. `prepare` and `train` compute (no MLflow); `train_variant` tracks them and writes."""
 
 from __future__ import annotations
 
@@ -8,21 +8,22 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import mlflow
 
 from cxr import inference, tracking
-from cxr.data.store import classes, images_digest, load_split, preprocessing, size_dir
+from cxr.data.store import Split, classes, images_digest, load_split, preprocessing, size_dir
 from cxr.io import atomic_path, atomic_paths, write_csv, write_json
-from cxr.models import build_model, check_variants
-from cxr.params import Params
+from cxr.models import Classifier, build_model, check_variants
+from cxr.params import Params, TrainParams
 from cxr.plots import history_figure
 from cxr.task import n_logits
 from cxr.training import ddp
 from cxr.training.loop import fit, make_card
-from cxr.training.precision import training_mode
+from cxr.training.precision import Mode, training_mode
 from cxr.training.state import StateWriter, fingerprint, read_state
 
 log = logging.getLogger(__name__)
@@ -62,28 +63,116 @@ def describe(p: Params, variant: str, n_train: int, n_val: int) -> str:
             f"({p.data.source}), {n_train} train / {n_val} val images.")
 
 
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """What training a variant reads, checked before MLflow starts a run."""
+    tp: TrainParams
+    seed: int  # the variant's: the project's seed plus its seed_offset
+    data: Path  # data/<size>
+    train: Split
+    val: Split
+    card: inference.ModelCard  # normalisation from train; the data's source and digests
+    mode: Mode  # of the training steps: what `auto` means depends on the machine
+
+
+def prepare(p: Params, variant: str, data: Path) -> Inputs:
+    """Load data/<size>/{train,val} and the card of `variant`; bad settings, size or missing ImageNet weights
+    (offline) fail here, before anything is trained or logged."""
+    tp = p.variant(variant)
+    data = size_dir(data, p.image_size(variant))
+    names = classes(data)
+    train, val = load_split(data, "train"), load_split(data, "val")
+    check_variants(p, [variant])
+    card = dataclasses.replace(make_card(tp, train, names, variant, **preprocessing(data)), source=data_source(p)[0],
+                               train_digest=images_digest(train.meta), val_digest=images_digest(val.meta))
+    if tp.model.get("pretrained"):  # only a real build reads the weights
+        build_model(tp.arch, num_classes=n_logits(len(names)), image_size=card.image_size, **tp.model)
+    mode = training_mode(ddp.device(), tp.arch, tp.cpu_bf16)
+    return Inputs(tp, p.seed + tp.seed_offset, data, train, val, card, mode)
+
+
+def resume_fingerprint(p: Params, inputs: Inputs) -> str:
+    """What a resume state must match: how often states are written does not change what they hold, nor (batches
+    being global) how many devices."""
+    settings = dataclasses.asdict(inputs.tp) | {"seed": p.seed, "checkpoint_every": None, "devices": None,
+                                                "precision": inputs.mode.name}
+    return fingerprint(settings, inputs.data)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    model: Classifier  # with the best epoch's weights
+    history: list[dict[str, Any]]  # one row per epoch run
+    summary: dict[str, Any]  # train.json
+
+
+def summarize(history: list[dict[str, Any]], precision: str, train_seconds: float,
+              wait_seconds: float) -> dict[str, Any]:
+    """train.json: the best epoch (lowest val loss) and its scores, the epochs run, and the timings."""
+    best = min(history, key=lambda r: r["val_loss"])
+    return {"precision": precision, "best_epoch": best["epoch"], "epochs_run": len(history),
+            "best_val_loss": best["val_loss"],
+            "best_val_auroc": best["val_auroc"], "train_seconds": round(train_seconds, 2),
+            "checkpoint_wait_seconds": round(wait_seconds, 2),
+            "images_per_s": round(sum(r["images_per_s"] for r in history) / len(history), 1)}
+
+
+def train(inputs: Inputs, on_epoch: Callable[[dict[str, Any]], None] = lambda row: None,
+          state: dict[str, Any] | None = None, writer: StateWriter | None = None) -> Trained:
+    """Fit the variant of `inputs` (from `state` where given; `writer` gets its resume states). The training time
+    includes the wait for the last state's write."""
+    t0 = time.perf_counter()
+    try:
+        model, history = fit(inputs.train, inputs.val, inputs.tp, inputs.card, inputs.seed, on_epoch, state, writer,
+                             inputs.mode)
+    finally:
+        if writer is not None:
+            writer.wait()  # a state being written is finished (or its error raised) before we go on
+    seconds = time.perf_counter() - t0
+    return Trained(model, history, summarize(history, inputs.mode.name, seconds, writer.seconds if writer else 0.0))
+
+
+def _log_start(p: Params, variant: str, inputs: Inputs, root: Path) -> None:
+    """A new run's params, dataset and description."""
+    mlflow.log_params(_mlflow_params(p, variant))
+    device, card = ddp.device(), inputs.card
+    mlflow.log_params({"device": f"{device.type} x{ddp.world_size()}" if ddp.world_size() > 1 else str(device),
+                       "train_images": len(inputs.train.labels),
+                       "val_images": len(inputs.val.labels), "image_size": card.image_size,
+                       "classes": ",".join(card.classes), "fit": card.fit, "draft": card.draft,
+                       "precision": inputs.mode.name})
+    source, name = data_source(p)
+    tracking.log_dataset(source, f"{name} {card.image_size}px", tracking.data_digest(root), "training")
+    mlflow.set_tag(tracking.NOTE, describe(p, variant, len(inputs.train.labels), len(inputs.val.labels)))
+
+
+def log_epoch(row: dict[str, Any]) -> None:
+    """An epoch's history row as metrics at its step: train_loss -> train/loss, val_auroc -> val/auroc, ..."""
+    mlflow.log_metrics({EPOCH_METRICS.get(k, k.replace("_", "/", 1)): v for k, v in row.items()
+                        if k != "epoch" and v is not None}, step=row["epoch"])
+
+
+def _save(trained: Trained, card: inference.ModelCard, run: dict[str, str], model_dir: Path,
+          report_dir: Path) -> None:
+    """model_dir/{model.pt,run.json} and report_dir/{history.csv,train.json}, each whole or not at all."""
+    with atomic_path(model_dir, is_dir=True) as tmp, \
+            atomic_paths(report_dir / "history.csv", report_dir / "train.json") as (history_csv, train_json):
+        inference.save(tmp / "model.pt", trained.model, card)
+        (tmp / "run.json").write_text(json.dumps(run))
+        write_csv(history_csv, [{k: v if v is None else round(v, 6) for k, v in r.items()} for r in trained.history])
+        write_json(train_json, trained.summary)
+
+
 def train_variant(p: Params, variant: str, data: Path, model_dir: Path, report_dir: Path,
                   checkpoints: Path) -> dict[str, Any]:
     """Train `variant` on data/<size>/{train,val}; write model_dir/{model.pt,run.json} and
     report_dir/{history.csv,train.json}. A state in `checkpoints` from an interrupted run of the same
     settings and data is resumed, into the same MLflow run. Returns the train summary."""
-    tp = p.variant(variant)
-    data = size_dir(data, p.image_size(variant))
-    names = classes(data)
-    train, val = load_split(data, "train"), load_split(data, "val")
-    check_variants(p, [variant])  # bad settings or size fail before MLflow starts a run
-    card = dataclasses.replace(make_card(tp, train, names, variant, **preprocessing(data)), source=data_source(p)[0],
-                               train_digest=images_digest(train.meta), val_digest=images_digest(val.meta))
-    if tp.model.get("pretrained"):  # and missing ImageNet weights (offline): only a real build reads them
-        build_model(tp.arch, num_classes=n_logits(len(names)), image_size=card.image_size, **tp.model)
-    mode = training_mode(ddp.device(), tp.arch, tp.cpu_bf16)  # what `auto` means depends on the machine
-    # how often states are written does not change what they hold, nor (batches being global) how many devices
-    settings = dataclasses.asdict(tp) | {"seed": p.seed, "checkpoint_every": None, "devices": None,
-                                         "precision": mode.name}
+    inputs = prepare(p, variant, data)
     state_file = checkpoints / "state.pt"
-    state = read_state(state_file, fp := fingerprint(settings, data))
+    state = read_state(state_file, fp := resume_fingerprint(p, inputs))
     if ddp.rank() > 0:  # under torchrun, rank 0 alone tracks, writes states and outputs
-        fit(train, val, tp, card, p.seed + tp.seed_offset, state=state, mode=mode)
+        train(inputs, state=state)
         return {}
     root = tracking.project_root()
     experiment_id = tracking.setup(p.mlflow.experiment, root)
@@ -91,43 +180,15 @@ def train_variant(p: Params, variant: str, data: Path, model_dir: Path, report_d
         "experiment_id": experiment_id, "run_name": variant, "tags": tracking.run_tags(variant, root)}
     with mlflow.start_run(**run_args) as run:
         if not state:
-            mlflow.log_params(_mlflow_params(p, variant))
-            device = ddp.device()
-            mlflow.log_params({"device": f"{device.type} x{ddp.world_size()}" if ddp.world_size() > 1 else str(device),
-                               "train_images": len(train.labels),
-                               "val_images": len(val.labels), "image_size": card.image_size,
-                               "classes": ",".join(names), "fit": card.fit, "draft": card.draft,
-                               "precision": mode.name})
-            source, name = data_source(p)
-            tracking.log_dataset(source, f"{name} {card.image_size}px", tracking.data_digest(root), "training")
-            mlflow.set_tag(tracking.NOTE, describe(p, variant, len(train.labels), len(val.labels)))
-
-        def on_epoch(row: dict[str, Any]) -> None:  # train_loss -> train/loss, val_auroc -> val/auroc, ...
-            mlflow.log_metrics({EPOCH_METRICS.get(k, k.replace("_", "/", 1)): v for k, v in row.items()
-                                if k != "epoch" and v is not None}, step=row["epoch"])
-
-        if state:
-            on_epoch(state["history"][-1])  # in case the stop came between the state and its metrics
-        writer = StateWriter(state_file, {"fingerprint": fp, "run_id": run.info.run_id})
-        t0 = time.perf_counter()
-        try:
-            model, history = fit(train, val, tp, card, p.seed + tp.seed_offset, on_epoch, state, writer, mode)
-        finally:
-            writer.wait()  # a state being written is finished (or its error raised) before we go on
-        best = min(history, key=lambda r: r["val_loss"])
-        summary = {"precision": mode.name, "best_epoch": best["epoch"], "epochs_run": len(history),
-                   "best_val_loss": best["val_loss"],
-                   "best_val_auroc": best["val_auroc"], "train_seconds": round(time.perf_counter() - t0, 2),
-                   "checkpoint_wait_seconds": round(writer.seconds, 2),
-                   "images_per_s": round(sum(r["images_per_s"] for r in history) / len(history), 1)}
-        mlflow.log_metrics({f"train/{k}": v for k, v in summary.items()  # the speed is a curve of its own
+            _log_start(p, variant, inputs, root)
+        else:
+            log_epoch(state["history"][-1])  # in case the stop came between the state and its metrics
+        trained = train(inputs, log_epoch, state, StateWriter(state_file, {"fingerprint": fp,
+                                                                            "run_id": run.info.run_id}))
+        mlflow.log_metrics({f"train/{k}": v for k, v in trained.summary.items()  # the speed is a curve of its own
                             if isinstance(v, int | float) and k != "images_per_s"})
-        mlflow.log_figure(history_figure(history, variant), "plots/history.png")
-        with atomic_path(model_dir, is_dir=True) as tmp, \
-                atomic_paths(report_dir / "history.csv", report_dir / "train.json") as (history_csv, train_json):
-            inference.save(tmp / "model.pt", model, card)
-            (tmp / "run.json").write_text(json.dumps({"run_id": run.info.run_id, "experiment_id": experiment_id}))
-            write_csv(history_csv, [{k: v if v is None else round(v, 6) for k, v in r.items()} for r in history])
-            write_json(train_json, summary)
+        mlflow.log_figure(history_figure(trained.history, variant), "plots/history.png")
+        _save(trained, inputs.card, {"run_id": run.info.run_id, "experiment_id": experiment_id}, model_dir,
+              report_dir)
     shutil.rmtree(checkpoints, ignore_errors=True)  # done: nothing to resume
-    return summary
+    return trained.summary
