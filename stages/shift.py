@@ -11,7 +11,7 @@ from cxr import cli, params, shift
 
 def main(args: argparse.Namespace) -> None:
     size = params.load(args.params).gray.image_size
-    report = shift.shift(*(shift.load_set(f"{args.data}:{name}", size) for name in ("val", "test")))
+    report = shift.shift_report(*(shift.load_set(f"{args.data}:{name}", size) for name in ("val", "test")))
     shift.write(report, Path(args.out))
     sys.stdout.write(shift.render(report))
 
