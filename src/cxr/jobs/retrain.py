@@ -106,7 +106,7 @@ def image_set(side: str, items: list[tuple[Split, int]], rng: np.random.Generato
                           np.array([m["patient_id"] for m in metas]))
 
 
-def shift_lines(report: dict[str, Any] | None, decision: str, on_shift: str) -> list[str]:
+def shift_section(report: dict[str, Any] | None, decision: str, on_shift: str) -> list[str]:
     """The summary's section on the images the champion never saw against those it was validated on, and what
     the shift did to the decision."""
     if report is None:
@@ -146,7 +146,7 @@ def summary(record: dict[str, Any], comparison: Path, on_shift: str = "warn") ->
         lines += ["", f"Test scores are on the {n['used']} of {n['total']} test images{patients} {whose} no model "
                       f"compared trained or validated on (removed: {removed_text(n) or 'none'})."]
     lines += ["", f"`{record['registered_model']}@champion` is version {record['champion_version']}.", ""]
-    lines += shift_lines(record.get("shift"), record["decision"], on_shift)
+    lines += shift_section(record.get("shift"), record["decision"], on_shift)
     board = comparison / "leaderboard.md"
     if board.exists():
         lines += ["##" + board.read_text().removeprefix("#"), ""]  # a section of the summary
