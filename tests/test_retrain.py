@@ -93,8 +93,10 @@ def test_retrain_promotes_first_keeps_the_champion_on_noise_promotes_a_clearly_b
     assert f"### Shift: the images the champion never saw against those it was validated on\n\n{report['verdict']}." \
         in text
     features = report["model"]["domain"]  # the shift summary's words: the leaderboard's (cxr.wording.shift_summary)
-    assert (f"on cand's features, AUROC {score_text(features['auroc'], features['ci95'])}; "
-            f"{report['reference']['images']} images (trained or validated on) against {n['used']} (never seen). "
+    auroc = f"AUROC {score_text(features['auroc'], features['ci95'])}"
+    assert auroc in report["verdict"] if features["different"] else f"on cand's features, {auroc}; " in text
+    assert text.count(auroc) == 1  # quoted once: by the verdict where it tells the sets apart, else beside it
+    assert (f"{report['reference']['images']} images (trained or validated on) against {n['used']} (never seen). "
             "Report and figure: shift/shift.json, shift/shift.png") in text
     assert json.loads((repo / "shift" / "shift.json").read_text())["verdict"] == report["verdict"]
 

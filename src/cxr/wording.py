@@ -50,9 +50,10 @@ def score_text(x: float | int | str | None, ci: Sequence[float] | None = None, s
 
 def shift_summary(report: dict[str, Any], compared: str, files: str, meaning: str = "") -> list[str]:
     """A shift report (cxr.shift) in words, a paragraph a line: what was `compared` ("" where a heading says it),
-    the verdict and its `meaning` to the reader; where it was measured, the domain classifiers, the images on each
-    side and where `files` (report and figure) are. The leaderboard and `cxr retrain`'s summary both say it so
-    (here, not in cxr.shift: the compare stage would import torch and scipy for it)."""
+    the verdict and its `meaning` to the reader; where it was measured, the domain classifiers the verdict does not
+    already quote (those that tell the sets apart it does), the images on each side and where `files` (report and
+    figure) are. The leaderboard and `cxr retrain`'s summary both say it so (here, not in cxr.shift: the compare
+    stage would import torch and scipy for it)."""
     said = f"{compared}: {report['verdict']}." if compared else f"{report['verdict']}."
     lines = [f"{said} {meaning}".rstrip()]
     if "domain" not in report:  # not measured: the verdict says why
@@ -60,8 +61,9 @@ def shift_summary(report: dict[str, Any], compared: str, files: str, meaning: st
     domains = [("the images", report["domain"])]
     if report.get("model"):
         domains.append((f"{report['model']['variant']}'s features", report["model"]["domain"]))
+    unquoted = [f"on {what}, AUROC {score_text(d['auroc'], d['ci95'])}" for what, d in domains
+                if not d.get("different")]
     ref, target = report["reference"], report["target"]
-    return [*lines, "Domain classifiers (0.5: indistinguishable): " +
-            "; ".join(f"on {what}, AUROC {score_text(d['auroc'], d['ci95'])}" for what, d in domains) +
-            f"; {ref['images']} images ({ref['name']}) against {target['images']} ({target['name']}). Report and "
+    return [*lines, ("Domain classifiers (0.5: indistinguishable): " + "; ".join(unquoted) + "; " if unquoted else "")
+            + f"{ref['images']} images ({ref['name']}) against {target['images']} ({target['name']}). Report and "
             f"figure: {files}."]
