@@ -64,6 +64,6 @@ def shift_summary(report: dict[str, Any], compared: str, files: str, meaning: st
     unquoted = [f"on {what}, AUROC {score_text(d['auroc'], d['ci95'])}" for what, d in domains
                 if not d.get("different")]
     ref, target = report["reference"], report["target"]
-    return [*lines, ("Domain classifiers (0.5: indistinguishable): " + "; ".join(unquoted) + "; " if unquoted else "")
-            + f"{ref['images']} images ({ref['name']}) against {target['images']} ({target['name']}). Report and "
-            f"figure: {files}."]
+    return [*lines, ("Domain classifiers (0.5: indistinguishable): " + "; ".join(unquoted) + "; " if unquoted
+                     else "Measured on ") + f"{ref['images']} images ({ref['name']}) against {target['images']} "
+            f"({target['name']}). Report and figure: {files}."]
