@@ -42,7 +42,6 @@ def test_variants_that_differ_only_in_their_seed_get_mean_sd_and_range_beside_th
     assert "| s0 | 0.8000 [0.780–0.820] |" in board and "Seed spread of s0, s1, s2" in board
 
 
-
 def test_a_score_reads_the_same_everywhere_long_in_reports_short_in_terminal_columns():
     assert score_text(0.91666, [0.8941, 0.9384]) == "0.9167 [0.894–0.938]"
     assert score_text(0.91666, [0.8941, 1.0], short=True) == "0.917 [.894–1.000]"
@@ -59,6 +58,7 @@ def test_scores_json_keeps_the_names_dvc_and_mlflow_know():
                             "test_sens": rows[1]["recall"], "test_spec": rows[1]["specificity"]}
     assert data["test_acc"] == {"a": rows[0]["accuracy"], "b": rows[1]["accuracy"]}
     assert "best" not in dvc_scores(rows, None)
+
 
 def test_the_leaderboard_says_how_it_ranks_what_sens_and_spec_are_a_shift_and_shared_patients():
     rows = [row("a", 4, val_auroc=0.99), row("b", 1, val_auroc=0.95)]  # a: test AUROC 0.92, val 0.99

@@ -71,7 +71,7 @@ def test_evaluate_returns_the_scores_of_its_own_predictions(data, tmp_path, no_m
     p = project_params(epochs=3)
     inputs = training.prepare(p, "mlp", data)
     inference.save(tmp_path / "model.pt", training.train(inputs).model, inputs.card)
-    ev = evaluation.evaluate(p, data, tmp_path)
+    ev = evaluation.score_variant(p, data, tmp_path)
     y, probs = ev.test.labels, ev.p_test.numpy()
     decided = probs > ev.metrics["threshold"]
     assert ev.card.threshold == ev.metrics["threshold"]

@@ -1,4 +1,5 @@
-"""The package's import layering (DESIGN.md), and dvc.yaml deps that cover exactly the code each stage reads."""
+"""The package's import layering (docs/pipeline.md "Layout"; DESIGN.md "Layering"), no function over 50 lines,
+and dvc.yaml deps that cover exactly the code each stage reads."""
 
 import ast
 from pathlib import Path
@@ -9,7 +10,7 @@ import yaml
 from conftest import ROOT
 
 SRC = ROOT / "src"
-# Each module imports only from lower levels or from its own subpackage (DESIGN.md "Layering").
+# Each module imports only from lower levels or from its own subpackage (docs/pipeline.md "Layout").
 LEVELS = {
     0: ("cxr", "cxr.errors", "cxr.params", "cxr.io", "cxr.wording", "cxr.tracking", "cxr.cli", "cxr.task"),
     1: ("cxr.models", "cxr.data", "cxr.metrics", "cxr.plots"),

@@ -134,26 +134,26 @@ def _image_commands(sub: argparse._SubParsersAction) -> list[argparse.ArgumentPa
 
 
 def _promotion_commands(sub: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
-    """`cxr promote` and `cxr retrain`, which promotes after `dvc repro`."""
-    made = []
+    """`cxr promote` and `cxr retrain`, which promotes after `dvc repro`; the first alone takes --params (retrain's
+    `dvc repro` reads params.yaml)."""
+    parsers = {}
     for name, func, text in (("promote", _promote, "register the last run's best variant (val); make it champion "
                               "if it beats the current one on test"),
                              ("retrain", _retrain, "dvc repro, then promote, then a markdown summary")):
-        sp = sub.add_parser(name, help=text)
+        sp = parsers[name] = sub.add_parser(name, help=text)
         sp.add_argument("--reports", default="reports")
         sp.add_argument("--data", default="data/split")
         sp.add_argument("--out", default="promotion.json", help="the decision as JSON")
         sp.add_argument("--comparison", default="comparison", help="the last run's compare stage output (its "
                         "leaderboard lists the variants that ran)")
         sp.set_defaults(func=func)
-        made.append(sp)
-    rt = made[1]
+    rt = parsers["retrain"]
     rt.add_argument("--refresh-data", action="store_true", help="re-run download even if its params are unchanged")
     rt.add_argument("--profile", default="", help="run configs/<profile>.yaml (e.g. quick, for a CPU) instead of "
                     "params.yaml as it is; its params stay in params.yaml")
     rt.add_argument("--source", default="", help="with --profile: a Kaggle-style folder or .npz (default: the hub)")
     rt.add_argument("--summary", help="append the summary here (default: $GITHUB_STEP_SUMMARY when set)")
-    return made[:1]  # retrain's `dvc repro` reads params.yaml: no --params
+    return [parsers["promote"]]
 
 
 def _experiment_commands(sub: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
@@ -196,6 +196,7 @@ def main() -> None:
     for sp in reads_params:  # --params also after the command
         sp.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: params.yaml)")
     cli.run(lambda a: a.func(a), parser)
+
 
 if __name__ == "__main__":
     sys.exit(main())

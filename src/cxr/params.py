@@ -364,6 +364,7 @@ def parse(raw: dict[str, Any]) -> Params:
     _check_after_training(params)
     return params
 
+
 def load(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.exists():

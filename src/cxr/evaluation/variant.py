@@ -1,5 +1,5 @@
 """Evaluate one variant on test: metrics, curves, per-image predictions and figures to files and to its MLflow
-run, plus the model with its card (threshold chosen on validation). `evaluate` computes (no MLflow);
+run, plus the model with its card (threshold chosen on validation). `score_variant` computes (no MLflow);
 `evaluate_variant` writes and logs what it returns."""
 
 from __future__ import annotations
@@ -286,7 +286,7 @@ class Evaluation:
         return torch.from_numpy(self.test.labels)
 
 
-def evaluate(p: Params, data: Path, model_dir: Path) -> Evaluation:
+def score_variant(p: Params, data: Path, model_dir: Path) -> Evaluation:
     """Score model_dir/model.pt on data/<size>/{val,test}, with p's TTA, calibration and threshold rule (all
     fitted on val); an error when its train/val images are not the ones prepared now."""
     model, card = inference.load(model_dir / "model.pt")
@@ -364,9 +364,10 @@ def _log_gallery(ev: Evaluation, path: Path) -> None:
 
 
 def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, report_dir: Path) -> dict[str, Any]:
-    """Log metrics, figures and the model to the variant's MLflow run, then write
-    report_dir/{metrics,evaluation,confusion,roc,pr}.json and predictions.csv."""
-    ev = evaluate(p, data, model_dir)
+    """`score_variant`, then report_dir/{metrics,confusion,roc,pr,reliability,evaluation}.json, predictions.csv
+    and gallery.jpg (each whole or not at all), and metrics, figures and the model to the variant's MLflow run;
+    evaluation.json last, with where MLflow keeps the model."""
+    ev = score_variant(p, data, model_dir)
     metrics, card = ev.metrics, ev.card
     run_id = json.loads((model_dir / "run.json").read_text())["run_id"]
     tracking.setup(p.mlflow.experiment)
@@ -386,7 +387,7 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
                            model_id=info.model_id)
         log_figure(reliability_figure(ev.reliability, variant), "plots/reliability.png")
         _log_gallery(ev, out["gallery"])
-        metrics["mlflow"] = {"run_id": run_id, "model_id": info.model_id, "model_uri": info.model_uri}
+        metrics = metrics | {"mlflow": {"run_id": run_id, "model_id": info.model_id, "model_uri": info.model_uri}}
         write_json(out["evaluation"], metrics)
     t = metrics["test"]
     shown = "n/a (one class)" if t["auroc"] is None else f"{t['auroc']:.3f}"

@@ -266,7 +266,7 @@ def decide(p: Params, test: Split, class_names: list[str], cand: Contender, cham
                   f"[{stats['ci95_low']:+.4f}, {stats['ci95_high']:+.4f}] ({stats['resamples']} paired bootstrap "
                   f"resamples by {stats['unit']}), {'above' if promoted else 'not above'} min_delta "
                   f"{p.promote.min_delta}")
-    decision, reason = held_back(p, shift if before is not None else None, promoted, reason)
+    decision, reason = final_decision(p, shift if before is not None else None, promoted, reason)
     return Decision(decision, reason, score, before, stats, images)
 
 
@@ -298,7 +298,7 @@ def paired_difference(p: Params, test: Split, keep: torch.Tensor, cand: Contende
     return stats["ci95_low"] > p.promote.min_delta, stats
 
 
-def held_back(p: Params, shift: dict[str, Any] | None, promoted: bool, reason: str) -> tuple[str, str]:
+def final_decision(p: Params, shift: dict[str, Any] | None, promoted: bool, reason: str) -> tuple[str, str]:
     """The decision and why: "promoted" or "kept" as the comparison says, or "stopped" where `shift` found a
     shift and retrain.on_shift is stop (the champion stays; the reason says what the comparison alone did)."""
     if not (shift and any(shift["shifted"].values()) and p.retrain.on_shift == "stop"):
@@ -343,7 +343,7 @@ def promote(p: Params, reports: Path, data: Path, out: Path, comparison: Path = 
     champ = (pinned or pin(p)).champion
     cand = candidate(p, reports, comparison)
     cand["version"] = _register(client, name, cand)
-    ruling = decide(p, *contenders(p, client, data, cand, champ), shift)
+    ruling = decide(p, *decision_inputs(p, client, data, cand, champ), shift)
     cand["test"] = ruling.candidate_test
     now = champion(client, name)
     if (now and now.version) != (champ and champ.version):  # another promotion landed while this one compared
@@ -368,7 +368,7 @@ def promote(p: Params, reports: Path, data: Path, out: Path, comparison: Path = 
     return record
 
 
-def contenders(p: Params, client: MlflowClient, data: Path, cand: dict[str, Any],
+def decision_inputs(p: Params, client: MlflowClient, data: Path, cand: dict[str, Any],
                champ: Any | None) -> tuple[Split, list[str], Contender, Contender | None]:
     """What `decide` reads: the test split, its classes, and the candidate and the champion (its ModelVersion, or
     None), each scored on that split and with its seen list, from its registry version, never the alias. The

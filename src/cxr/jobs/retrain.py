@@ -145,7 +145,7 @@ def summary(record: dict[str, Any], comparison: Path, on_shift: str = "warn") ->
         whose = "whose patients" if n["patients_total"] else "that"
         lines += ["", f"Test scores are on the {n['used']} of {n['total']} test images{patients} {whose} no model "
                       f"compared trained or validated on (removed: {removed_text(n) or 'none'})."]
-    lines += ["", f"`{record['registered_model']}@champion` is version {record['champion_version']}.", ""]
+    lines += ["", f"`{record['registered_model']}@{tracking.CHAMPION}` is version {record['champion_version']}.", ""]
     lines += shift_section(record.get("shift"), record["decision"], on_shift)
     board = comparison / "leaderboard.md"
     if board.exists():

@@ -146,7 +146,7 @@ def _log_start(p: Params, variant: str, inputs: Inputs, root: Path) -> None:
     mlflow.set_tag(tracking.NOTE, describe(p, variant, len(inputs.train.labels), len(inputs.val.labels)))
 
 
-def log_epoch(row: dict[str, Any]) -> None:
+def _log_epoch_metrics(row: dict[str, Any]) -> None:
     """An epoch's history row as metrics at its step: train_loss -> train/loss, val_auroc -> val/auroc, ..."""
     mlflow.log_metrics({EPOCH_METRICS.get(k, k.replace("_", "/", 1)): v for k, v in row.items()
                         if k != "epoch" and v is not None}, step=row["epoch"])
@@ -182,8 +182,8 @@ def train_variant(p: Params, variant: str, data: Path, model_dir: Path, report_d
         if not state:
             _log_start(p, variant, inputs, root)
         else:
-            log_epoch(state["history"][-1])  # in case the stop came between the state and its metrics
-        trained = train(inputs, log_epoch, state, StateWriter(state_file, {"fingerprint": fp,
+            _log_epoch_metrics(state["history"][-1])  # in case the stop came between the state and its metrics
+        trained = train(inputs, _log_epoch_metrics, state, StateWriter(state_file, {"fingerprint": fp,
                                                                             "run_id": run.info.run_id}))
         mlflow.log_metrics({f"train/{k}": v for k, v in trained.summary.items()  # the speed is a curve of its own
                             if isinstance(v, int | float) and k != "images_per_s"})
