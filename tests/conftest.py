@@ -14,11 +14,14 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import pytest
 import yaml
+
+if TYPE_CHECKING:
+    from cxr.params import GrayParams
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CXR_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -75,6 +78,21 @@ def make_imagefolder(dest: Path, per_class: int, splits: tuple[str, ...] = ("tra
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(SHARED / "chest_xray_224" / r["path"])
     return dest
+
+
+def data_stages(tmp: Path, per_class: int, gray: GrayParams, seed: int = 0) -> Path:
+    """The download, grayscale (with `gray`) and split stages, as functions, on make_imagefolder's
+    `per_class` real images per class and split, without duplicates, in `tmp`; the split folder (tmp/split)."""
+    from cxr.data.gray import grayscale
+    from cxr.data.sources import download
+    from cxr.data.split import split
+    from cxr.params import DataParams, SplitParams
+
+    folder = make_imagefolder(tmp / "src", per_class=per_class, with_duplicates=False)
+    download(DataParams(source="imagefolder", path=str(folder)), tmp / "raw")
+    grayscale(tmp / "raw", tmp / "gray", gray)
+    split(tmp / "gray", tmp / "split", SplitParams(val_fraction=0.2), seed=seed)
+    return tmp / "split"
 
 
 @pytest.fixture(scope="session")

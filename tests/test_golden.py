@@ -23,15 +23,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_imagefolder
+from conftest import data_stages
 from cxr import params
-from cxr.data.gray import grayscale
-from cxr.data.sources import download
-from cxr.data.split import split
 from cxr.data.store import load_split
 from cxr.evaluation.variant import evaluate_variant
 from cxr.inference import load
-from cxr.params import DataParams, GrayParams, SplitParams
+from cxr.params import GrayParams
 from cxr.training.precision import training_mode
 from cxr.training.variant import train_variant
 
@@ -71,10 +68,7 @@ def recording() -> bool:
 def prepared(tmp_path_factory) -> Path:
     """The data stages on 400 real Kaggle images at 64 px, split by patient."""
     tmp = tmp_path_factory.mktemp("golden")
-    folder = make_imagefolder(tmp / "src", per_class=100, with_duplicates=False)
-    download(DataParams(source="imagefolder", path=str(folder)), tmp / "raw")
-    grayscale(tmp / "raw", tmp / "gray", GrayParams(image_size=64, workers=1))
-    split(tmp / "gray", tmp / "split", SplitParams(val_fraction=0.2), seed=42)
+    data_stages(tmp, 100, GrayParams(image_size=64, workers=1), seed=42)
     return tmp
 
 

@@ -8,13 +8,10 @@ import torch.nn.functional as F
 import yaml
 from sklearn.metrics import accuracy_score, f1_score, recall_score, roc_auc_score
 
-from conftest import ROOT, make_imagefolder
+from conftest import ROOT, data_stages
 from cxr import inference, params
-from cxr.data.gray import grayscale
-from cxr.data.sources import download
-from cxr.data.split import split
 from cxr.evaluation import variant as evaluation
-from cxr.params import DataParams, GrayParams, SplitParams
+from cxr.params import GrayParams
 from cxr.training import variant as training
 
 
@@ -37,12 +34,7 @@ def no_mlflow(monkeypatch):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("loop")
-    folder = make_imagefolder(tmp / "src", per_class=60, with_duplicates=False)
-    download(DataParams(source="imagefolder", path=str(folder)), tmp / "raw")
-    grayscale(tmp / "raw", tmp / "gray", GrayParams(image_size=32, workers=2))
-    split(tmp / "gray", tmp / "split", SplitParams(val_fraction=0.2), seed=0)
-    return tmp / "split"
+    return data_stages(tmp_path_factory.mktemp("loop"), 60, GrayParams(image_size=32, workers=2))
 
 
 def project_params(**train) -> params.Params:

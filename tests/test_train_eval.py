@@ -20,10 +20,8 @@ from mlflow.models import get_model_info
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-from conftest import ROOT, make_imagefolder, tracking_at
+from conftest import ROOT, data_stages, tracking_at
 from cxr import params
-from cxr.data.gray import grayscale
-from cxr.data.sources import download
 from cxr.data.split import split
 from cxr.data.store import load_split
 from cxr.errors import CxrError
@@ -41,12 +39,7 @@ from cxr.training.variant import _mlflow_params, train_variant
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tr")
-    folder = make_imagefolder(tmp / "src", per_class=150, with_duplicates=False)
-    download(DataParams(source="imagefolder", path=str(folder)), tmp / "raw")
-    grayscale(tmp / "raw", tmp / "gray", GrayParams(image_size=32, workers=2))
-    split(tmp / "gray", tmp / "split", SplitParams(val_fraction=0.2), seed=0)
-    return tmp / "split"
+    return data_stages(tmp_path_factory.mktemp("tr"), 150, GrayParams(image_size=32, workers=2))
 
 
 def project_raw(**train) -> dict:
@@ -195,10 +188,7 @@ def test_evaluate_writes_metrics_and_the_mlflow_model_predicts_the_same(data, tm
 
 def test_resume_state_is_tied_to_the_arrays_not_only_their_names(tmp_path):
     # Two sizes of the same images have identical meta.csv files (what the old fingerprint hashed).
-    folder = make_imagefolder(tmp_path / "src", per_class=20, with_duplicates=False)
-    download(DataParams(source="imagefolder", path=str(folder)), tmp_path / "raw")
-    grayscale(tmp_path / "raw", tmp_path / "gray", GrayParams(image_size=32, extra_sizes=[48], workers=1))
-    split(tmp_path / "gray", tmp_path / "split", SplitParams(val_fraction=0.2), seed=0)
+    data_stages(tmp_path, 20, GrayParams(image_size=32, extra_sizes=[48], workers=1))
     a, b = tmp_path / "split" / "32", tmp_path / "split" / "48"
     assert (a / "train_meta.csv").read_bytes() == (b / "train_meta.csv").read_bytes()
     settings = {"arch": "tinyvgg", "seed": 0}
@@ -331,11 +321,7 @@ def test_a_non_finite_loss_stops_training_naming_the_variant_and_epoch(data, tmp
 def clahe_data(tmp_path_factory):
     """The same kind of real images, CLAHE-equalized by the grayscale stage: the card must carry it to predict."""
     tmp = tmp_path_factory.mktemp("eq")
-    folder = make_imagefolder(tmp / "src", per_class=120, with_duplicates=False)
-    download(DataParams(source="imagefolder", path=str(folder)), tmp / "raw")
-    grayscale(tmp / "raw", tmp / "gray", GrayParams(image_size=32, equalize="clahe", workers=2))
-    split(tmp / "gray", tmp / "split", SplitParams(val_fraction=0.2), seed=0)
-    return folder, tmp / "split"
+    return tmp / "src", data_stages(tmp, 120, GrayParams(image_size=32, equalize="clahe", workers=2))
 
 
 def tv_view(x: torch.Tensor, zoom: float, dx: float, dy: float) -> torch.Tensor:
