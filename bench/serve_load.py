@@ -96,7 +96,7 @@ def main() -> None:
                    check=True, stdout=subprocess.DEVNULL)
     cli = time.perf_counter() - t0
     model, card = load_logged(args.model)
-    images = [serving.read(f, card) for f in files]
+    images = [serving.read(f, card).gray for f in files]
     times = []
     for _ in range(3):
         t0 = time.perf_counter()

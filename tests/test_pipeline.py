@@ -401,7 +401,7 @@ def test_mlflow_serves_the_champion_on_image_files_as_evaluate_scored_them_and_r
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (600, 600), dtype=np.uint8)).save(noise, "PNG")
     bomb = io.BytesIO()
     Image.new("L", (9500, 9500)).save(bomb, "PNG", optimize=True)  # 90 Mpx in about 90 kB
-    env = project_env() | {"MLFLOW_TRACKING_URI": store, "CXR_SERVE_MAX_MB": "0.2"}
+    env = project_env() | {"MLFLOW_TRACKING_URI": store, "CXR_SERVE_MAX_IMAGE_MB": "0.2"}
     with serving.served("models:/chest-xray-classifier@champion", env) as url:
         status, answer = _invoke(url, files)  # one batch of every test image
         assert status == 200 and len(answer["predictions"]) == len(rows)

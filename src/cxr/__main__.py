@@ -1,5 +1,6 @@
 """The `cxr` command: run the pipeline as a DVC experiment, promote after it, predict with the champion, compare
-the experiments, retrain (pipeline and promotion, as CI does), explain what drove a prediction."""
+the experiments, retrain (pipeline and promotion, as CI does), explain what drove a prediction, serve the champion
+and monitor what it was sent."""
 
 from __future__ import annotations
 
@@ -111,6 +112,27 @@ def _retrain(args: argparse.Namespace) -> None:
                        "shift/shift.png, then `cxr promote` to promote anyway, or set retrain.on_shift: warn")
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from cxr.serving import serve
+
+    p = params.load(args.params)
+    tracking.setup(p.mlflow.experiment)
+    code = serve(_model_uri(args, p), p.serve, args.host, args.port or p.serve.port)
+    if code:
+        sys.exit(code)
+
+
+def _monitor(args: argparse.Namespace) -> None:
+    from cxr.jobs.monitor import monitor
+
+    p = params.load(args.params)
+    tracking.setup(p.mlflow.experiment)
+    code = monitor([Path(x) for x in args.logs], _model_uri(args, p), args.reference, args.window, Path(args.out),
+                   p.mlflow.experiment)
+    if code:
+        sys.exit(code)
+
+
 MODEL_HELP = "an MLflow model URI (default: models:/<mlflow.registered_model>@champion)"
 IMAGES_HELP = "image files, folders (searched recursively), globs"
 
@@ -188,11 +210,33 @@ def _shift_command(sub: argparse._SubParsersAction) -> list[argparse.ArgumentPar
     return [sh]
 
 
+def _serving_commands(sub: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
+    """`cxr serve` and `cxr monitor`: the champion over HTTP, and what its prediction log says of its inputs."""
+    se = sub.add_parser("serve", help="check a registered version (its code is the project's, its weights are "
+                        "tensors), then serve it over HTTP with the limits of params.yaml's serve section")
+    se.add_argument("-m", "--model", help="a registered version, models:/<name>@<alias> or models:/<name>/<version> "
+                    "(default: the champion)")
+    se.add_argument("-p", "--port", type=int, default=0, help="default: serve.port in params.yaml")
+    se.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1; 0.0.0.0 to answer other machines")
+    se.set_defaults(func=_serve)
+    mo = sub.add_parser("monitor", help="windows of the prediction log against the model's validation set: "
+                        "scores, positive rate, image statistics, estimated sensitivity and specificity; exit 1 "
+                        "on an alert")
+    mo.add_argument("logs", nargs="+", metavar="LOG", help="prediction log files or folders ($CXR_PREDICTION_LOG)")
+    mo.add_argument("--model", help=MODEL_HELP)
+    mo.add_argument("--reference", default="data/split:val", help="the images to compare with (default: "
+                    "data/split:val, the champion's validation set)")
+    mo.add_argument("--window", type=int, default=100, help="log lines per window (default 100)")
+    mo.add_argument("--out", default="monitor", help="folder for monitor.json and monitor.png (default: monitor)")
+    mo.set_defaults(func=_monitor)
+    return [se, mo]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="cxr", description=__doc__)
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     reads_params = [*_image_commands(sub), *_promotion_commands(sub), *_experiment_commands(sub),
-                    *_shift_command(sub)]
+                    *_shift_command(sub), *_serving_commands(sub)]
     for sp in reads_params:  # --params also after the command
         sp.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: params.yaml)")
     cli.run(lambda a: a.func(a), parser)

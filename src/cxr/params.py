@@ -157,6 +157,17 @@ class RetrainParams:
 
 
 @dataclass(frozen=True)
+class ServeParams:
+    # `cxr serve` hands these to the served model (CXR_SERVE_<KEY>); plain `mlflow models serve` gets the defaults
+    port: int = 5001
+    max_megapixels: float = 50.0  # an image larger by its header is refused undecoded (detectors make about 20)
+    max_image_mb: float = 20.0  # one encoded image
+    max_images: int = 256  # images in one request
+    max_request_mb: float = 64.0  # a request's body, refused as it arrives (base64 makes images 4/3 larger)
+    decode_slots: int = 2  # images decoded at once per server process: what bounds its memory
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 42
     data: DataParams = DataParams()
@@ -171,6 +182,7 @@ class Params:
     mlflow: MlflowParams = MlflowParams()
     promote: PromoteParams = PromoteParams()
     retrain: RetrainParams = RetrainParams()
+    serve: ServeParams = ServeParams()
 
     @property
     def entries(self) -> list[str]:

@@ -21,7 +21,7 @@ from scipy import stats as scipy_stats
 from torch.nn import functional
 
 from cxr import LABELS, bootstrap
-from cxr.data.gray import decode, patient_id
+from cxr.data.gray import decode, patient_id, pixel_stats
 from cxr.data.sources import IMAGE_SUFFIXES
 from cxr.data.store import Split, load_split, size_dir
 from cxr.errors import CxrError
@@ -80,22 +80,9 @@ def load_set(spec: str, size: int, fit: str = "stretch") -> ImageSet:
 
 
 def image_stats(s: ImageSet) -> dict[str, np.ndarray]:
-    """Per image: original width, height and aspect; mean and std of the grey levels; sharpness (variance of
-    the Laplacian); border (mean grey of the outer 1/16 frame); marker (share of near-white pixels, >= 240, in
-    the four corners of side 1/6: where radiographers' letters and text sit)."""
-    x = s.images.astype(np.float32)
-    n, side = len(x), x.shape[1]
-    lap = x[:, 1:-1, :-2] + x[:, 1:-1, 2:] + x[:, :-2, 1:-1] + x[:, 2:, 1:-1] - 4 * x[:, 1:-1, 1:-1]
-    b, c = max(1, side // 16), max(1, side // 6)
-    frame = np.ones((side, side), bool)
-    frame[b:-b, b:-b] = False
-    corners = np.zeros((side, side), bool)
-    for rows in (slice(0, c), slice(-c, None)):
-        for cols in (slice(0, c), slice(-c, None)):
-            corners[rows, cols] = True
+    """Per image: original width, height and aspect, and the grey-level statistics of gray.pixel_stats."""
     return {"width": s.width.astype(float), "height": s.height.astype(float), "aspect": s.width / s.height,
-            "mean": x.reshape(n, -1).mean(1), "std": x.reshape(n, -1).std(1), "sharpness": lap.reshape(n, -1).var(1),
-            "border": x[:, frame].mean(1), "marker": (x[:, corners] >= 240).mean(1)}
+            **pixel_stats(s.images)}
 
 
 def two_sample(a: np.ndarray, b: np.ndarray, tests: int, min_change: float = 0.0) -> dict[str, Any]:

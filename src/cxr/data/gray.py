@@ -11,7 +11,6 @@ import multiprocessing as mp
 import os
 import re
 import signal
-import warnings
 from collections.abc import Iterable, Iterator
 from functools import partial
 from pathlib import Path
@@ -32,6 +31,9 @@ log = logging.getLogger(__name__)
 _PATIENT = re.compile(r"^(person\d+)_|^((?:NORMAL\d*-)?IM-\d+)-", re.IGNORECASE)
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+# Refused from the header, before decoding: the largest chest detectors make about 20 megapixels, and a
+# 16-bit image this size takes 0.4 GB to convert.
+MAX_PIXELS = 50_000_000
 MIN_SIDE = 8  # px: smaller is no radiograph (PneumoniaMNIST's 28 px images are the smallest real ones)
 
 
@@ -50,14 +52,15 @@ def _to_l(img: Image.Image, draft: int) -> Image.Image:
     if has_exif and img.getexif().get(0x0112, 1) != 1:
         img = ImageOps.exif_transpose(img)
     if img.mode in _HIGH_DEPTH_MODES:
-        a = np.asarray(img, dtype=np.float32)
+        a = np.array(img, dtype=np.float32)  # a writable copy: converted in place below
         lo, hi = float(a.min()), float(a.max())
         if img.mode == "F" or lo < 0:  # no natural range: window to the one used
-            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+            a -= lo  # in place, here and below: a 50-megapixel image is 200 MB of float32 per copy
+            a *= 255.0 / (hi - lo) if hi > lo else 0.0
         else:  # scale by the bit depth the data fills (12-bit detectors stored in 16 bits are common)
             depth = next((d for d in (8, 10, 12, 14, 16) if hi < 2**d), 32)
             a *= 255.0 / (2**depth - 1)
-        img = Image.fromarray(np.rint(a).astype(np.uint8))
+        img = Image.fromarray(np.rint(a, out=a).astype(np.uint8))
     elif img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)  # transparent = black
@@ -88,44 +91,66 @@ def equalize(gray: np.ndarray, how: str) -> np.ndarray:
     return gray
 
 
+def pixel_stats(images: np.ndarray) -> dict[str, np.ndarray]:
+    """Per uint8 (N, S, S) image as a model sees it: mean and std of the grey levels; sharpness (variance of the
+    Laplacian); border (mean grey of the outer 1/16 frame); marker (share of near-white pixels, >= 240, in the
+    four corners of side 1/6: where radiographers' letters and text sit). The shift report and the prediction
+    log both describe images by these."""
+    x = images.astype(np.float32)
+    n, side = len(x), x.shape[1]
+    lap = x[:, 1:-1, :-2] + x[:, 1:-1, 2:] + x[:, :-2, 1:-1] + x[:, 2:, 1:-1] - 4 * x[:, 1:-1, 1:-1]
+    b, c = max(1, side // 16), max(1, side // 6)
+    frame = np.ones((side, side), bool)
+    frame[b:-b, b:-b] = False
+    corners = np.zeros((side, side), bool)
+    for rows in (slice(0, c), slice(-c, None)):
+        for cols in (slice(0, c), slice(-c, None)):
+            corners[rows, cols] = True
+    return {"mean": x.reshape(n, -1).mean(1), "std": x.reshape(n, -1).std(1), "sharpness": lap.reshape(n, -1).var(1),
+            "border": x[:, frame].mean(1), "marker": (x[:, corners] >= 240).mean(1)}
+
+
 def to_gray(img: Image.Image, size: int, fit: str = "stretch") -> np.ndarray:
     """Any PIL mode to an 8-bit (size, size) gray array."""
     return _fit(_to_l(img, size), size, fit)
 
 
-def decode(item: tuple[Any, ...], sizes: list[int], fit: str, draft: int = 0,
-           how: str = "none") -> tuple[list[np.ndarray], int, int, str, str] | str:
+def decode(item: tuple[Any, ...], sizes: list[int], fit: str, draft: int = 0, how: str = "none",
+           max_pixels: int = MAX_PIXELS) -> tuple[list[np.ndarray], int, int, str, str] | str:
     """item is (name, source[, sha256]): source a file path, encoded bytes, or a uint8 array, with its sha256
     if known (the download stage's manifest has it). Returns the gray image at each size (one decode for
     all, at the JPEG scale that covers `draft`, by default the largest size), original width, height, mode
     and the sha256 of the source bytes; or, for an image that cannot be used, the reason, so that the parent
     decides whether to stop or to skip it. The draft scale changes the pixels: predict passes the stage's.
-    `how` equalizes each resized image (see `equalize`)."""
+    `how` equalizes each resized image (see `equalize`). An image over `max_pixels` is refused from its header,
+    before any pixel is decoded."""
     _, src, *known = item
     try:
-        with warnings.catch_warnings():
-            # Pillow only warns between its pixel limit and twice that; both are a bomb to a chest X-ray.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if isinstance(src, np.ndarray):
-                digest = known[0] if known else hashlib.sha256(np.ascontiguousarray(src).tobytes()).hexdigest()
-                img = Image.fromarray(src)
-            else:
-                data = Path(src).read_bytes() if isinstance(src, str) else src
-                if not data:
-                    return "empty file (0 bytes)"
-                digest = known[0] if known else hashlib.sha256(data).hexdigest()  # 5% of a full-size decode
-                img = Image.open(io.BytesIO(data))
-            w, h, mode = img.width, img.height, img.mode
-            if min(w, h) < MIN_SIDE:
-                return f"{w}x{h} px is too small for an X-ray (under {MIN_SIDE} px a side)"
-            gray = _to_l(img, draft or max(sizes))
-            return [equalize(_fit(gray, s, fit), how) for s in sizes], w, h, mode, digest
+        if isinstance(src, np.ndarray):
+            digest = known[0] if known else hashlib.sha256(np.ascontiguousarray(src).tobytes()).hexdigest()
+            img = Image.fromarray(src)
+        else:
+            data = Path(src).read_bytes() if isinstance(src, str) else src
+            if not data:
+                return "empty file (0 bytes)"
+            digest = known[0] if known else hashlib.sha256(data).hexdigest()  # 5% of a full-size decode
+            img = Image.open(io.BytesIO(data))  # reads the header only
+        w, h, mode = img.width, img.height, img.mode
+        if w * h > max_pixels:  # checked here, not by Pillow's warning filter: that is process-wide state
+            return (f"decompression bomb: {w}x{h} px is {w * h / 1e6:.0f} megapixels, over the limit of "
+                    f"{max_pixels / 1e6:g}")
+        if min(w, h) < MIN_SIDE:
+            return f"{w}x{h} px is too small for an X-ray (under {MIN_SIDE} px a side)"
+        gray = _to_l(img, draft or max(sizes))
+        return [equalize(_fit(gray, s, fit), how) for s in sizes], w, h, mode, digest
     except UnidentifiedImageError:
         return "not an image Pillow can read (unknown format)"
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:  # Pillow's own limit, at open: twice MAX_IMAGE_PIXELS
         return f"decompression bomb: {str(e).split(',')[0]}"
     except (OSError, SyntaxError, ValueError) as e:
-        return f"corrupt or truncated ({' '.join(str(e).split())})"
+        return f"corrupt or truncated ({' '.join(str(e).split())[:200]})"
+    except Exception as e:  # noqa: BLE001 - a decoder's MemoryError, OverflowError...: the image is bad, not us
+        return f"cannot be decoded ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
 
 
 def _items_local(raw: Path, info: dict[str, Any]) -> dict[str, list[tuple[int, tuple[Any, ...]]]]:

@@ -8,6 +8,7 @@ import csv
 import glob
 import io
 import json
+import os
 import re
 import textwrap
 from pathlib import Path
@@ -20,7 +21,7 @@ from cxr.data.sources import IMAGE_SUFFIXES
 from cxr.inference import ModelCard, load_logged
 from cxr.io import atomic_path
 from cxr.plots import plt
-from cxr.serving import read, score
+from cxr.serving import LOG_ENV, Decoded, PredictionLog, identity, read, score
 
 
 def expand(items: list[str]) -> tuple[list[Path], list[str]]:
@@ -42,7 +43,7 @@ def expand(items: list[str]) -> tuple[list[Path], list[str]]:
     return out, missing
 
 
-def _load(uri: str, paths: list[Path]) -> tuple[Any, ModelCard, list[Path], list[np.ndarray], list[str]]:
+def _load(uri: str, paths: list[Path]) -> tuple[Any, ModelCard, list[Path], list[Decoded], list[str]]:
     """The model and card at `uri`; the readable images as the card prepares them, and 'path: reason' for the
     others."""
     model, card = load_logged(uri)
@@ -58,9 +59,12 @@ def _load(uri: str, paths: list[Path]) -> tuple[Any, ModelCard, list[Path], list
 
 def predict(uri: str, paths: list[Path]) -> tuple[list[dict[str, Any]], list[str], ModelCard]:
     """Per readable image {image, score's columns}; one 'path: reason' per image that could not be read; and
-    the model's card."""
+    the model's card. Each scored image is logged as the served model logs it (where CXR_PREDICTION_LOG is set)."""
     model, card, good, images, errors = _load(uri, paths)
-    rows = [{"image": str(path)} | row for path, row in zip(good, score(model, card, images), strict=True)]
+    scored = score(model, card, [d.gray for d in images])
+    if os.environ.get(LOG_ENV):
+        PredictionLog.from_env(identity(uri) | {"variant": card.variant}).write(images, scored)
+    rows = [{"image": str(path)} | row for path, row in zip(good, scored, strict=True)]
     return rows, errors, card
 
 
@@ -71,12 +75,12 @@ def explain_images(uri: str, paths: list[Path], out: Path) -> tuple[list[str], l
     model, card, good, images, errors = _load(uri, paths)
     if not images:
         return [], errors
-    rows = score(model, card, images)
-    heat, label = explain.saliency(model, card, np.stack(images))
+    rows = score(model, card, [d.gray for d in images])
+    heat, label = explain.saliency(model, card, np.stack([d.gray for d in images]))
     out.mkdir(parents=True, exist_ok=True)
     names: dict[str, int] = {}
     lines = []
-    for path, row, image, h in zip(good, rows, images, heat, strict=True):
+    for path, row, image, h in zip(good, rows, [d.gray for d in images], heat, strict=True):
         n = names[path.stem] = names.get(path.stem, 0) + 1  # same names in two folders: a suffix, not a clash
         target = out / f"{path.stem}{'' if n == 1 else f'-{n}'}.png"
         fig = explain.figure(image, h, path.name, row, label)  # the full path is in the line printed
