@@ -468,6 +468,10 @@ def test_the_serve_load_bench_prints_its_table_against_the_champion(repo):
     out = sh(ROOT, sys.executable, "bench/serve_load.py", "--images", str(images), "--requests", "20",
              "--batch-requests", "4", "--concurrency", "1,4",
              env={"MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"})
-    rows = re.findall(r"^\| mlflow models serve \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|", out, re.M)
-    assert [r[:3] for r in rows] == [("1", "1", "20"), ("1", "4", "20"), ("32", "1", "4"), ("32", "4", "4")], out
-    assert all(r[3] == "0" for r in rows) and "| cxr predict (command, model load included) |" in out
+    rows = re.findall(r"^\| (mlflow models serve|cxr serve|cxr serve, logging) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|",
+                      out, re.M)
+    cases = [("1", "1", "20"), ("1", "4", "20"), ("32", "1", "4"), ("32", "4", "4")]
+    assert [r[:4] for r in rows] == [(server, *c) for server in ("mlflow models serve", "cxr serve",
+                                                                  "cxr serve, logging") for c in cases], out
+    assert all(r[4] == "0" for r in rows) and "| cxr predict (command, model load included) |" in out
+    assert re.search(r"The prediction log, in this process: \d+ µs per image", out)

@@ -76,8 +76,8 @@ def test_the_retrain_step_runs_here_as_on_a_cpu_runner(tmp_path):
     assert record["candidate"]["variant"] in {"linear", "mlp", "tinyvgg"}  # the quick profile's variants
     assert "Leaderboard" in summary.read_text() and "no champion yet" in summary.read_text()
     uploads = [s["with"]["path"].split() for s in job["steps"] if s.get("uses", "").startswith("actions/upload")]
-    # shift/: only once a champion exists to compare with (this is the first run)
-    assert all((repo / path).exists() for paths in uploads for path in paths if path != "shift/")
+    # shift/ and monitor/: only once a champion exists to compare with (this is the first run)
+    assert all((repo / path).exists() for paths in uploads for path in paths if path not in ("shift/", "monitor/"))
     client = MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
     assert str(client.get_model_version_by_alias("chest-xray-classifier", "champion").version) == "1"
     # The push step with a folder as the team's remote (a secret on GitHub): what dvc.lock names is there.
