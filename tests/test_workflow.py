@@ -8,7 +8,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, hub_export, make_project, project_env, sh
+from conftest import ROOT, hub_export, make_project, project_env, sh, shared
 from fakehub import FakeHub
 
 WORKFLOW = ROOT / ".github" / "workflows" / "retrain.yml"
@@ -62,7 +62,7 @@ def test_the_retrain_step_runs_here_as_on_a_cpu_runner(tmp_path):
     [step] = [s for s in job["steps"] if s.get("id") == "retrain"]
     repo = make_project(tmp_path / "repo", {}, promote={"min_test_images": 1, "min_test_patients": 1})  # 8 test images
     shutil.copytree(ROOT / "configs", repo / "configs")
-    export = hub_export(tmp_path / "export", {"train": 16, "validation": 4, "test": 4})
+    export = hub_export(tmp_path / "export", {"train": 16, "validation": 10, "test": 4})  # 20 val: the monitor's least
     out, summary = tmp_path / "github_output", tmp_path / "step_summary.md"
     env = project_env() | {"PROFILE": "quick", "REFRESH": "true", "GITHUB_OUTPUT": str(out),
                            "GITHUB_STEP_SUMMARY": str(summary), "HF_HOME": str(tmp_path / "hf")}
@@ -80,6 +80,27 @@ def test_the_retrain_step_runs_here_as_on_a_cpu_runner(tmp_path):
     assert all((repo / path).exists() for paths in uploads for path in paths if path not in ("shift/", "monitor/"))
     client = MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
     assert str(client.get_model_version_by_alias("chest-xray-classifier", "champion").version) == "1"
+    # The monitor steps, now that a champion exists: its version before retraining, then its prediction log
+    # (written here by `cxr predict` on real X-rays) against the validation split, its verdict in the summary.
+    steps = {s.get("id"): s for s in job["steps"]}
+    log = tmp_path / "predictions"
+    files = sorted((shared("chest_xray_224") / "test").rglob("*.jpeg"))[::30]
+    sh(repo, "cxr", "predict", *map(str, files), env={"CXR_PREDICTION_LOG": str(log)})
+    before_out = tmp_path / "before_output"
+    subprocess.run(["bash", "-e", "-c", steps["before"]["run"]], cwd=repo, check=True, timeout=120,
+                   env=env | {"PREDICTION_LOG": str(log), "GITHUB_OUTPUT": str(before_out)})
+    assert before_out.read_text() == "uri=models:/chest-xray-classifier/1\n"
+    monitor_out = tmp_path / "monitor_output"
+    res = subprocess.run(["bash", "-e", "-c", steps["monitor"]["run"]], cwd=repo, capture_output=True, text=True,
+                         timeout=300, env=env | {"PREDICTION_LOG": str(log), "MONITOR_WINDOW": "10",
+                                                 "CHAMPION": "models:/chest-xray-classifier/1",
+                                                 "GITHUB_OUTPUT": str(monitor_out)})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads((repo / "monitor" / "monitor.json").read_text())
+    assert report["logs"]["used"] == len(files) and len(report["windows"]) == len(files) // 10
+    assert monitor_out.read_text() == f"alert={str(report['exit_code'] == 3).lower()}\n"
+    assert "## Prediction log of models:/chest-xray-classifier/1" in summary.read_text()
+    assert f"Verdict: {report['verdict'][:30]}" in summary.read_text()
     # The push step with a folder as the team's remote (a secret on GitHub): what dvc.lock names is there.
     [push] = [s for s in job["steps"] if s.get("id") == "push"]
     remote = tmp_path / "remote"
