@@ -29,6 +29,7 @@ from PIL import Image
 from cxr import params, serving, tracking
 from cxr.data.store import load_split, size_dir, sizes_in
 from cxr.jobs import monitor
+from cxr.jobs.serve import registered, served
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,11 +94,11 @@ def main() -> None:
     args = parser.parse_args()
     p = params.load()
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri(ROOT))
-    name, version = serving.registered(args.model or tracking.model_uri(p.mlflow.registered_model))
+    name, version = registered(args.model or tracking.model_uri(p.mlflow.registered_model))
     uri = f"models:/{name}/{version}"
     for i, (what, (images, labels)) in enumerate(replays(p, args).items()):
         with tempfile.TemporaryDirectory() as logs:
-            with serving.served(uri, dict(os.environ) | {serving.LOG_ENV: logs}, cxr_serve=True, cwd=Path.cwd()) as url:
+            with served(uri, dict(os.environ) | {serving.LOG_ENV: logs}, cxr_serve=True, cwd=Path.cwd()) as url:
                 answers = post(url, images)
             out = subprocess.run([sys.executable, "-m", "cxr", "monitor", logs, "--model", uri, "--window",
                                   str(args.window), "--out", str(args.out / f"replay{i + 1}")],

@@ -30,6 +30,7 @@ import numpy as np
 
 from cxr import serving
 from cxr.inference import load_logged
+from cxr.jobs.serve import served
 from cxr.tracking import tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +90,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as logs:
         for name, cxr_serve, env in (("mlflow models serve", False, {}), ("cxr serve", True, {}),
                                      ("cxr serve, logging", True, {serving.LOG_ENV: logs})):
-            with serving.served(args.model, dict(os.environ) | env, cxr_serve=cxr_serve, cwd=ROOT) as url:
+            with served(args.model, dict(os.environ) | env, cxr_serve=cxr_serve, cwd=ROOT) as url:
                 for per in map(int, args.batches.split(",")):
                     bodies = [body(data[i:i + per]) for i in range(0, len(data) - per + 1, per)]
                     n = args.requests if per == 1 else args.batch_requests

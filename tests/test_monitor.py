@@ -26,6 +26,7 @@ from cxr.errors import CxrError
 from cxr.evaluation.variant import evaluate_variant
 from cxr.inference import load_logged
 from cxr.jobs import monitor as mon
+from cxr.jobs.serve import served
 from cxr.params import GrayParams
 from cxr.training.variant import train_variant
 
@@ -88,8 +89,8 @@ def test_windows_of_the_validation_images_raise_no_alert_and_leave_a_report_a_fi
     alerts = sum(w["alert"] for w in windows)
     assert len(windows) == 40 and all(w["lines"] == WINDOW for w in windows)
     assert alerts <= 0.05 * len(windows), [w["moved"] for w in windows if w["alert"]]
-    assert code == report["exit_code"] == (mon.ALERT_EXIT if alerts else 0)
-    assert report["verdict"].startswith("no alert" if not alerts else f"ALERT in {alerts} of 40 windows")
+    assert mon.chance_allows(40, 0.05) == 4  # windows alerting by chance alone, 95 times in 100
+    assert code == report["exit_code"] == 0 and report["verdict"].startswith("no alert")
     assert report["logs"]["used"] == 2000 and report["logs"]["skipped"] == 0 and not report["logs"]["other_models"]
     assert report["reference"]["warnings"] == []  # data/split:val is the set the card says it was validated on
     # thresholds set on resampled windows for a 5% family-wise rate, every statistic at one quantile level
@@ -127,18 +128,18 @@ def test_the_validation_set_through_cxr_serve_is_logged_as_the_writer_logs_it_an
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"mlflow": {"registered_model": NAME}}))
     env = project_env() | {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"],
                            serving.LOG_ENV: str(tmp_path / "log")}
-    with serving.served(champion["uri"], env, cxr_serve=True, cwd=tmp_path) as url:
+    with served(champion["uri"], env, cxr_serve=True, cwd=tmp_path) as url:
         for i in range(0, len(champion["files"]), 50):
             body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [
                 [base64.b64encode(f.read_bytes()).decode()] for f in champion["files"][i:i + 50]]}}).encode()
             request = urllib.request.Request(f"{url}/invocations", body, {"Content-Type": "application/json"})
             with urllib.request.urlopen(request, timeout=120) as r:
                 assert r.status == 200
-    served = [json.loads(x) for x in next((tmp_path / "log").glob("*.jsonl")).read_text().splitlines()]
+    from_server = [json.loads(x) for x in next((tmp_path / "log").glob("*.jsonl")).read_text().splitlines()]
     written = write_log(tmp_path / "writer", champion, champion["val"])
     mine = [json.loads(x) for x in next(written.glob("*.jsonl")).read_text().splitlines()]
-    assert len(served) == len(mine)
-    for a, b in zip(served, mine, strict=True):  # P within 1e-6: batches of 50 against one of 200 round apart
+    assert len(from_server) == len(mine)
+    for a, b in zip(from_server, mine, strict=True):  # P within 1e-6: batches of 50 against one of 200 round apart
         assert a["p_pneumonia"] == pytest.approx(b["p_pneumonia"], abs=1e-6)
         assert {k: v for k, v in a.items() if k not in ("time", "p_pneumonia")} == \
             {k: v for k, v in b.items() if k not in ("time", "p_pneumonia")}

@@ -22,8 +22,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from conftest import ROOT, make_imagefolder, make_project, mlflow_server, project_env, ran, sh, tracking_at
-from cxr import serving
 from cxr.evaluation.variant import png_bytes
+from cxr.jobs.serve import served
 
 VARIANTS = ("linear", "mlp", "tinyvgg")  # the ones that train in seconds on a CPU
 EPOCHS = 2
@@ -402,7 +402,7 @@ def test_mlflow_serves_the_champion_on_image_files_as_evaluate_scored_them_and_r
     bomb = io.BytesIO()
     Image.new("L", (9500, 9500)).save(bomb, "PNG", optimize=True)  # 90 Mpx in about 90 kB
     env = project_env() | {"MLFLOW_TRACKING_URI": store, "CXR_SERVE_MAX_IMAGE_MB": "0.2"}
-    with serving.served("models:/chest-xray-classifier@champion", env) as url:
+    with served("models:/chest-xray-classifier@champion", env) as url:
         status, answer = _invoke(url, files)  # one batch of every test image
         assert status == 200 and len(answer["predictions"]) == len(rows)
         for r, got in zip(rows, answer["predictions"], strict=True):

@@ -28,6 +28,7 @@ from conftest import free_port, project_env, shared
 from cxr import inference, serving
 from cxr.inference import ModelCard
 from cxr.jobs import predict
+from cxr.jobs.serve import served
 
 NAME = "serve-test"
 LIMITS = {"max_images": 16, "max_request_mb": 6.0, "max_megapixels": 50.0, "decode_slots": 2}
@@ -39,7 +40,7 @@ def _log_version(tmp: Path, code: Path | None = None, weights: Path | None = Non
     numbers), logged with this project's code file or `code`, and its weights file or `weights`; its URI."""
     card = ModelCard("tiny", "linear", 64, ("NORMAL", "PNEUMONIA"), "stretch", 64, "none", 0.5, 0.25)
     torch.manual_seed(0)
-    tmp.mkdir(exist_ok=True)
+    tmp.mkdir(parents=True, exist_ok=True)
     (hashes := tmp / inference.HASHES).write_text("split,sha256,name\n")
     with mlflow.start_run():
         if code is weights is None:
@@ -96,7 +97,7 @@ def _rss_gb(port: int, field: str = "VmHWM") -> float:
             cmd = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"cxr.serving:app" in cmd and str(port).encode() in cmd:
+        if b"cxr.jobs.serve:app" in cmd and str(port).encode() in cmd:
             status = (proc / "status").read_text()
             return int(next(x for x in status.splitlines() if x.startswith(field)).split()[1]) / 2**20
     raise AssertionError(f"no server process on port {port}")
@@ -113,6 +114,7 @@ def _hostile(good: bytes, small: bytes) -> dict[str, tuple[bytes, str, str]]:
         "truncated image": (_body([good[: len(good) // 3]]), text, "corrupt or truncated"),
         "empty body": (b"", text, ""),
         "empty image": (_body([b""]), text, "empty file"),
+        "no image column": (b'{"dataframe_split": {"columns": ["x"], "data": [["aGk="]]}}', text, "missing inputs"),
         "oversized batch": (_body([small] * (LIMITS["max_images"] + 1)), text, "over the limit of 16"),
         "oversized body": (b'{"dataframe_split": "' + b"A" * int(7 * 2**20) + b'"}', text, "over the 6 MB limit"),
     }
@@ -141,7 +143,7 @@ def test_eight_clients_mixing_bombs_bad_bodies_and_real_images_get_4xx_lines_and
 
     log = tmp_path / "log"
     env = project_env() | {serving.LOG_ENV: str(log), "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]}
-    with serving.served(uri, env, cxr_serve=True, cwd=folder) as url:
+    with served(uri, env, cxr_serve=True, cwd=folder) as url:
         port = int(url.rsplit(":", 1)[1])
         idle = _rss_gb(port, "VmRSS")
         with ThreadPoolExecutor(8) as pool:
@@ -176,10 +178,28 @@ class Payload(torch.nn.Module):
         return os.system, (f"touch {self.marker}",)
 
 
+def _redirected_version(tmp: Path, evil: Path) -> str:
+    """A version with this project's code file and weights where a check looks, and an MLmodel whose `data:` key
+    sends MLflow's loader into a folder holding another MLmodel and `evil` as its code file."""
+    (tmp / "files").mkdir(parents=True)
+    good = Path(mlflow.artifacts.download_artifacts(artifact_uri=_log_version(tmp / "good"),
+                                                    dst_path=str(tmp / "files")))
+    mlmodel = yaml.safe_load((good / "MLmodel").read_text())
+    mlmodel["flavors"]["python_function"]["data"] = "evil"
+    (good / "evil").mkdir()
+    (good / "evil" / "MLmodel").write_text((good / "MLmodel").read_text())
+    (good / "evil" / serving.CODE.name).write_text(evil.read_text())
+    (good / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(good), "model")
+    return f"models:/{NAME}/{mlflow.register_model(f'runs:/{run.info.run_id}/model', NAME).version}"
+
+
 def test_cxr_serve_refuses_a_version_whose_code_differs_or_whose_weights_are_code_and_runs_nothing(project, tmp_path):
-    """Two registered versions that would run code where served: one whose code file is not the project's (it
-    writes a marker when imported), one whose weights file is a pickle that writes it. `cxr serve` refuses each
-    in one line naming the version, and the marker never appears; importing the code, or unpickling the weights
+    """Three registered versions that would run code where served: one whose code file is not the project's (it
+    writes a marker when imported), one whose weights file is a pickle that writes it, one whose MLmodel points
+    MLflow's loader (`data:`) to a folder with that code file. `cxr serve` refuses each in one line naming the
+    version, and the marker never appears; importing the code, or unpickling the weights
     the old way, does write it (the test can fail)."""
     folder, _ = project
     marker = tmp_path / "ran"
@@ -191,9 +211,11 @@ def test_cxr_serve_refuses_a_version_whose_code_differs_or_whose_weights_are_cod
     card = ModelCard("tiny", "linear", 64, ("NORMAL", "PNEUMONIA"), "stretch", 64, "none", 0.5, 0.25)
     torch.save({"card": card.to_dict(), "state_dict": Payload(marker)}, pickled := tmp_path / inference.WEIGHTS)
     pickle_uri = _log_version(tmp_path / "b", weights=pickled)
+    redirect_uri = _redirected_version(tmp_path / "c", evil)
     env = project_env() | {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]}
     for uri, why in ((code_uri, "its pyfunc_model.py is not the installed project's"),
-                     (pickle_uri, "its weights file holds more than tensors")):
+                     (pickle_uri, "its weights file holds more than tensors"),
+                     (redirect_uri, "MLflow would load it with mlflow.pyfunc.loaders.code_model and its data")):
         out = subprocess.run([sys.executable, "-m", "cxr", "serve", "-m", uri, "-p", str(free_port())], cwd=folder,
                              env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 1 and out.stderr.startswith(f"error: {uri} ({uri}) is refused"), out.stderr

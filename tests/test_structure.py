@@ -18,7 +18,7 @@ LEVELS = {
     3: ("cxr.serving", "cxr.explain", "cxr.shift"),
     4: ("cxr.training", "cxr.evaluation"),  # the work of the pipeline's stages
     # cxr.jobs: what a user runs on what the pipeline made; the library above never imports it
-    5: ("cxr.jobs.promote", "cxr.jobs.predict", "cxr.jobs.results", "cxr.jobs.monitor"),
+    5: ("cxr.jobs.promote", "cxr.jobs.predict", "cxr.jobs.results", "cxr.jobs.monitor", "cxr.jobs.serve"),
     6: ("cxr.jobs.retrain", "cxr.jobs.experiment", "cxr.jobs"),  # jobs made of other jobs
     7: ("cxr.__main__", "cxr.pyfunc_model"),  # entry points (pyfunc_model: MLflow's)
 }

@@ -113,11 +113,11 @@ def _retrain(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from cxr.serving import serve
+    from cxr.jobs.serve import serve
 
     p = params.load(args.params)
     tracking.setup(p.mlflow.experiment)
-    code = serve(_model_uri(args, p), p.serve, args.host, args.port or p.serve.port)
+    code = serve(_model_uri(args, p), p.serve, args.host, args.port or p.serve.port, args.workers)
     if code:
         sys.exit(code)
 
@@ -128,7 +128,7 @@ def _monitor(args: argparse.Namespace) -> None:
     p = params.load(args.params)
     tracking.setup(p.mlflow.experiment)
     code = monitor([Path(x) for x in args.logs], _model_uri(args, p), args.reference, args.window, Path(args.out),
-                   p.mlflow.experiment)
+                   p.mlflow.experiment, since=args.since)
     if code:
         sys.exit(code)
 
@@ -218,15 +218,19 @@ def _serving_commands(sub: argparse._SubParsersAction) -> list[argparse.Argument
                     "(default: the champion)")
     se.add_argument("-p", "--port", type=int, default=0, help="default: serve.port in params.yaml")
     se.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1; 0.0.0.0 to answer other machines")
+    se.add_argument("--workers", type=int, default=1, help="server processes (default 1; each holds the model and "
+                    "its serve.decode_slots)")
     se.set_defaults(func=_serve)
     mo = sub.add_parser("monitor", help="windows of the prediction log against the model's validation set: "
-                        "scores, positive rate, image statistics, estimated sensitivity and specificity; exit 1 "
-                        "on an alert")
+                        "scores, positive rate, image statistics, estimated sensitivity and specificity; exit 3 "
+                        "where more windows alerted than chance explains")
     mo.add_argument("logs", nargs="+", metavar="LOG", help="prediction log files or folders ($CXR_PREDICTION_LOG)")
     mo.add_argument("--model", help=MODEL_HELP)
     mo.add_argument("--reference", default="data/split:val", help="the images to compare with (default: "
                     "data/split:val, the champion's validation set)")
     mo.add_argument("--window", type=int, default=100, help="log lines per window (default 100)")
+    mo.add_argument("--since", default="", help="only the lines from this UTC date or time on (2026-12-01, "
+                    "2026-12-01T08:00)")
     mo.add_argument("--out", default="monitor", help="folder for monitor.json and monitor.png (default: monitor)")
     mo.set_defaults(func=_monitor)
     return [se, mo]

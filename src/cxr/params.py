@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -365,6 +366,14 @@ def _check_after_training(params: Params) -> None:
             raise ParamsError(f"promote.{key}: {getattr(params.promote, key)} must be at least 1")
 
 
+def _check_serve(serve: ServeParams) -> None:
+    for key, value in dataclasses.asdict(serve).items():
+        if not (math.isfinite(value) and value > 0):
+            raise ParamsError(f"serve.{key}: {value!r} must be a positive number")
+    if serve.port > 65535:
+        raise ParamsError(f"serve.port: {serve.port} is no TCP port (1 to 65535)")
+
+
 def parse(raw: dict[str, Any]) -> Params:
     params = _build(Params, raw, "")
     for size in params.gray.sizes:  # ints already: _check saw to that
@@ -374,6 +383,7 @@ def parse(raw: dict[str, Any]) -> Params:
     _check_variants(params)
     _check_split(params.split)
     _check_after_training(params)
+    _check_serve(params.serve)
     return params
 
 

@@ -47,9 +47,11 @@ class ImageSet:
     patients: np.ndarray | None = None  # each image's patient id ('' where unknown): folds and resamples by patient
 
 
-def load_set(spec: str, size: int, fit: str = "stretch") -> ImageSet:
+def load_set(spec: str, size: int, fit: str = "stretch", draft: int = 0, how: str = "none") -> ImageSet:
     """`spec`: a prepared split `DATA_DIR:SPLIT` (e.g. data/split:test), a MedMNIST `.npz[:SPLIT]`, or a folder of
-    images (searched recursively; a NORMAL or PNEUMONIA folder name gives the label)."""
+    images (searched recursively; a NORMAL or PNEUMONIA folder name gives the label). Images that are decoded here
+    (a .npz, a folder) are at `draft`'s JPEG scale (default: `size`) and equalised by `how`, as a model card
+    prepares them; a prepared split is as its stage stored it."""
     path, _, split = spec.partition(":")
     p = Path(path)
     if p.suffix == ".npz":
@@ -58,7 +60,7 @@ def load_set(spec: str, size: int, fit: str = "stretch") -> ImageSet:
             labels = z[f"{split or 'test'}_labels"].reshape(-1)
         images = images[..., 0] if images.ndim == 4 else images
         h, w = images.shape[1:3]
-        resized = np.stack([decode(("", im), [size], fit)[0][0] for im in images])  # type: ignore[index]
+        resized = np.stack([decode(("", im), [size], fit, how=how)[0][0] for im in images])  # type: ignore[index]
         return ImageSet(spec, resized, np.full(len(images), w), np.full(len(images), h), labels.astype(int))
     if split:
         data = load_split(size_dir(p, size), split)
@@ -68,7 +70,7 @@ def load_set(spec: str, size: int, fit: str = "stretch") -> ImageSet:
     if not p.is_dir():
         raise CxrError(f"{spec}: no such folder, .npz or DATA_DIR:SPLIT; give e.g. data/split:test or a folder")
     files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-    rows = [(f, decode(("", str(f)), [size], fit, size)) for f in files]
+    rows = [(f, decode(("", str(f)), [size], fit, draft or size, how)) for f in files]
     good = [(f, r) for f, r in rows if not isinstance(r, str)]
     if not good:
         raise CxrError(f"{spec}: no readable images ({'/'.join(sorted(IMAGE_SUFFIXES))})")

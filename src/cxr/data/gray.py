@@ -54,6 +54,8 @@ def _to_l(img: Image.Image, draft: int) -> Image.Image:
     if img.mode in _HIGH_DEPTH_MODES:
         a = np.array(img, dtype=np.float32)  # a writable copy: converted in place below
         lo, hi = float(a.min()), float(a.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError("its pixel values are not all finite numbers")
         if img.mode == "F" or lo < 0:  # no natural range: window to the one used
             a -= lo  # in place, here and below: a 50-megapixel image is 200 MB of float32 per copy
             a *= 255.0 / (hi - lo) if hi > lo else 0.0
@@ -149,6 +151,8 @@ def decode(item: tuple[Any, ...], sizes: list[int], fit: str, draft: int = 0, ho
         return f"decompression bomb: {str(e).split(',')[0]}"
     except (OSError, SyntaxError, ValueError) as e:
         return f"corrupt or truncated ({' '.join(str(e).split())[:200]})"
+    except (ImportError, NameError, AttributeError):  # this program's fault (cv2 missing for CLAHE...), not the image's
+        raise
     except Exception as e:  # noqa: BLE001 - a decoder's MemoryError, OverflowError...: the image is bad, not us
         return f"cannot be decoded ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
 

@@ -34,7 +34,7 @@ from cxr import shift, tracking
 from cxr.data.store import images_digest, load_split, size_dir
 from cxr.errors import CxrError
 from cxr.inference import ModelCard, load_logged
-from cxr.io import atomic_paths, write_json
+from cxr.io import atomic_path, atomic_paths, write_json
 from cxr.plots import plt
 from cxr.serving import LOG_ENV, identity, score
 
@@ -306,8 +306,23 @@ def others(lines: list[dict[str, Any]], model_id: str) -> dict[str, dict[str, An
     return {m: {"lines": n, "model": named[m][0], "version": named[m][1]} for m, n in counts.most_common()}
 
 
-def no_line_of(uri: str, model_id: str, logs: Logs) -> CxrError:
+def iso_since(since: str) -> str:
+    """`since` (a date, or a date and time, in UTC) as the log's times begin: compared as strings, like them."""
+    if not since:
+        return ""
+    try:
+        when = datetime.datetime.fromisoformat(since.removesuffix("Z"))
+    except ValueError:
+        raise CxrError(f"--since {since!r}: give a date or time in UTC, e.g. 2026-12-01 or 2026-12-01T08:00") from None
+    return when.isoformat(timespec="milliseconds")
+
+
+def no_line_of(uri: str, model_id: str, logs: Logs, since: str = "") -> CxrError:
     """The one-line error where no line is of the model: which models the log holds and the --model to give."""
+    if since and any(r["model_id"] == model_id for r in logs.lines):
+        last = max(r["time"] for r in logs.lines if r["model_id"] == model_id)
+        return CxrError(f"no line of {uri} (model_id {model_id}) since {since}: its last is from {last}; give an "
+                        "earlier --since")
     found = others(logs.lines, model_id)
     if not found:
         return CxrError(f"no line of {', '.join(map(str, logs.files))} parses as a prediction log line "
@@ -338,7 +353,7 @@ def rounded(values: np.ndarray) -> np.ndarray:
 def load_reference(spec: str, model: Any, card: ModelCard) -> Reference:
     """The reference images (shift.load_set) scored through serving.score as the server scores them, with the
     image statistics the log carries; a warning where a prepared split is not the model's validation set."""
-    s = shift.load_set(spec, card.image_size, card.fit)
+    s = shift.load_set(spec, card.image_size, card.fit, card.draft, card.equalize)
     if len(s.images) < 2 * MIN_WINDOW:
         raise CxrError(f"{spec} holds {len(s.images)} images: too few to compare windows with; give a larger "
                        "--reference (default data/split:val, the model's validation set)")
@@ -463,19 +478,25 @@ HOW = ("each statistic's quantile, at one level for all, on windows of the same 
        "window may hold by chance (rule of three)")
 
 
+def chance_allows(n: int, rate: float) -> int:
+    """The most of n windows like the reference that alert by chance alone, 95 times in 100, at `rate` each."""
+    return int(scipy_stats.binom.ppf(0.95, n, rate))
+
+
 def verdict(results: list[dict[str, Any]], rate: float) -> str:
+    """ALERT where more windows alerted than chance explains: at a rate per window, a long healthy log has some
+    (at 5%, one of 20 windows at least 64 times in 100), and the exit code must not grow with the log's length."""
     alerts = [w for w in results if w["alert"]]
     if not alerts:
         which = "the one window looks" if len(results) == 1 else f"all {len(results)} windows look"
         return f"no alert: {which} like the reference (at a {rate:.0%} family-wise false-alarm rate per window)"
+    allowed = chance_allows(len(results), rate)
     counts = Counter(group for w in alerts for group in dict.fromkeys(GROUPS[k] for k in w["exceeded"]))
     what = ", ".join(f"{k} in {n}" for k, n in counts.most_common())
-    return (f"ALERT in {len(alerts)} of {len(results)} windows, the first from {alerts[0]['start']}: moved: {what} "
-            f"(at a {rate:.0%} family-wise false-alarm rate per window, about {rate * len(results):.1f} windows would "
-            "alert by chance)")
-
-
-# --- output -------------------------------------------------------------------------------------------------
+    head = f"ALERT in {len(alerts)} of {len(results)} windows" if len(alerts) > allowed else \
+        f"no alert: {len(alerts)} of {len(results)} windows alerted, no more than chance explains"
+    return (f"{head}, the first from {alerts[0]['start']}: moved: {what} (at a {rate:.0%} false-alarm rate per "
+            f"window, chance alone explains up to {allowed} of {len(results)}, 95 times in 100)")
 
 
 def _when(time: str) -> str:
@@ -559,8 +580,8 @@ def render(result: dict[str, Any]) -> str:
             "without labels (CBPE), '?' where the images changed, which the estimate assumes they did not; 'p': a "
             "last, partial window (thresholds of its own size).", f"Verdict: {result['verdict']}"]
     if "mlflow" in result:
-        foot.append(f"Report and figure: {result['files']['json']}, {result['files']['png']}; MLflow run "
-                    f"{result['mlflow']['link']}")
+        run = result["mlflow"].get("link") or f"not logged ({result['mlflow']['error']})"
+        foot.append(f"Report and figure: {result['files']['json']}, {result['files']['png']}; MLflow run {run}")
     return "\n".join([*map(_fill, head), "", HEADER, *map(row, result["windows"]), "", *map(_fill, foot)]) + "\n"
 
 
@@ -648,9 +669,25 @@ def window_metrics(result: dict[str, Any], now: int) -> list[Metric]:
 
 
 def record(result: dict[str, Any], out: Path, experiment: str) -> None:
-    """out/monitor.json and out/monitor.png (both or neither), and an MLflow run in `experiment` tied to the model
+    """out/monitor.json and out/monitor.png (both or neither), then an MLflow run in `experiment` tied to the model
     by tags (its registered name, version and model_id: MLflow links a run to a model as its input on Databricks
-    only), with every window's figures as metrics (step = window) and the two files as artifacts."""
+    only), with every window's figures as metrics (step = window) and the two files as artifacts. An MLflow that
+    does not answer costs the run, not the report: result["mlflow"] says why."""
+    result["files"] = {"json": str(out / "monitor.json"), "png": str(out / "monitor.png")}
+    with atomic_paths(out / "monitor.json", out / "monitor.png") as (js, png):
+        write_json(js, result)
+        fig = figure(result)
+        fig.savefig(png, dpi=90, format="png")
+        plt.close(fig)
+    try:
+        result["mlflow"] = log_run(result, out, experiment)
+    except (MlflowException, OSError) as e:
+        result["mlflow"] = {"error": tracking.store_and_error(e)}
+    with atomic_path(out / "monitor.json") as tmp:  # again, with the run
+        write_json(tmp, result)
+
+
+def log_run(result: dict[str, Any], out: Path, experiment: str) -> dict[str, str]:
     m = result["model"]
     tags = {"job": "monitor", "registered_model": m["name"], "model_version": m["version"], "model_id": m["model_id"],
             "variant": m["variant"], "monitor.verdict": result["verdict"][:5000], "monitor.alert": str(bool(
@@ -658,23 +695,16 @@ def record(result: dict[str, Any], out: Path, experiment: str) -> None:
     exp_id = tracking.setup(experiment)
     name = f"monitor {m['name']} v{m['version']}" if m["version"] else f"monitor {m['model_id']}"
     with mlflow.start_run(experiment_id=exp_id, run_name=name, tags={k: v for k, v in tags.items() if v}) as run:
-        run_id = run.info.run_id
-        result["mlflow"] = {"run_id": run_id, "experiment_id": exp_id,
-                            "link": tracking.ui_link(f"experiments/{exp_id}/runs/{run_id}", tracking.ui_base())}
-        result["files"] = {"json": str(out / "monitor.json"), "png": str(out / "monitor.png")}
-        with atomic_paths(out / "monitor.json", out / "monitor.png") as (js, png):
-            write_json(js, result)
-            fig = figure(result)
-            fig.savefig(png, dpi=90, format="png")
-            plt.close(fig)
         s = result["settings"]
         mlflow.log_params({"logs": " ".join(result["logs"]["paths"])[:6000], "reference": result["reference"]["name"],
                            **{k: s[k] for k in ("window", "resamples", "seed", "false_alarm_rate")}})
         metrics, client = window_metrics(result, int(datetime.datetime.now().timestamp() * 1000)), MlflowClient()
         for i in range(0, len(metrics), 1000):  # MLflow's limit per batch
-            client.log_batch(run_id, metrics=metrics[i:i + 1000])
+            client.log_batch(run.info.run_id, metrics=metrics[i:i + 1000])
         mlflow.log_artifact(str(out / "monitor.json"))
         mlflow.log_artifact(str(out / "monitor.png"))
+    return {"run_id": run.info.run_id, "experiment_id": exp_id,
+            "link": tracking.ui_link(f"experiments/{exp_id}/runs/{run.info.run_id}", tracking.ui_base())}
 
 
 def resolve(uri: str) -> tuple[dict[str, str], str]:
@@ -701,18 +731,19 @@ def log_facts(paths: list[Path], found: Logs, model_id: str, kept: list[dict[str
 
 
 def monitor(logs: list[Path], model_uri: str, reference: str, window: int, out: Path, experiment: str, *,
-            rate: float = FALSE_ALARM, resamples: int = RESAMPLES, seed: int = SEED) -> int:
-    """`cxr monitor`: the lines of the model at `model_uri` in the prediction log files or folders `logs`, in
-    windows of `window` lines, against `reference` (shift.load_set's spec) scored by the model; prints the report,
-    writes out/monitor.json and out/monitor.png, logs an MLflow run in `experiment`; returns the exit code: ALERT_EXIT
-    where a window alerted, else 0. A CxrError (one line) where it cannot."""
+            since: str = "", rate: float = FALSE_ALARM, resamples: int = RESAMPLES, seed: int = SEED) -> int:
+    """`cxr monitor`: the lines of the model at `model_uri` in the prediction log files or folders `logs` (from
+    `since`, an ISO date or time in UTC, where given), in windows of `window` lines, against `reference`
+    (shift.load_set's spec) scored by the model; prints the report, writes out/monitor.json and out/monitor.png,
+    logs an MLflow run in `experiment`; returns the exit code: ALERT_EXIT where more windows alerted than chance
+    explains (verdict), else 0. A CxrError (one line) where it cannot."""
     if window < MIN_WINDOW:
         raise CxrError(f"--window {window}: give {MIN_WINDOW} lines or more (default {WINDOW})")
     found = read_logs(logs)  # before any model loads: a wrong path fails in a moment
     who, pinned = resolve(model_uri)
-    mine = [r for r in found.lines if r["model_id"] == who["model_id"]]
+    mine = [r for r in found.lines if r["model_id"] == who["model_id"] and r["time"] >= iso_since(since)]
     if not mine:
-        raise no_line_of(model_uri, who["model_id"], found)
+        raise no_line_of(model_uri, who["model_id"], found, since)
     model, card = load_logged(pinned)
     if not card.binary:
         raise CxrError(f"{model_uri} has {len(card.classes)} classes ({', '.join(card.classes)}); the monitor reads "
@@ -723,7 +754,8 @@ def monitor(logs: list[Path], model_uri: str, reference: str, window: int, out: 
                         "model_id": who["model_id"], "variant": card.variant, "threshold": card.threshold,
                         "positive": card.classes[1]},
               "logs": log_facts(logs, found, who["model_id"], kept, malformed, result)} | result
-    result["exit_code"] = ALERT_EXIT if any(w["alert"] for w in result["windows"]) else 0
+    alerts = sum(w["alert"] for w in result["windows"])
+    result["exit_code"] = ALERT_EXIT if alerts > chance_allows(len(result["windows"]), rate) else 0
     record(result, out, experiment)
     sys.stdout.write(render(result))
     return result["exit_code"]
