@@ -162,7 +162,7 @@ def test_retrain_promotes_first_keeps_the_champion_on_noise_promotes_a_clearly_b
     for g, r in zip(got, rows, strict=True):
         assert g["p_pneumonia"] == pytest.approx(float(r["p_pneumonia"]), abs=1e-6) and g["decision"] == r["predicted"]
     stored = np.load(repo / "data" / "split" / "64" / "test_images.npy")[:20]
-    assert np.array_equal(np.stack([read(path, card_of(repo)) for path in paths]), stored)
+    assert np.array_equal(np.stack([read(path, card_of(repo)).gray for path in paths]), stored)
     assert not np.array_equal(np.stack([decode((str(x), str(x)), [64], "stretch")[0][0] for x in paths]), stored)
 
     # Folders (recursively) and quoted globs; a header naming the model and its threshold; CSV.
