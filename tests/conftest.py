@@ -27,6 +27,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CXR_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
+# Files whose module fixtures and tests take minutes: collected first, so that `make test`'s two workers
+# (`--dist loadfile`, which hands out files in collection order) each start on one while the other files fill
+# the rest of both, rather than one waiting at the end for the last of them.
+LONGEST = ("test_retrain.py", "test_pipeline.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name not in LONGEST)  # stable: the order within each file stays
+
+
 def shared(name: str) -> Path:
     path = SHARED / name
     if not path.exists():
