@@ -36,7 +36,7 @@ from cxr.errors import CxrError
 from cxr.inference import ModelCard, load_logged
 from cxr.io import atomic_path, atomic_paths, write_json
 from cxr.plots import plt
-from cxr.serving import LOG_ENV, identity, score
+from cxr.serving import LOG_DECIMALS, LOG_ENV, identity, score
 
 WINDOW = 100  # log lines per window
 MIN_WINDOW = 10  # below this a window's KS and positive rate say little, however the thresholds are set
@@ -50,7 +50,6 @@ BINS = 10  # PSI: bins at the reference's deciles of P(positive)
 Z95 = 1.959963984540054
 CHUNK = 250  # null windows per vectorised pass: bounds the (windows x distinct values) count matrices
 CBPE_TOLERANCE = 0.05  # CBPE's mean error on the reference's own windows beyond this: a warning (no alert)
-LOG_DECIMALS = 4  # PredictionLog rounds the grey statistics so; the reference's are rounded alike, or KS sees it
 SCORE = "p_pneumonia"
 NAMES = {"width": "width", "height": "height", "aspect": "aspect", "mean": "mean grey", "std": "grey sd",
          "sharpness": "sharpness", "border": "border grey", "marker": "corner markers"}
@@ -347,7 +346,9 @@ def windows(n: int, size: int) -> list[slice]:
 
 
 def rounded(values: np.ndarray) -> np.ndarray:
-    return np.array([round(float(v), LOG_DECIMALS) for v in values])  # Python's round, as the log's writer
+    # the log rounds its grey statistics to LOG_DECIMALS: the reference's alike (Python's round, as the writer's),
+    # or KS sees the rounding
+    return np.array([round(float(v), LOG_DECIMALS) for v in values])
 
 
 def load_reference(spec: str, model: Any, card: ModelCard) -> Reference:

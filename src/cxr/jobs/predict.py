@@ -9,7 +9,6 @@ import glob
 import io
 import json
 import os
-import re
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from cxr.data.sources import IMAGE_SUFFIXES
 from cxr.inference import ModelCard, load_logged
 from cxr.io import atomic_path
 from cxr.plots import plt
-from cxr.serving import LOG_ENV, Decoded, PredictionLog, identity, read, score
+from cxr.serving import LOG_ENV, Decoded, PredictionLog, identity, read, registered_version, score
 
 
 def expand(items: list[str]) -> tuple[list[Path], list[str]]:
@@ -75,12 +74,13 @@ def explain_images(uri: str, paths: list[Path], out: Path) -> tuple[list[str], l
     model, card, good, images, errors = _load(uri, paths)
     if not images:
         return [], errors
-    rows = score(model, card, [d.gray for d in images])
-    heat, label = explain.saliency(model, card, np.stack([d.gray for d in images]))
+    grays = [d.gray for d in images]
+    rows = score(model, card, grays)
+    heat, label = explain.saliency(model, card, np.stack(grays))
     out.mkdir(parents=True, exist_ok=True)
     names: dict[str, int] = {}
     lines = []
-    for path, row, image, h in zip(good, rows, [d.gray for d in images], heat, strict=True):
+    for path, row, image, h in zip(good, rows, grays, heat, strict=True):
         n = names[path.stem] = names.get(path.stem, 0) + 1  # same names in two folders: a suffix, not a clash
         target = out / f"{path.stem}{'' if n == 1 else f'-{n}'}.png"
         fig = explain.figure(image, h, path.name, row, label)  # the full path is in the line printed
@@ -98,12 +98,9 @@ def model_facts(uri: str) -> dict[str, Any]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    client = mlflow.MlflowClient()
     try:
-        run = client.get_run(mlflow.models.get_model_info(uri).run_id)
-        m = re.fullmatch(r"models:/([^@/]+)(?:@([^/]+)|/(\d+))", uri)
-        version = "" if m is None else \
-            (client.get_model_version_by_alias(m[1], m[2]) if m[2] else client.get_model_version(m[1], m[3])).version
+        run = mlflow.MlflowClient().get_run(mlflow.models.get_model_info(uri).run_id)
+        version = (registered_version(uri) or ("", ""))[1]
     except (MlflowException, OSError):
         return {}
     return {"version": f"version {version}" if version else "", "experiment": run.data.tags.get("dvc_exp_name", ""),
