@@ -21,7 +21,7 @@ def main(args: argparse.Namespace) -> None:
         names = ", ".join(n for n, a in pretrained.items() if a == arch)
         log.warning("%s will fail at train: %s; put the file there (set TORCH_HOME to move it), set pretrained: "
                     "false, or train the other variants with `dvc repro --keep-going`", names, why)
-    download(p.data, Path(args.out))
+    download(p.data, Path(args.out), p.tracking.privacy == "strict")
 
 
 if __name__ == "__main__":

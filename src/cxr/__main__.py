@@ -16,13 +16,14 @@ from cxr.errors import CxrError
 def _images(args: argparse.Namespace) -> tuple[str, list[Path], list[str]]:
     """The model URI and the image files of `cxr predict` / `cxr explain`, and the names that match nothing:
     checked before the model loads (seconds), so that a typo fails at once."""
-    from cxr.jobs.predict import IMAGE_SUFFIXES, expand
+    from cxr.data.sources import IMAGE_SUFFIXES
+    from cxr.jobs.predict import expand
 
     p = params.load(args.params)
     paths, missing = expand(args.images)
     if not paths:
         raise CxrError("; ".join(missing) or
-                       f"no images in {' '.join(args.images)} ({'/'.join(sorted(IMAGE_SUFFIXES))} files)")
+                       f"no images in {' '.join(args.images)} ({'/'.join(sorted(IMAGE_SUFFIXES))} or DICOM files)")
     tracking.setup(p.mlflow.experiment)
     return _model_uri(args, p), paths, missing
 

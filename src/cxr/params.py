@@ -158,6 +158,13 @@ class RetrainParams:
 
 
 @dataclass(frozen=True)
+class TrackingParams:
+    # strict: no pixels to MLflow (galleries stay local files, the model's input example is drawn), and file names
+    # and patient ids are salted hashes in every output (privacy.py); for a hospital's own data
+    privacy: Literal["public", "strict"] = "public"
+
+
+@dataclass(frozen=True)
 class ServeParams:
     # `cxr serve` hands these to the served model (CXR_SERVE_<KEY>); plain `mlflow models serve` gets the defaults
     port: int = 5001
@@ -181,6 +188,7 @@ class Params:
     evaluate: EvaluateParams = EvaluateParams()
     compare: CompareParams = CompareParams()
     mlflow: MlflowParams = MlflowParams()
+    tracking: TrackingParams = TrackingParams()
     promote: PromoteParams = PromoteParams()
     retrain: RetrainParams = RetrainParams()
     serve: ServeParams = ServeParams()

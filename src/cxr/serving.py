@@ -28,6 +28,7 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, DataType, Schema
 
+from cxr.data.dicom import DICOM_PACKAGES
 from cxr.data.gray import MAX_PIXELS, decode, pixel_stats
 from cxr.errors import CxrError
 from cxr.inference import ModelCard
@@ -60,7 +61,7 @@ def read(source: Path | bytes, card: ModelCard, max_pixels: int = MAX_PIXELS) ->
     result = decode(("", src), [card.image_size], card.fit, card.draft, card.equalize, max_pixels)  # the stage's
     if isinstance(result, str):
         raise OSError(result)
-    grays, width, height, _, digest = result
+    grays, width, height, _, digest, _ = result
     return Decoded(grays[0], width, height, digest)
 
 
@@ -267,8 +268,8 @@ def log_model(weights: Path, hashes: Path, card: ModelCard, example: list[bytes]
     saw (inference.HASHES) as artifacts, the card as metadata, `example` (encoded images) as its input example."""
     # What the model's code needs beyond MLflow's own requirements (this project itself is not on PyPI); read
     # from the installed metadata: importing torchvision for its version costs 2 s
-    pins = [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "torchvision", "numpy", "pandas",
-                                                                    "pillow", "tqdm")]
+    pins = [f"{name}=={version(name).split('+')[0]}" for name in (
+        "torch", "torchvision", "numpy", "pandas", "pillow", "tqdm", *DICOM_PACKAGES)]
     return mlflow.pyfunc.log_model(
         name="model", python_model=str(CODE), artifacts={"weights": str(weights), "hashes": str(hashes)},
         signature=signature(card), input_example=pd.DataFrame({COLUMN: example}), metadata=card.to_dict(),

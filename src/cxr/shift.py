@@ -21,8 +21,8 @@ from scipy import stats as scipy_stats
 from torch.nn import functional
 
 from cxr import LABELS, bootstrap
-from cxr.data.gray import decode, patient_id, pixel_stats
-from cxr.data.sources import IMAGE_SUFFIXES
+from cxr.data.gray import Names, decode, pixel_stats
+from cxr.data.sources import IMAGE_SUFFIXES, is_image_file
 from cxr.data.store import Split, load_split, size_dir
 from cxr.errors import CxrError
 from cxr.inference import ModelCard, predict_logits, to_device
@@ -69,16 +69,18 @@ def load_set(spec: str, size: int, fit: str = "stretch", draft: int = 0, how: st
                         np.array([m["patient_id"] for m in data.meta]))
     if not p.is_dir():
         raise CxrError(f"{spec}: no such folder, .npz or DATA_DIR:SPLIT; give e.g. data/split:test or a folder")
-    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
     rows = [(f, decode(("", str(f)), [size], fit, draft or size, how)) for f in files]
     good = [(f, r) for f, r in rows if not isinstance(r, str)]
     if not good:
         raise CxrError(f"{spec}: no readable images ({'/'.join(sorted(IMAGE_SUFFIXES))})")
+    names = Names()  # a DICOM's patient as the grayscale stage calls it, so that the two can be matched
     folders = [[*f.relative_to(p).parts[-2::-1], p.resolve().name] for f, _ in good]  # the nearest folder first
     names = [next((d.upper() for d in ds if d.upper() in LABELS), "") for ds in folders]
     labels = np.array([LABELS.index(n) for n in names]) if all(names) else None
     return ImageSet(spec, np.stack([r[0][0] for _, r in good]), np.array([r[1] for _, r in good]),
-                    np.array([r[2] for _, r in good]), labels, np.array([patient_id(f.name) for f, _ in good]))
+                    np.array([r[2] for _, r in good]), labels,
+                    np.array([names.patient(f.name, r[5][0]) for f, r in good]))
 
 
 def image_stats(s: ImageSet) -> dict[str, np.ndarray]:

@@ -12,6 +12,7 @@ import os
 import re
 import signal
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cxr.data.sources import SPLIT_ALIASES
+from cxr.data.dicom import Refused, is_dicom, read_dicom
+from cxr.data.sources import SPLIT_ALIASES, list_imagefolder
 from cxr.data.store import META_FIELDS, save_labels_meta, write_preprocessing
 from cxr.errors import CxrError
 from cxr.io import atomic_paths, progress, read_csv, write_json
 from cxr.params import GrayParams, OnBadImage
+from cxr.privacy import SALT_ENV, SALT_FILE, pseudonym, salt
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,30 @@ MIN_SIDE = 8  # px: smaller is no radiograph (PneumoniaMNIST's 28 px images are 
 def patient_id(name: str) -> str:
     m = _PATIENT.match(os.path.basename(name))  # not pathlib: this runs per image in the parent
     return (m.group(1) or m.group(2)) if m else ""
+
+
+@dataclass
+class Names:
+    """What the outputs call an image and its patient: the file name and the patient its name gives (Kaggle's
+    patterns), or under `strict` (tracking.privacy) their pseudonyms; a DICOM's PatientID always as a pseudonym.
+    The salt is read only when a pseudonym is needed."""
+
+    strict: bool = False
+    _key: bytes | None = None
+
+    def key(self) -> bytes:
+        if self._key is None:
+            self._key = salt()
+        return self._key
+
+    def name(self, name: str) -> str:
+        return pseudonym(name, self.key()) if self.strict else name
+
+    def patient(self, name: str, header_patient: str = "") -> str:
+        if header_patient:
+            return pseudonym(header_patient, self.key())
+        found = patient_id(name)
+        return pseudonym(found, self.key()) if self.strict else found
 
 
 def _to_l(img: Image.Image, draft: int) -> Image.Image:
@@ -117,15 +144,19 @@ def to_gray(img: Image.Image, size: int, fit: str = "stretch") -> np.ndarray:
     return _fit(_to_l(img, size), size, fit)
 
 
+NO_HEADER = ("", "")  # (PatientID, StudyDate): what a DICOM's header says; nothing for other formats
+DecodeResult = tuple[list[np.ndarray], int, int, str, str, tuple[str, str]] | str
+
+
 def decode(item: tuple[Any, ...], sizes: list[int], fit: str, draft: int = 0, how: str = "none",
-           max_pixels: int = MAX_PIXELS) -> tuple[list[np.ndarray], int, int, str, str] | str:
+           max_pixels: int = MAX_PIXELS) -> DecodeResult:
     """item is (name, source[, sha256]): source a file path, encoded bytes, or a uint8 array, with its sha256
     if known (the download stage's manifest has it). Returns the gray image at each size (one decode for
-    all, at the JPEG scale that covers `draft`, by default the largest size), original width, height, mode
-    and the sha256 of the source bytes; or, for an image that cannot be used, the reason, so that the parent
-    decides whether to stop or to skip it. The draft scale changes the pixels: predict passes the stage's.
-    `how` equalizes each resized image (see `equalize`). An image over `max_pixels` is refused from its header,
-    before any pixel is decoded."""
+    all, at the JPEG scale that covers `draft`, by default the largest size), original width, height, mode,
+    the sha256 of the source bytes and a DICOM's (PatientID, StudyDate) (dicom.py); or, for an image that
+    cannot be used, the reason, so that the parent decides whether to stop or to skip it. The draft scale
+    changes the pixels: predict passes the stage's. `how` equalizes each resized image (see `equalize`). An
+    image over `max_pixels` is refused from its header, before any pixel is decoded."""
     _, src, *known = item
     try:
         if isinstance(src, np.ndarray):
@@ -136,6 +167,8 @@ def decode(item: tuple[Any, ...], sizes: list[int], fit: str, draft: int = 0, ho
             if not data:
                 return "empty file (0 bytes)"
             digest = known[0] if known else hashlib.sha256(data).hexdigest()  # 5% of a full-size decode
+            if is_dicom(data):
+                return _decode_dicom(data, sizes, fit, draft, how, max_pixels, digest)
             img = Image.open(io.BytesIO(data))  # reads the header only
         w, h, mode = img.width, img.height, img.mode
         if w * h > max_pixels:  # checked here, not by Pillow's warning filter: that is process-wide state
@@ -144,7 +177,9 @@ def decode(item: tuple[Any, ...], sizes: list[int], fit: str, draft: int = 0, ho
         if min(w, h) < MIN_SIDE:
             return f"{w}x{h} px is too small for an X-ray (under {MIN_SIDE} px a side)"
         gray = _to_l(img, draft or max(sizes))
-        return [equalize(_fit(gray, s, fit), how) for s in sizes], w, h, mode, digest
+        return [equalize(_fit(gray, s, fit), how) for s in sizes], w, h, mode, digest, NO_HEADER
+    except Refused as e:
+        return str(e)
     except UnidentifiedImageError:
         return "not an image Pillow can read (unknown format)"
     except Image.DecompressionBombError as e:  # Pillow's own limit, at open: twice MAX_IMAGE_PIXELS
@@ -157,11 +192,38 @@ def decode(item: tuple[Any, ...], sizes: list[int], fit: str, draft: int = 0, ho
         return f"cannot be decoded ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
 
 
+def _decode_dicom(data: bytes, sizes: list[int], fit: str, draft: int, how: str, max_pixels: int,
+                  digest: str) -> DecodeResult:
+    d = read_dicom(data, max_pixels)
+    h, w = d.pixels.shape
+    if min(w, h) < MIN_SIDE:
+        return f"{w}x{h} px is too small for an X-ray (under {MIN_SIDE} px a side)"
+    img = Image.fromarray(d.pixels)
+    # What libjpeg's draft does for a JPEG (gray._to_l): average k x k blocks first, k the largest of 8, 4, 2 that
+    # keeps both sides at least `draft`, so that a DICOM and the JPEG made of it give the same prepared image
+    # (and a 3000 px detector image is not resized by Lanczos from its full size).
+    scale = min(w, h) // (draft or max(sizes))
+    k = next((k for k in (8, 4, 2) if scale >= k), 1)
+    if k > 1:
+        img = img.reduce(k)
+    return [equalize(_fit(img, s, fit), how) for s in sizes], w, h, d.mode, digest, (d.patient, d.study_date)
+
+
 def _items_local(raw: Path, info: dict[str, Any]) -> dict[str, list[tuple[int, tuple[Any, ...]]]]:
     """Per split: (label, (name, source[, sha256])) for every image of a local source."""
     out: dict[str, list[tuple[int, tuple[Any, ...]]]] = {}
     if info["source"] == "imagefolder":
-        for r in read_csv(raw / "manifest.csv"):
+        rows = read_csv(raw / "manifest.csv")
+        if info.get("privacy") == "strict":  # the manifest holds pseudonyms: find the files they stand for
+            root, key = Path(info["path"]), salt()
+            where = {pseudonym(rel, key): rel for _, _, f in list_imagefolder(root)
+                     for rel in [f.relative_to(root).as_posix()]}
+            lost = sum(r["path"] not in where for r in rows)
+            if lost:
+                raise CxrError(f"{lost} files of data/raw/manifest.csv are no longer in {root}, or the salt changed "
+                               f"({SALT_ENV} or {SALT_FILE}); run the download stage again (dvc repro)")
+            rows = [r | {"path": where[r["path"]]} for r in rows]
+        for r in rows:
             item = (r["path"], os.path.join(info["path"], r["path"]), r["sha256"])
             out.setdefault(r["split"], []).append((int(r["label"]), item))
     else:
@@ -210,7 +272,9 @@ def _convert(job: tuple[int, tuple[Any, ...]], paths: list[str], offsets: list[i
 
 
 def _convert_split(items: list[tuple[int, tuple[Any, ...]]], split: str, out: Path, p: GrayParams,
-                   on_bad: OnBadImage, pool: Any, workers: int, skipped: list[dict[str, str]]) -> int:
+                   on_bad: OnBadImage, pool: Any, workers: int, skipped: list[dict[str, str]],
+                   names: Names) -> tuple[list[dict[str, Any]], list[int], list[str]]:
+    """Fill out/<size>/<split>_images.npy; return the kept images' metadata, labels and StudyDates."""
     n, sizes = len(items), p.sizes
     paths = [str(out / str(s) / f"{split}_images.npy") for s in sizes]
     offsets = [np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, s, s)).offset  # header
@@ -221,7 +285,7 @@ def _convert_split(items: list[tuple[int, tuple[Any, ...]]], split: str, out: Pa
     # keep the workers evenly loaded to the end.
     results: Iterable = pool.imap(work, jobs, chunksize=max(1, min(64, n // (8 * workers)))) if pool \
         else map(work, jobs)
-    meta, labels, kept = [], [], []
+    meta, labels, kept, dates = [], [], [], []
     try:
         for i, result in enumerate(progress(results, total=n, desc=f"grayscale {split}", unit="img")):
             label, (name, *_) = items[i]
@@ -229,12 +293,15 @@ def _convert_split(items: list[tuple[int, tuple[Any, ...]]], split: str, out: Pa
                 if on_bad == "error":
                     raise CxrError(f"bad image {name}: {result}; remove or replace it, or set "
                                    "data.on_bad_image: skip")
-                skipped.append({"split": split, "name": name, "reason": result})
+                skipped.append({"split": split, "name": names.name(name), "reason": result,
+                                "file": name})  # "file": for the console only, never written
                 continue
-            w, h, mode, digest = result
-            meta.append(dict(zip(META_FIELDS, (name, split, patient_id(name), digest, w, h, mode), strict=True)))
+            w, h, mode, digest, (patient, date) = result
+            meta.append(dict(zip(META_FIELDS, (names.name(name), split, names.patient(name, patient), digest, w, h,
+                                               mode, ""), strict=True)))
             labels.append(label)
             kept.append(i)
+            dates.append(date)
     finally:
         for path in paths:  # this process's own files (no pool): a later run may reuse the same temporary path
             if path in _OPEN:
@@ -244,9 +311,14 @@ def _convert_split(items: list[tuple[int, tuple[Any, ...]]], split: str, out: Pa
     if len(kept) < n:  # skipped images: rewrite without their rows (rare, so a copy is fine)
         for path in paths:
             np.save(path, np.load(path, mmap_mode="r")[kept])
-    for s in sizes:
-        save_labels_meta(out / str(s), split, np.array(labels, dtype=np.int64), meta)
-    return len(meta)
+    return meta, labels, dates
+
+
+def study_order(dates: list[str]) -> list[str]:
+    """Each StudyDate's rank among the source's dates (1 = the earliest day; "" where none): the order of
+    acquisition that split.val_by acquisition holds out by, without a date."""
+    days = {d: str(i) for i, d in enumerate(sorted(set(dates) - {""}), start=1)}
+    return [days.get(d, "") for d in dates]
 
 
 def grayscale(raw: Path, out: Path, p: GrayParams, on_bad: OnBadImage = "error",
@@ -266,17 +338,25 @@ def grayscale(raw: Path, out: Path, p: GrayParams, on_bad: OnBadImage = "error",
             write_preprocessing(tmp / str(size), p.fit, max(p.sizes), p.equalize)
         # fork: workers inherit the loaded modules, so start-up costs milliseconds
         # Ctrl-C reaches the whole process group: workers ignore it, the parent stops the pool and cleans up
+        names, converted = Names(info.get("privacy") == "strict"), {}
         with mp.get_context("fork").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) if workers > 1 \
                 else contextlib.nullcontext() as pool:
             for split, items in splits:
-                counts[split] = _convert_split(items, split, tmp, p, on_bad, pool, workers, skipped)
+                converted[split] = _convert_split(items, split, tmp, p, on_bad, pool, workers, skipped, names)
+        orders = iter(study_order([d for _, _, dates in converted.values() for d in dates]))
+        for split, (meta, labels, _) in converted.items():
+            meta = [m | {"study_order": next(orders)} for m in meta]
+            for size in p.sizes:
+                save_labels_meta(tmp / str(size), split, np.array(labels, dtype=np.int64), meta)
+            counts[split] = len(meta)
         summary = {"source": info["source"], "sizes": p.sizes, "fit": p.fit, "equalize": p.equalize, "counts": counts,
-                   "skipped": len(skipped), "skipped_images": skipped}
+                   "skipped": len(skipped), "skipped_images": [{k: v for k, v in s.items() if k != "file"}
+                                                               for s in skipped]}
         write_json(tmp / "info.json", summary)
         for path in report_tmp:
             write_json(path, summary)
     for s in skipped:
-        log.warning("skipped %s (%s): %s", s["name"], s["split"], s["reason"])
+        log.warning("skipped %s (%s): %s", s["file"], s["split"], s["reason"])
     log.info("grayscale %s px: %s", p.sizes, counts)
     return summary
 

@@ -13,13 +13,15 @@ from urllib.parse import urlparse
 import numpy as np
 
 from cxr import LABELS, SPLITS
+from cxr.data.dicom import is_dicom
 from cxr.errors import CxrError
 from cxr.io import atomic_path, progress, write_csv, write_json
 from cxr.params import DataParams
+from cxr.privacy import pseudonym, salt
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 LOCAL = "a Kaggle-style {train,val,test}/{NORMAL,PNEUMONIA} folder or a MedMNIST .npz"
 
@@ -44,8 +46,19 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def scan_imagefolder(root: Path) -> list[dict[str, Any]]:
-    """One row per image of a Kaggle-style `{train,val,test}/{NORMAL,PNEUMONIA}/*` folder
+def is_image_file(path: Path) -> bool:
+    """An image by its suffix, or a DICOM file by its content, whatever its name (PACS exports name files by
+    their UIDs, 1.2.840....123, or give them no suffix at all)."""
+    if path.name.startswith("."):
+        return False
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    with path.open("rb") as f:
+        return is_dicom(f.read(132))
+
+
+def list_imagefolder(root: Path) -> list[tuple[str, int, Path]]:
+    """(split, label, file) per image of a Kaggle-style `{train,val,test}/{NORMAL,PNEUMONIA}/*` folder
     (any split may be absent; split and class names are case-insensitive)."""
     if not root.is_dir():
         raise CxrError(f"data.path {root} is not a folder; point it at {{train,val,test}}/{{NORMAL,PNEUMONIA}}")
@@ -60,17 +73,23 @@ def scan_imagefolder(root: Path) -> list[dict[str, Any]]:
                 raise CxrError(f"{class_dir}: unknown class folder; expected {' or '.join(LABELS)} "
                                "(any case); move it out of data.path")
             label = LABELS.index(class_dir.name.upper())
-            files = [f for f in sorted(class_dir.iterdir())
-                     if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")]
+            files = [f for f in sorted(class_dir.iterdir()) if f.is_file() and is_image_file(f)]
             if not files:  # most likely a copy that failed; silently training without the class would be worse
-                raise CxrError(f"{class_dir}: empty class folder (no {'/'.join(sorted(IMAGE_SUFFIXES))} files); "
-                               "fill it or remove it")
+                raise CxrError(f"{class_dir}: empty class folder (no {'/'.join(sorted(IMAGE_SUFFIXES))} or DICOM "
+                               "files); fill it or remove it")
             found += [(split, label, f) for f in files]
-    rows = [{"path": f.relative_to(root).as_posix(), "split": split, "label": label, "bytes": f.stat().st_size,
-             "sha256": sha256_file(f)} for split, label, f in progress(found, desc="hashing", unit="file")]
-    if not rows:
-        raise CxrError(f"no images under {root}; expected {{train,val,test}}/{{NORMAL,PNEUMONIA}}/*.jpeg")
-    return rows
+    if not found:
+        raise CxrError(f"no images under {root}; expected {{train,val,test}}/{{NORMAL,PNEUMONIA}}/*.jpeg (or .dcm)")
+    return found
+
+
+def scan_imagefolder(root: Path, key: bytes | None = None) -> list[dict[str, Any]]:
+    """One row per image of `list_imagefolder(root)` with its size and sha256; its path relative to root, or with
+    `key` (tracking.privacy: strict) the path's pseudonym, so that no file name is written."""
+    return [{"path": pseudonym(rel, key) if key else rel, "split": split, "label": label, "bytes": f.stat().st_size,
+             "sha256": sha256_file(f)}
+            for split, label, f in progress(list_imagefolder(root), desc="hashing", unit="file")
+            for rel in [f.relative_to(root).as_posix()]]
 
 
 def check_npz(path: Path) -> dict[str, int]:
@@ -142,9 +161,10 @@ def download_hub(p: DataParams, out: Path) -> dict[str, int]:
     return {name: len(split) for name, split in ds.items()}
 
 
-def download(p: DataParams, out: Path) -> dict[str, Any]:
+def download(p: DataParams, out: Path, strict: bool = False) -> dict[str, Any]:
     """Write `out`: source.json, plus hub/ (the dataset as it came) or manifest.csv (local files with
-    sha256, so that a changed file changes this output and re-runs the stages after it)."""
+    sha256, so that a changed file changes this output and re-runs the stages after it; `strict`: pseudonyms for
+    their paths)."""
     with atomic_path(out, is_dir=True) as tmp:
         info: dict[str, Any] = {"source": p.source}
         if p.source == "hub":
@@ -152,9 +172,11 @@ def download(p: DataParams, out: Path) -> dict[str, Any]:
             info["counts"] = download_hub(p, tmp)
         elif p.source == "imagefolder":
             root = Path(p.path).resolve()
-            rows = scan_imagefolder(root)
+            rows = scan_imagefolder(root, salt() if strict else None)
             write_csv(tmp / "manifest.csv", rows)
             info.update(path=str(root), counts={s: sum(r["split"] == s for r in rows) for s in SPLITS})
+            if strict:
+                info["privacy"] = "strict"  # manifest.csv holds the paths' pseudonyms
         else:
             path = Path(p.path).resolve()
             info.update(path=str(path), counts=check_npz(path), sha256=sha256_file(path))

@@ -53,13 +53,22 @@ def series_of(name: str, patterns: list[str]) -> tuple[str, int | None]:
     return "", None
 
 
+def acquisition_of(meta: dict[str, Any], patterns: list[str]) -> tuple[str, int | None]:
+    """An image's place in the order of acquisition: its DICOM StudyDate's rank (series "study"), else what its
+    file name says (series_of)."""
+    if meta.get("study_order"):
+        return "study", int(meta["study_order"])
+    return series_of(meta["name"], patterns)
+
+
 def carve_blocks(data: Split, fraction: float, seed: int, patterns: list[str],
                  end: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Indices (kept, carved) as a new acquisition would come: within each numbered series (and class), whole
+    """Indices (kept, carved) as a new acquisition would come: within each numbered series (and class; DICOMs'
+    study dates are one series, see acquisition_of), whole
     patients taken from `end` ("low" or "high") of the running numbers until the block holds `fraction` of the
     series' images, always leaving one patient to training; patients with no numbered image are carved at random
     by patient. A patient's images go together. Also the blocks, for the split report."""
-    found = [series_of(m["name"], patterns) for m in data.meta]
+    found = [acquisition_of(m, patterns) for m in data.meta]
     groups = _groups(data)
     rows: dict[tuple[str, int], list[int]] = defaultdict(list)
     for i, ((s, n), y) in enumerate(zip(found, data.labels, strict=True)):
@@ -290,8 +299,9 @@ def choose_validation(gray: Path, p: SplitParams, seed: int, labels: str,
     present = splits_in(gray)
     if "val" in present and not p.pool:
         return {"by": "source", "reason": "the source has a validation split; nothing is carved"}
-    if not any(series_of(m["name"], p.series)[1] is not None for m in load_split(gray, "train", mmap=True).meta):
-        return {"by": "patient", "reason": "no training file name gives a numbered series (split.series)"}
+    if not any(acquisition_of(m, p.series)[1] is not None for m in load_split(gray, "train", mmap=True).meta):
+        return {"by": "patient", "reason": "no training file name gives a numbered series (split.series), and no "
+                                           "DICOM a StudyDate"}
     measured, failed = {}, {}
     for by in ("patient", "acquisition"):
         try:

@@ -14,7 +14,8 @@ from cxr import LABELS, SPLITS
 from cxr.errors import CxrError, run_pipeline
 from cxr.io import read_csv, write_csv
 
-META_FIELDS = ("name", "source_split", "patient_id", "sha256", "width", "height", "mode")
+# study_order: the rank of a DICOM's StudyDate among the source's (gray.study_order), "" for other files
+META_FIELDS = ("name", "source_split", "patient_id", "sha256", "width", "height", "mode", "study_order")
 
 
 @dataclass

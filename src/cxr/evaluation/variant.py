@@ -326,15 +326,22 @@ def _tag_run(run_id: str, variant: str, metrics: dict[str, Any], n_test: int) ->
     mlflow.set_tag(tracking.NOTE, note.split("\n\n")[0] + "\n\n" + scores_note(metrics, n_test))
 
 
-def _log_model(ev: Evaluation) -> Any:
+def _log_model(ev: Evaluation, strict: bool) -> Any:
     """The model MLflow serves takes images (cxr.serving): its card and weights are what it and this project
     load (never a pickle); the images it trained and validated on go with it, so that promotion keeps them out
-    of its test. Its input example: two test images, as PNG files. Returns MLflow's ModelInfo."""
+    of its test. Its input example: two test images, as PNG files (`strict`: two drawn ones, no patient's).
+    Returns MLflow's ModelInfo."""
+    if strict:
+        side = ev.card.image_size
+        ramp = np.linspace(0, 255, side, dtype=np.float32)
+        examples = [(np.add.outer(ramp, ramp) / 2).astype(np.uint8), np.full((side, side), 128, np.uint8)]
+    else:
+        examples = list(ev.test.images[:2])
     with tempfile.TemporaryDirectory() as extra:
         write_csv(Path(extra) / inference.HASHES, ev.hashes)
         inference.save(Path(extra) / inference.WEIGHTS, ev.model, ev.card)
         return serving.log_model(Path(extra) / inference.WEIGHTS, Path(extra) / inference.HASHES, ev.card,
-                                 [png_bytes(a) for a in ev.test.images[:2]])
+                                 [png_bytes(a) for a in examples])
 
 
 def _log_scores(metrics: dict[str, Any], model_id: str) -> None:
@@ -352,15 +359,18 @@ def _log_scores(metrics: dict[str, Any], model_id: str) -> None:
                            model_id=model_id)
 
 
-def _log_gallery(ev: Evaluation, path: Path) -> None:
-    """The error gallery to `path` and to the run, with its rows."""
+def _log_gallery(ev: Evaluation, path: Path, strict: bool) -> None:
+    """The error gallery to `path` and to the run (`strict`: to `path` only: X-rays stay on this machine), with
+    its rows."""
     gallery, listed = error_gallery(ev.model, ev.card, ev.test, ev.p_test)
     gallery.savefig(path, dpi=90, format="jpeg", pil_kwargs={"quality": 85})  # a PNG: 1.3 MB
     plt.close(gallery)
+    mlflow.log_dict(listed, "error_gallery.json")
+    if strict:
+        return
     with tempfile.TemporaryDirectory() as tmp:  # drawn once: the same file to MLflow
         shutil.copy(path, Path(tmp) / "error_gallery.jpg")
         mlflow.log_artifact(str(Path(tmp) / "error_gallery.jpg"), "plots")
-    mlflow.log_dict(listed, "error_gallery.json")
 
 
 def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, report_dir: Path) -> dict[str, Any]:
@@ -368,7 +378,7 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
     and gallery.jpg (each whole or not at all), and metrics, figures and the model to the variant's MLflow run;
     evaluation.json last, with where MLflow keeps the model."""
     ev = score_variant(p, data, model_dir)
-    metrics, card = ev.metrics, ev.card
+    metrics, card, strict = ev.metrics, ev.card, p.tracking.privacy == "strict"
     run_id = json.loads((model_dir / "run.json").read_text())["run_id"]
     tracking.setup(p.mlflow.experiment)
     names_out = ("metrics", "confusion", "roc", "pr", "reliability", "evaluation")
@@ -377,7 +387,7 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
         out = dict(zip([*names_out, "predictions", "gallery"], tmps, strict=True))
         _write_reports(out, ev)
         _tag_run(run_id, variant, metrics, len(ev.test.labels))
-        info = _log_model(ev)
+        info = _log_model(ev, strict)
         _log_scores(metrics, info.model_id)
         mlflow.log_metric("threshold", card.threshold)
         mlflow.log_dict(metrics, "metrics.json")
@@ -386,7 +396,7 @@ def evaluate_variant(p: Params, variant: str, data: Path, model_dir: Path, repor
         mlflow.log_metrics({f"calibration/{k}": v for k, v in metrics["calibration"].items()},
                            model_id=info.model_id)
         log_figure(reliability_figure(ev.reliability, variant), "plots/reliability.png")
-        _log_gallery(ev, out["gallery"])
+        _log_gallery(ev, out["gallery"], strict)
         metrics = metrics | {"mlflow": {"run_id": run_id, "model_id": info.model_id, "model_uri": info.model_uri}}
         write_json(out["evaluation"], metrics)
     t = metrics["test"]

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from cxr import explain
-from cxr.data.sources import IMAGE_SUFFIXES
+from cxr.data.sources import is_image_file
 from cxr.inference import ModelCard, load_logged
 from cxr.io import atomic_path
 from cxr.plots import plt
@@ -35,8 +35,7 @@ def expand(items: list[str]) -> tuple[list[Path], list[str]]:
             continue
         for path in map(Path, matches):
             if path.is_dir():
-                out += sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-                              and not f.name.startswith("."))
+                out += sorted(f for f in path.rglob("*") if f.is_file() and is_image_file(f))
             else:
                 out.append(path)
     return out, missing
