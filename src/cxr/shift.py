@@ -74,13 +74,13 @@ def load_set(spec: str, size: int, fit: str = "stretch", draft: int = 0, how: st
     good = [(f, r) for f, r in rows if not isinstance(r, str)]
     if not good:
         raise CxrError(f"{spec}: no readable images ({'/'.join(sorted(IMAGE_SUFFIXES))})")
-    names = Names()  # a DICOM's patient as the grayscale stage calls it, so that the two can be matched
+    namer = Names()  # a DICOM's patient as the grayscale stage calls it, so that the two can be matched
     folders = [[*f.relative_to(p).parts[-2::-1], p.resolve().name] for f, _ in good]  # the nearest folder first
     names = [next((d.upper() for d in ds if d.upper() in LABELS), "") for ds in folders]
     labels = np.array([LABELS.index(n) for n in names]) if all(names) else None
     return ImageSet(spec, np.stack([r[0][0] for _, r in good]), np.array([r[1] for _, r in good]),
                     np.array([r[2] for _, r in good]), labels,
-                    np.array([names.patient(f.name, r[5][0]) for f, r in good]))
+                    np.array([namer.patient(f.name, r[5][0]) for f, r in good]))
 
 
 def image_stats(s: ImageSet) -> dict[str, np.ndarray]:
