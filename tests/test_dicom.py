@@ -27,6 +27,7 @@ from cxr.data.gray import decode, grayscale, patient_id
 from cxr.data.sources import download
 from cxr.data.store import load_split, size_dir
 from cxr.params import DataParams, GrayParams
+from cxr.privacy import pseudonym
 from dicoms import KINDS, PLANTED, dataset, encode, monochrome1
 
 SIZES = [224, 64]
@@ -133,6 +134,32 @@ def test_an_unsupported_syntax_and_padding():
     assert (got[:, :7] == 0).all() and (got[:, 9:] > 100).all()
 
 
+def test_windows_and_luts_that_trip_naive_readers():
+    """A negative rescale slope under a window (the window still maps low values dark), a VOI LUT of 4096
+    8-bit entries (above 255 an 8-bit index wraps), a 16-bit-declared VOI LUT holding 12-bit values (not almost
+    black), and padding in a MONOCHROME1 image (black, not inverted to white)."""
+    from pydicom.dataset import Dataset
+
+    ramp = np.tile(np.arange(0, 4096, 16, dtype=np.uint16), (16, 1))  # 0 ... 4080 along each row
+    flipped = dataset(ramp, bits=12, RescaleSlope=-1, RescaleIntercept=4095, WindowCenter=2048, WindowWidth=4096)
+    got = decode(("", encode(flipped)), [256], "stretch")[0][0][0]
+    assert got[0] > 250 and got[-1] < 5  # stored 0 is the rescaled 4095: the brightest
+    for bits, entries in ((8, np.arange(4096) // 16), (16, np.arange(4096))):
+        lut = Dataset()
+        lut.LUTDescriptor = [4096, 0, bits]
+        lut.add_new("LUTData", "US", entries.tolist())  # US or OW: named, as a writer must
+        ds = dataset(ramp, bits=12)
+        ds.VOILUTSequence = [lut]
+        got = decode(("", encode(ds)), [256], "stretch")
+        assert not isinstance(got, str) and "VOI LUT 1 of 1" in got[3], got
+        assert np.abs(got[0][0][0].astype(int) - np.arange(256)).max() <= 1  # the ramp, whole and in order
+    padded = ramp.copy()
+    padded[:, :32] = 0
+    m1 = dataset(padded, "MONOCHROME1", 12, PixelPaddingValue=0)
+    got = decode(("", encode(m1)), [256], "stretch")[0][0]
+    assert (got[:, :32] == 0).all() and got[0, 40] > 200 and got[0, -1] < 5
+
+
 # --- The pipeline on a DICOM folder, under tracking.privacy: strict --------------------------------------------
 
 def _mrn(patient: str) -> str:
@@ -206,13 +233,12 @@ def test_the_pipeline_on_a_dicom_folder_under_strict_writes_no_name_id_or_date(s
     train = load_split(size_dir(repo / "data" / "gray", 32), "train")
     assert {m["mode"].split(",")[0] for m in train.meta} == {"DICOM MONOCHROME1 12-bit", "DICOM MONOCHROME2 8-bit",
                                                             "DICOM MONOCHROME2 12-bit"}
-    pseudonyms = {m["patient_id"] for m in train.meta}
-    assert all(re.fullmatch(r"[0-9a-f]{16}", p) for p in pseudonyms) and all(re.fullmatch(r"[0-9a-f]{16}", m["name"])
-                                                                              for m in train.meta)
-    # one pseudonym per record number: the files of one patient (different names and kinds) stay together
-    mrns = {p.name.split("_")[0] for p in (folder / "train").rglob("MRN-*") if "_cut" not in p.name
-            and "_report" not in p.name}
-    assert len(pseudonyms) <= len(planted["record numbers"]) and len(pseudonyms) >= len(mrns) // 2
+    # each image's name is its path's pseudonym, its patient its PatientID's, with the project's salt
+    key = (repo / ".cxr-salt").read_bytes().strip()
+    by_name = {pseudonym(f.relative_to(folder).as_posix(), key): pydicom.dcmread(f).PatientID
+               for f in folder.rglob("*") if f.is_file() and "_cut" not in f.name}
+    assert all(m["patient_id"] == pseudonym(by_name[m["name"]], key) for m in train.meta)
+    assert len({m["patient_id"] for m in train.meta}) == len({by_name[m["name"]] for m in train.meta}) > 10
     skipped = json.loads((repo / "reports" / "grayscale.json").read_text())["skipped_images"]
     assert sorted(s["reason"].split(" (")[0].split(":")[0] for s in skipped) == ["a DICOM without pixel data",
                                                                                   "truncated DICOM"]
@@ -233,7 +259,7 @@ def test_public_mode_keeps_file_names_but_never_a_header_value(strict_run, tmp_p
     """The search finds what public mode writes (the record numbers in the file names), so its empty answer
     above means something; the header's values stay out all the same, PatientID as a pseudonym."""
     _, folder, planted = strict_run
-    monkeypatch.setenv("CXR_SALT", "a test's salt")  # not the checkout's .cxr-salt
+    monkeypatch.setenv("CXR_SALT", "a test's own salt, not the checkout's")
     download(DataParams(source="imagefolder", path=str(folder)), tmp_path / "raw")
     grayscale(tmp_path / "raw", tmp_path / "gray", GrayParams(image_size=32, workers=1), "skip")
     leaks = _leaks(tmp_path, planted["header"] | planted["record numbers"])

@@ -23,7 +23,7 @@ def _images(args: argparse.Namespace) -> tuple[str, list[Path], list[str]]:
     paths, missing = expand(args.images)
     if not paths:
         raise CxrError("; ".join(missing) or
-                       f"no images in {' '.join(args.images)} ({'/'.join(sorted(IMAGE_SUFFIXES))} or DICOM files)")
+                       f"no images in {' '.join(args.images)} ({'/'.join(sorted(IMAGE_SUFFIXES))} files, or DICOMs)")
     tracking.setup(p.mlflow.experiment)
     return _model_uri(args, p), paths, missing
 
@@ -67,13 +67,14 @@ def _shift(args: argparse.Namespace) -> None:
     from cxr.inference import load_logged
 
     model = card = None
-    size = args.size
+    size, strict = args.size, False
     if not args.no_model:
         p = params.load(args.params)
         tracking.setup(p.mlflow.experiment)
         model, card = load_logged(_model_uri(args, p))
-        size = card.image_size
-    report = shift.shift_report(shift.load_set(args.reference, size), shift.load_set(args.target, size), model, card)
+        size, strict = card.image_size, p.tracking.privacy == "strict"
+    sets = [shift.load_set(spec, size, strict=strict) for spec in (args.reference, args.target)]
+    report = shift.shift_report(*sets, model, card)
     shift.write(report, Path(args.out))
     sys.stdout.write(shift.render(report) + f"Report and figure: {args.out}/shift.json, {args.out}/shift.png\n")
 

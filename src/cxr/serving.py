@@ -184,8 +184,8 @@ def decoded(items: list[Any], card: ModelCard, lim: ServeParams, slots: threadin
             with slots:
                 out.append(read(item, card, int(lim.max_megapixels * 1e6)))
         except OSError as e:
-            raise BadRequest(f"{position(i, len(data))}: {e}; send the whole JPEG or PNG file, base64-encoded") \
-                from None
+            raise BadRequest(f"{position(i, len(data))}: {e}; send the whole image file (JPEG, PNG, DICOM...), "
+                             "base64-encoded") from None
     return out
 
 

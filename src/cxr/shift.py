@@ -47,11 +47,13 @@ class ImageSet:
     patients: np.ndarray | None = None  # each image's patient id ('' where unknown): folds and resamples by patient
 
 
-def load_set(spec: str, size: int, fit: str = "stretch", draft: int = 0, how: str = "none") -> ImageSet:
+def load_set(spec: str, size: int, fit: str = "stretch", draft: int = 0, how: str = "none",
+             strict: bool = False) -> ImageSet:
     """`spec`: a prepared split `DATA_DIR:SPLIT` (e.g. data/split:test), a MedMNIST `.npz[:SPLIT]`, or a folder of
     images (searched recursively; a NORMAL or PNEUMONIA folder name gives the label). Images that are decoded here
     (a .npz, a folder) are at `draft`'s JPEG scale (default: `size`) and equalised by `how`, as a model card
-    prepares them; a prepared split is as its stage stored it."""
+    prepares them; a prepared split is as its stage stored it. `strict` (tracking.privacy): a folder's patients
+    by pseudonym, as a prepared split under it names them."""
     path, _, split = spec.partition(":")
     p = Path(path)
     if p.suffix == ".npz":
@@ -74,7 +76,7 @@ def load_set(spec: str, size: int, fit: str = "stretch", draft: int = 0, how: st
     good = [(f, r) for f, r in rows if not isinstance(r, str)]
     if not good:
         raise CxrError(f"{spec}: no readable images ({'/'.join(sorted(IMAGE_SUFFIXES))})")
-    namer = Names()  # a DICOM's patient as the grayscale stage calls it, so that the two can be matched
+    namer = Names(strict)  # patients as the grayscale stage names them, so that the two can be matched
     folders = [[*f.relative_to(p).parts[-2::-1], p.resolve().name] for f, _ in good]  # the nearest folder first
     names = [next((d.upper() for d in ds if d.upper() in LABELS), "") for ds in folders]
     labels = np.array([LABELS.index(n) for n in names]) if all(names) else None

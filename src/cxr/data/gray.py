@@ -11,6 +11,7 @@ import multiprocessing as mp
 import os
 import re
 import signal
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -221,7 +222,7 @@ def _items_local(raw: Path, info: dict[str, Any]) -> dict[str, list[tuple[int, t
             lost = sum(r["path"] not in where for r in rows)
             if lost:
                 raise CxrError(f"{lost} files of data/raw/manifest.csv are no longer in {root}, or the salt changed "
-                               f"({SALT_ENV} or {SALT_FILE}); run the download stage again (dvc repro)")
+                               f"({SALT_ENV} or {SALT_FILE}); run the download stage again: dvc repro -f download")
             rows = [r | {"path": where[r["path"]]} for r in rows]
         for r in rows:
             item = (r["path"], os.path.join(info["path"], r["path"]), r["sha256"])
@@ -293,8 +294,10 @@ def _convert_split(items: list[tuple[int, tuple[Any, ...]]], split: str, out: Pa
                 if on_bad == "error":
                     raise CxrError(f"bad image {name}: {result}; remove or replace it, or set "
                                    "data.on_bad_image: skip")
-                skipped.append({"split": split, "name": names.name(name), "reason": result,
-                                "file": name})  # "file": for the console only, never written
+                # "file": for the console only, never written; under strict, no decoder's words either (they
+                # may quote a header's value)
+                skipped.append({"split": split, "name": names.name(name), "file": name,
+                                "reason": result.split(" (")[0] if names.strict else result})
                 continue
             w, h, mode, digest, (patient, date) = result
             meta.append(dict(zip(META_FIELDS, (names.name(name), split, names.patient(name, patient), digest, w, h,
@@ -315,10 +318,20 @@ def _convert_split(items: list[tuple[int, tuple[Any, ...]]], split: str, out: Pa
 
 
 def study_order(dates: list[str]) -> list[str]:
-    """Each StudyDate's rank among the source's dates (1 = the earliest day; "" where none): the order of
-    acquisition that split.val_by acquisition holds out by, without a date."""
+    """Each StudyDate's rank among the source's dates (1 = the earliest day; "" where none, or where every study
+    is of one day: no order to speak of): the order of acquisition that split.val_by acquisition holds out by,
+    without a date."""
     days = {d: str(i) for i, d in enumerate(sorted(set(dates) - {""}), start=1)}
-    return [days.get(d, "") for d in dates]
+    return [days.get(d, "") for d in dates] if len(days) > 1 else [""] * len(dates)
+
+
+def _check_patients(metas: list[dict[str, Any]]) -> None:
+    """An export that wrote one PatientID into every file (ANONYMOUS, 0...) makes one patient of them all: every
+    split by patient would fail or put everything on one side."""
+    ids = [m["patient_id"] for m in metas if m["mode"].startswith("DICOM") and m["patient_id"]]
+    if len(ids) >= 20 and (n := Counter(ids).most_common(1)[0][1]) > len(ids) / 2:
+        log.warning("one PatientID is in %d of the %d DICOMs that have one: an anonymised export? Splits by patient "
+                    "keep them together; give each patient their own id, or export without PatientID", n, len(ids))
 
 
 def grayscale(raw: Path, out: Path, p: GrayParams, on_bad: OnBadImage = "error",
@@ -343,6 +356,7 @@ def grayscale(raw: Path, out: Path, p: GrayParams, on_bad: OnBadImage = "error",
                 else contextlib.nullcontext() as pool:
             for split, items in splits:
                 converted[split] = _convert_split(items, split, tmp, p, on_bad, pool, workers, skipped, names)
+        _check_patients([m for meta, _, _ in converted.values() for m in meta])
         orders = iter(study_order([d for _, _, dates in converted.values() for d in dates]))
         for split, (meta, labels, _) in converted.items():
             meta = [m | {"study_order": next(orders)} for m in meta]

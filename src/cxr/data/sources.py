@@ -75,8 +75,8 @@ def list_imagefolder(root: Path) -> list[tuple[str, int, Path]]:
             label = LABELS.index(class_dir.name.upper())
             files = [f for f in sorted(class_dir.iterdir()) if f.is_file() and is_image_file(f)]
             if not files:  # most likely a copy that failed; silently training without the class would be worse
-                raise CxrError(f"{class_dir}: empty class folder (no {'/'.join(sorted(IMAGE_SUFFIXES))} or DICOM "
-                               "files); fill it or remove it")
+                raise CxrError(f"{class_dir}: empty class folder (no {'/'.join(sorted(IMAGE_SUFFIXES))} files, nor "
+                               "DICOMs of another name); fill it or remove it")
             found += [(split, label, f) for f in files]
     if not found:
         raise CxrError(f"no images under {root}; expected {{train,val,test}}/{{NORMAL,PNEUMONIA}}/*.jpeg (or .dcm)")
@@ -175,11 +175,11 @@ def download(p: DataParams, out: Path, strict: bool = False) -> dict[str, Any]:
             rows = scan_imagefolder(root, salt() if strict else None)
             write_csv(tmp / "manifest.csv", rows)
             info.update(path=str(root), counts={s: sum(r["split"] == s for r in rows) for s in SPLITS})
-            if strict:
-                info["privacy"] = "strict"  # manifest.csv holds the paths' pseudonyms
         else:
             path = Path(p.path).resolve()
             info.update(path=str(path), counts=check_npz(path), sha256=sha256_file(path))
+        if strict:  # the grayscale stage names images by pseudonyms (for imagefolder, manifest.csv already does)
+            info["privacy"] = "strict"
         write_json(tmp / "source.json", info)
     log.info("source %s: %s", p.source, info["counts"])
     return info

@@ -39,6 +39,11 @@ def carve(data: Split, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarr
     return np.flatnonzero(~carved), np.flatnonzero(carved)
 
 
+# Under tracking.privacy: strict the metadata holds file names' pseudonyms: nothing can be read from them
+STRICT_NAMES = (" (under tracking.privacy: strict file names are pseudonyms, so neither a series nor a subtype can be "
+                "read from them; DICOM StudyDates still order acquisition)")
+
+
 def series_of(name: str, patterns: list[str]) -> tuple[str, int | None]:
     """The acquisition series a file name names and its running number (None where the pattern has no
     `number` group), by the first of `patterns` that matches; ('', None) where none does."""
@@ -215,7 +220,7 @@ def three_class(data: Split) -> Split:
     if unknown:
         raise CxrError(f"data.labels three_class: {len(unknown)} PNEUMONIA images have neither 'bacteria' nor "
                        f"'virus' in their file names (e.g. {unknown[0]}), so this source cannot give 3 classes; "
-                       "use Kaggle's file names or data.labels: binary")
+                       f"use Kaggle's file names or data.labels: binary{STRICT_NAMES}")
     return Split(data.images, labels, data.meta)
 
 
@@ -347,7 +352,7 @@ def _carve_missing(splits: dict[str, Split], p: SplitParams, seed: int, val_by: 
             if not blocks["blocks"]:
                 raise CxrError("split.val_by acquisition: no training file name matches a split.series pattern "
                                f"with a running number (e.g. {splits['train'].meta[0]['name']}); set "
-                               "split.series to patterns your names follow, or split.val_by: patient")
+                               f"split.series to patterns your names follow, or split.val_by: patient{STRICT_NAMES}")
             report["validation"] = {"by": val_by, "end": p.val_end, "share": fraction, "series": p.series, **blocks}
         else:
             kept, carved = carve(splits["train"], fraction, seed)
