@@ -269,6 +269,16 @@ def test_public_mode_keeps_file_names_but_never_a_header_value(strict_run, tmp_p
     assert not ids & planted["record numbers"] and all(re.fullmatch(r"[0-9a-f]{16}", p) for p in ids)
 
 
+def test_cxr_shift_reads_a_dicom_folder_with_labels_and_pseudonymous_patients(strict_run, monkeypatch):
+    from cxr.shift import load_set
+
+    _, folder, planted = strict_run
+    monkeypatch.setenv("CXR_SALT", "a test's own salt, not the checkout's")
+    s = load_set(str(folder / "test"), 32)
+    assert len(s.images) == 20 and sorted(np.bincount(s.labels).tolist()) == [10, 10]
+    assert not set(s.patients.tolist()) & planted["record numbers"] and len(set(s.patients.tolist())) > 5
+
+
 def test_predict_and_explain_answer_a_dicom_as_its_jpeg(strict_run, jpegs, tmp_path):
     """`cxr predict` on a JPEG and on DICOMs of each kind made of it (one named by a UID) gives the same
     probability within 1e-3; `cxr explain` draws a .dcm. (The served model: test_serving sends it one.)"""
