@@ -28,8 +28,8 @@ def salt(start: Path | None = None) -> bytes:
         here = (start or Path.cwd()).resolve()
         found = next((d / SALT_FILE for d in (here, *here.parents) if (d / SALT_FILE).is_file()), None)
         if found is None:
-            found = [d for d in (here, *here.parents) if (d / "dvc.yaml").is_file()][-1:] or [here]
-            found = _make(found[0] / SALT_FILE)
+            roots = [d for d in (here, *here.parents) if (d / "dvc.yaml").is_file()]
+            found = _make((roots[-1] if roots else here) / SALT_FILE)
         key = found.read_bytes().strip()
     if len(key) < 16:
         raise CxrError(f"the salt ({SALT_ENV} or {SALT_FILE}) has {len(key)} characters: a guessable one makes "

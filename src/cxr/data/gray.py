@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cxr.data.dicom import Refused, is_dicom, read_dicom
+from cxr.data.dicom import Dicom, Refused, is_dicom, read_dicom
 from cxr.data.sources import SPLIT_ALIASES, list_imagefolder
 from cxr.data.store import META_FIELDS, save_labels_meta, write_preprocessing
 from cxr.errors import CxrError
@@ -159,6 +159,7 @@ def decode(item: tuple[Any, ...], sizes: list[int], fit: str, draft: int = 0, ho
     changes the pixels: predict passes the stage's. `how` equalizes each resized image (see `equalize`). An
     image over `max_pixels` is refused from its header, before any pixel is decoded."""
     _, src, *known = item
+    dicom: Dicom | None = None
     try:
         if isinstance(src, np.ndarray):
             digest = known[0] if known else hashlib.sha256(np.ascontiguousarray(src).tobytes()).hexdigest()
@@ -169,16 +170,19 @@ def decode(item: tuple[Any, ...], sizes: list[int], fit: str, draft: int = 0, ho
                 return "empty file (0 bytes)"
             digest = known[0] if known else hashlib.sha256(data).hexdigest()  # 5% of a full-size decode
             if is_dicom(data):
-                return _decode_dicom(data, sizes, fit, draft, how, max_pixels, digest)
-            img = Image.open(io.BytesIO(data))  # reads the header only
-        w, h, mode = img.width, img.height, img.mode
+                dicom = read_dicom(data, max_pixels)  # refused over max_pixels by its header, before decoding
+                img = Image.fromarray(dicom.pixels)
+            else:
+                img = Image.open(io.BytesIO(data))  # reads the header only
+        w, h, mode = img.width, img.height, dicom.mode if dicom else img.mode  # before draft() makes a JPEG "L"
         if w * h > max_pixels:  # checked here, not by Pillow's warning filter: that is process-wide state
             return (f"decompression bomb: {w}x{h} px is {w * h / 1e6:.0f} megapixels, over the limit of "
                     f"{max_pixels / 1e6:g}")
         if min(w, h) < MIN_SIDE:
             return f"{w}x{h} px is too small for an X-ray (under {MIN_SIDE} px a side)"
-        gray = _to_l(img, draft or max(sizes))
-        return [equalize(_fit(gray, s, fit), how) for s in sizes], w, h, mode, digest, NO_HEADER
+        gray = _to_l(img, draft or max(sizes)) if dicom is None else _block_average(img, draft or max(sizes))
+        header = NO_HEADER if dicom is None else (dicom.patient, dicom.study_date)
+        return [equalize(_fit(gray, s, fit), how) for s in sizes], w, h, mode, digest, header
     except Refused as e:
         return str(e)
     except UnidentifiedImageError:
@@ -193,21 +197,13 @@ def decode(item: tuple[Any, ...], sizes: list[int], fit: str, draft: int = 0, ho
         return f"cannot be decoded ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
 
 
-def _decode_dicom(data: bytes, sizes: list[int], fit: str, draft: int, how: str, max_pixels: int,
-                  digest: str) -> DecodeResult:
-    d = read_dicom(data, max_pixels)
-    h, w = d.pixels.shape
-    if min(w, h) < MIN_SIDE:
-        return f"{w}x{h} px is too small for an X-ray (under {MIN_SIDE} px a side)"
-    img = Image.fromarray(d.pixels)
-    # What libjpeg's draft does for a JPEG (gray._to_l): average k x k blocks first, k the largest of 8, 4, 2 that
-    # keeps both sides at least `draft`, so that a DICOM and the JPEG made of it give the same prepared image
-    # (and a 3000 px detector image is not resized by Lanczos from its full size).
-    scale = min(w, h) // (draft or max(sizes))
+def _block_average(img: Image.Image, draft: int) -> Image.Image:
+    """What libjpeg's draft does for a JPEG (_to_l), for a DICOM's gray image: average k x k blocks, k the largest
+    of 8, 4, 2 that keeps both sides at least `draft`, so that a DICOM and the JPEG made of it give close prepared
+    images (and a 3000 px detector image is not resized by Lanczos from its full size)."""
+    scale = min(img.size) // draft
     k = next((k for k in (8, 4, 2) if scale >= k), 1)
-    if k > 1:
-        img = img.reduce(k)
-    return [equalize(_fit(img, s, fit), how) for s in sizes], w, h, d.mode, digest, (d.patient, d.study_date)
+    return img.reduce(k) if k > 1 else img
 
 
 def _items_local(raw: Path, info: dict[str, Any]) -> dict[str, list[tuple[int, tuple[Any, ...]]]]:
